@@ -1,0 +1,21 @@
+"""Where optional offline assets live: `$FMBOOST_SHARED`, else `../shared` beside the checkout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path | None:
+    """The shared-assets folder, or None when this machine has none (a user's fresh clone)."""
+    candidate = Path(os.environ.get("FMBOOST_SHARED", REPO_ROOT.parent / "shared"))
+    return candidate if candidate.is_dir() else None
+
+
+def shared_path(relative: str) -> Path | None:
+    """`shared_dir() / relative` if it exists, else None."""
+    root = shared_dir()
+    path = root / relative if root is not None else None
+    return path if path is not None and path.exists() else None

@@ -1,0 +1,44 @@
+"""`fmboost` command line: one subcommand per job, each a thin wrapper around the library.
+
+Subcommands register themselves in COMMANDS as (module, help); the module is imported only when its
+command runs, so `fmboost info` stays fast and a missing optional dependency breaks only its command.
+A user error (bad argument, missing file or weights) prints one line, not a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module with `add_arguments(parser)` and `run(args)`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("fmboost.pipelines.info", "print versions, device and which optional assets are found"),
+}
+
+
+class UserError(Exception):
+    """An error the user can fix (bad input, missing weights): printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fmboost", description="Boost latent diffusion with coupling flow matching.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return module.run(args) or 0
+    except (UserError, FileNotFoundError, ValueError) as err:
+        print(f"fmboost {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
