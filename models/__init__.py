@@ -14,6 +14,7 @@ from .coupling import UPSAMPLE_MODES, CouplingBatch, cosine_alpha_bar, noise_aug
 from .flow import CouplingFlowMatcher, interpolate, sample_time, target_velocity
 from .sampling import SCHEDULES, SOLVERS, SampleResult, sample_ode, time_grid
 from .unet import PRESETS, CFMUNet
+from .upsampler import BOOST_CONFIG_NAME, Upsampler
 
 __all__ = [
                            "FIRST_STAGES",

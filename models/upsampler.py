@@ -1,0 +1,91 @@
+"""Upsampler: a trained CFMUNet bundled with everything needed to use it, saved as one folder.
+
+    <dir>/config.json, diffusion_pytorch_model.safetensors   the CFMUNet (diffusers save_pretrained)
+    <dir>/boost_config.json                                  first stage (+ latent stats), scale,
+                                                             CouplingFlowMatcher, sampler defaults
+
+Training writes it; `BoostPipeline`, `fmboost upscale` and `fmboost eval-sr` load it, so inference
+uses exactly the coupling and latent normalisation the model was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .autoencoders import FirstStage, first_stage_from_config
+from .flow import CouplingFlowMatcher
+from .sampling import SampleResult
+
+BOOST_CONFIG_NAME = "boost_config.json"
+SAMPLER_KEYS = ("solver", "num_steps", "schedule", "schedule_params", "atol", "rtol")
+
+
+@dataclass
+class Upsampler:
+    """model: v_θ; first_stage: the latent space it works in; scale: pixel up-sampling factor (e.g. 4)."""
+
+    model: torch.nn.Module
+    first_stage: FirstStage
+    flow: CouplingFlowMatcher
+    scale: int
+    sampler: dict = field(default_factory=lambda: {"solver": "euler", "num_steps": 4, "schedule": "linear"})
+
+    def __post_init__(self):
+        unknown = sorted(set(self.sampler) - set(SAMPLER_KEYS))
+        if unknown:
+            raise ValueError(f"unknown sampler keys {unknown}; allowed: {list(SAMPLER_KEYS)}")
+        if not isinstance(self.scale, int) or self.scale < 1:
+            raise ValueError(f"scale must be a positive int, got {self.scale!r}")
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        config = {"first_stage": self.first_stage.config(), "scale": self.scale, "flow": self.flow.to_dict(),
+                  "sampler": self.sampler}
+        (directory / BOOST_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, first_stage: FirstStage | None = None) -> "Upsampler":
+        """Load a saved upsampler; pass `first_stage` to reuse one already in memory (e.g. a pipeline's VAE)."""
+        from .unet import CFMUNet
+
+        directory = Path(directory)
+        config_path = directory / BOOST_CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no {BOOST_CONFIG_NAME} in {directory}: not an fmboost upsampler folder "
+                                    "(train one with `fmboost train` or `accelerate launch train/cfm_upsampler.py`)")
+        config = json.loads(config_path.read_text())
+        if first_stage is None:
+            first_stage = first_stage_from_config(config["first_stage"])
+        else:
+            stats = config["first_stage"]
+            first_stage.set_latent_stats(torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"]))
+        model = CFMUNet.from_pretrained(directory).eval()
+        return cls(model, first_stage, CouplingFlowMatcher.from_dict(config["flow"]), config["scale"],
+                   config.get("sampler", {}))
+
+    @torch.no_grad()
+    def upsample(self, lr_latent: torch.Tensor | None = None, lr_image: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, **sampler_overrides) -> SampleResult:
+        """High-res latent (B, C, s·h, s·w) from a low-res latent (B, C, h, w) and/or image (B, 3, f·h, f·w).
+
+        `sampler_overrides` (solver, num_steps, schedule, schedule_params, atol, rtol,
+        return_intermediates) replace the saved defaults for this call.
+        """
+        if lr_latent is None and lr_image is None:
+            raise ValueError("upsample needs lr_latent or lr_image")
+        if lr_latent is not None:
+            h, w = lr_latent.shape[-2:]
+        else:
+            f = self.first_stage.downsample_factor
+            if lr_image.shape[-2] % f or lr_image.shape[-1] % f:
+                raise ValueError(f"lr_image size {tuple(lr_image.shape[-2:])} must be a multiple of {f}")
+            h, w = lr_image.shape[-2] // f, lr_image.shape[-1] // f
+            if self.flow.upsample != "psu":
+                lr_latent = self.first_stage.encode(lr_image)
+        cond = self.flow.condition(lr_latent, (h * self.scale, w * self.scale), self.first_stage, lr_image)
+        return self.flow.sample(self.model, cond, generator, **{**self.sampler, **sampler_overrides})
