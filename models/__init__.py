@@ -41,4 +41,6 @@ __all__ = [
                            "target_velocity",
                            "time_grid",
                            "upsample_latent",
+                           "Upsampler",
+                           "BOOST_CONFIG_NAME",
 ]

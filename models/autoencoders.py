@@ -66,7 +66,8 @@ class FirstStage(nn.Module):
         """Per-channel statistics (C,) of the raw (scaled) latents; encode() subtracts/divides them."""
         mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
         if mean.shape != (self.latent_channels,) or std.shape != (self.latent_channels,):
-            raise ValueError(f"latent stats must have shape ({self.latent_channels},), got {tuple(mean.shape)}, {tuple(std.shape)}")
+            raise ValueError(f"latent stats must have shape ({self.latent_channels},), "
+                             f"got {tuple(mean.shape)}, {tuple(std.shape)}")
         if bool((std <= 0).any()):
             raise ValueError("latent_std must be positive")
         self.latent_mean.copy_(mean)

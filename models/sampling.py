@@ -188,6 +188,7 @@ def sample_ode(velocity: Velocity, x0: torch.Tensor, *, solver: str = "euler", n
     if not torch.isfinite(x0).all():
         raise ValueError("x0 contains NaN or inf")
     if solver in ADAPTIVE_SOLVERS:
-        return sample_adaptive(velocity, x0, solver, atol, rtol, num_outputs=num_steps + 1 if return_intermediates else 2)
+        num_outputs = num_steps + 1 if return_intermediates else 2
+        return sample_adaptive(velocity, x0, solver, atol, rtol, num_outputs)
     ts = time_grid(schedule, num_steps, **(schedule_params or {}))
     return sample_fixed(velocity, x0, ts, solver, return_intermediates)
