@@ -94,6 +94,9 @@ class CouplingFlowMatcher:
     def condition(self, lr_latent: torch.Tensor | None, size: tuple[int, int], first_stage: FirstStage | None = None,
                   lr_image: torch.Tensor | None = None) -> torch.Tensor:
         """The clean up-sampled latent (B, C, H, W) used as conditioning (see `upsample_latent`)."""
+        for name, tensor in (("lr_latent", lr_latent), ("lr_image", lr_image)):
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name} contains NaN or inf")
         return upsample_latent(lr_latent, size, self.upsample, first_stage, lr_image)
 
     def couple(self, cond: torch.Tensor, x1: torch.Tensor | None = None,

@@ -91,3 +91,23 @@ def test_taef2_round_trip_on_real_faces(taef2_dir, faces_dir):
             # Feeding [-1, 1] straight into the raw encoder/decoder (the classic mistake) loses > 8 dB.
             wrong = psnr01(first_stage.decoder(first_stage.encoder(x01 * 2 - 1)).clamp(-1, 1) / 2 + 0.5, x01)
             assert wrong < good - 8.0, (path.name, wrong, good)
+
+
+@pytest.mark.shared
+def test_psu_is_a_better_source_than_latent_bilinear_in_taef2(taef2_dir, faces_dir):
+    """4× (64 → 256 px faces): pixel-space up-sampling + encode lands far closer to the target latent."""
+    from fmboost.models import upsample_latent
+
+    first_stage = TAEF2Autoencoder(taef2_dir)
+    hr = torch.cat([face(path, 256) for path in sorted(faces_dir.glob("*"))[:4]]) * 2 - 1
+    lr = torch.nn.functional.interpolate(hr, size=(64, 64), mode="bicubic", antialias=True).clamp(-1, 1)
+    with torch.no_grad():
+        target = first_stage.encode(hr)
+        latent_bilinear = upsample_latent(first_stage.encode(lr), (32, 32), "bilinear")
+        psu = upsample_latent(None, (32, 32), "psu", first_stage, lr_image=lr)
+
+    def normalised_mse(z):
+        return (((z - target) ** 2).mean() / target.var()).item()
+
+    assert normalised_mse(psu) < 0.8 < 1.1 < normalised_mse(latent_bilinear), (
+        normalised_mse(psu), normalised_mse(latent_bilinear))

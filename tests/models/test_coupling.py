@@ -90,6 +90,8 @@ def test_config_validation_names_the_key():
         CouplingFlowMatcher(objective="gan")
     with pytest.raises(ValueError, match="unknown CouplingFlowMatcher keys"):
         CouplingFlowMatcher.from_dict({"upsampel": "psu"})
+    with pytest.raises(ValueError, match="lr_latent contains NaN"):
+        CouplingFlowMatcher(upsample="bilinear").condition(torch.full((1, 4, 2, 2), float("nan")), (4, 4))
     fm = CouplingFlowMatcher(upsample="bicubic", noising_step=300, time_sampling="logit_normal")
     assert CouplingFlowMatcher.from_dict(fm.to_dict()) == fm
 
