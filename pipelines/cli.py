@@ -14,6 +14,9 @@ import sys
 # name -> (module with `add_arguments(parser)` and `run(args)`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fmboost.pipelines.info", "print versions, device and which optional assets are found"),
+    "train": ("fmboost.train.cli_train", "train a CFM upsampler from a YAML config (as train/cfm_upsampler.py)"),
+    "demo": ("fmboost.train.demo", "train a small upsampler offline on CPU in minutes and compare it with bicubic"),
+    "eval-sr": ("fmboost.eval.cli_eval_sr", "evaluate super-resolution: baselines, regression and CFM samplers"),
 }
 
 

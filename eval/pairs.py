@@ -1,0 +1,103 @@
+"""Evaluation pairs from image folders: a square high-res crop and its antialiased down-sampling.
+
+    image ──(resize: shorter side → hr_size)──► crop hr_size² (center, or random with a per-image seed)
+          ──► hr (3, hr, hr) ──(bicubic, antialias)──► lr (3, lr, lr)          both in [-1, 1]
+
+`resize=True` (default) evaluates whole images at a common resolution, the paper's FacesHQ regime
+(1024 → 256); `resize=False` cuts native-resolution crops instead (LHQ-style), which needs images at
+least hr_size on their shorter side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CROPS = ("center", "random")
+
+
+@dataclass
+class Pair:
+    """name: source file stem; hr: (3, hr_size, hr_size); lr: (3, lr_size, lr_size); both in [-1, 1]."""
+
+    name: str
+    hr: torch.Tensor
+    lr: torch.Tensor
+
+
+def list_images(folders: Sequence[str | Path]) -> list[Path]:
+    """Image files of each folder (not recursive), sorted by name within a folder, folders in the given order."""
+    paths = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {folder} does not exist")
+        found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        paths.extend(found)
+    return paths
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """(3, H, W) float in [-1, 1] from an image file (RGB; alpha and palettes dropped)."""
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of (3, H, W) to (3, *size), antialiased when shrinking, clamped to [-1, 1]."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    out = F.interpolate(image[None], size=size, mode="bicubic", align_corners=False, antialias=True)
+    return out[0].clamp(-1, 1)
+
+
+def square_crop(image: torch.Tensor, size: int, crop: str = "center",
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """A size × size window of (3, H, W): centered, or at a uniformly random corner drawn from `generator`."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {list(CROPS)}, got {crop!r}")
+    height, width = image.shape[-2:]
+    if min(height, width) < size:
+        raise ValueError(f"image of {height}x{width} is smaller than the crop {size}x{size} "
+                         "(use resize=True to scale images to the high-res size first)")
+    if crop == "center":
+        top, left = (height - size) // 2, (width - size) // 2
+    else:
+        top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+    return image[:, top:top + size, left:left + size]
+
+
+def make_pair(image: torch.Tensor, hr_size: int, lr_size: int, crop: str = "center", resize_image: bool = True,
+              generator: torch.Generator | None = None, name: str = "") -> Pair:
+    """hr = crop of (3, H, W) `image` (after scaling its shorter side to hr_size if `resize_image`), lr = hr ↓."""
+    if hr_size % lr_size:
+        raise ValueError(f"hr_size {hr_size} must be a multiple of lr_size {lr_size}")
+    if resize_image:
+        height, width = image.shape[-2:]
+        factor = hr_size / min(height, width)
+        image = resize(image, (max(hr_size, round(height * factor)), max(hr_size, round(width * factor))))
+    hr = square_crop(image, hr_size, crop, generator)
+    return Pair(name, hr, resize(hr, (lr_size, lr_size)))
+
+
+def iter_pairs(folders: Sequence[str | Path], hr_size: int = 1024, lr_size: int = 256, crop: str = "center",
+               resize_image: bool = True, seed: int = 0, max_images: int | None = None) -> Iterator[Pair]:
+    """Pairs for the first `max_images` images of `folders`; image i's random crop uses seed + i (reproducible)."""
+    paths = list_images(folders)[:max_images]
+    for index, path in enumerate(paths):
+        generator = torch.Generator().manual_seed(seed + index)
+        yield make_pair(load_image(path), hr_size, lr_size, crop, resize_image, generator, path.stem)
+
+
+def count_images(folders: Sequence[str | Path], max_images: int | None = None) -> int:
+    return len(list_images(folders)[:max_images])

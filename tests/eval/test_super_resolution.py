@@ -1,0 +1,155 @@
+"""`fmboost eval-sr` and its recipe on tiny random upsamplers (pixel space, 32² / 64² images)."""
+
+import json
+import math
+
+import pytest
+import torch
+from fmboost.eval.baselines import MethodOutput, load_regression, psu_source, upsampler_method
+from fmboost.eval.pairs import iter_pairs
+from fmboost.eval.super_resolution import MetricNetworks, evaluate, markdown_table, parse_sampler, study_samplers
+from fmboost.models import CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, Upsampler
+from fmboost.models.assets import shared_path
+from fmboost.pipelines.cli import main
+
+from .test_pairs import write_images
+
+MISSING = "/nonexistent/weights.pth"
+FAST_DOPRI5 = "dopri5:atol=0.001,rtol=0.01"  # random tiny models are stiff; loose tolerances keep tests fast
+
+
+def tiny_upsampler(objective="cfm", seed=0):
+    torch.manual_seed(seed)
+    model = CFMUNet.from_preset("tiny", latent_channels=3).eval()
+    return Upsampler(model, IdentityAutoencoder(), CouplingFlowMatcher(objective=objective), scale=4)
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Three small images, a CFM upsampler and a regression upsampler saved to tmp_path."""
+    write_images(tmp_path / "images", [(80, 72), (64, 64), (96, 64)])
+    tiny_upsampler("cfm").save_pretrained(tmp_path / "cfm")
+    tiny_upsampler("regression", seed=1).save_pretrained(tmp_path / "regression")
+    return tmp_path
+
+
+def lpips_args():
+    """Real LPIPS weights when ../shared has them, so the end-to-end run covers LPIPS too."""
+    path = shared_path("weights/lpips/lpips_alex_v0.1_full_state_dict.pth")
+    return ["--lpips-weights", str(path)] if path else ["--lpips-weights", MISSING]
+
+
+def eval_sr(folders, *extra, size=("64", "16")):
+    return main(["eval-sr", "--data", str(folders / "images"), "--upsampler", str(folders / "cfm"),
+                 "--out", str(folders / "out"), "--hr-size", size[0], "--lr-size", size[1], *extra])
+
+
+def test_cli_end_to_end(folders, capsys):
+    code = eval_sr(folders, "--regression", str(folders / "regression"), "--sampler", "euler:linear:2",
+                   "--sampler", "euler:logit_normal:mu=0.5,std=1:3", "--sampler", FAST_DOPRI5,
+                   "--inception", MISSING, *lpips_args())
+    assert code == 0
+    out = folders / "out"
+    results = json.loads((out / "results.json").read_text())
+    cfm = ["CFM euler:linear:2", "CFM euler:logit_normal:mu=0.5,std=1:3", f"CFM {FAST_DOPRI5}"]
+    baselines = ["bilinear", "bicubic", "latent bilinear", "PSU source", "first-stage ceiling", "regression"]
+    assert list(results) == baselines + cfm  # the reference runs first but is reported in the given order
+    for name, rows in results.items():
+        for key in ("psnr", "ssim", "psnr_y", "ssim_y", "nfe", "seconds_per_image"):
+            exact = name == "first-stage ceiling" and key.startswith("psnr")  # identity first stage: +inf → null
+            assert rows[key] is None if exact else math.isfinite(rows[key]), (name, key)
+    assert [results[m]["nfe"] for m in cfm[:2]] == [2, 3] and results[cfm[2]]["nfe"] > 3
+    assert results["regression"]["nfe"] == 1 and results["bicubic"]["nfe"] == 0
+    assert results[cfm[2]]["dist_to_reference"] == 0 and results[cfm[0]]["dist_to_reference"] > 0
+    assert "fid" not in results["bicubic"]
+    table = (out / "results.md").read_text()
+    assert "| CFM euler:linear:2 |" in table and "fid skipped" in table and "3 images" in table
+    for name in ("grid.png", "nfe_curve.png"):
+        assert (out / name).stat().st_size > 10_000
+    assert len(json.loads((out / "per_image.json").read_text())["bicubic"]["psnr"]) == 3
+    assert "| bicubic |" in capsys.readouterr().out
+
+
+def test_unavailable_metrics_are_skipped_with_a_reason(folders, capsys):
+    assert eval_sr(folders, "--sampler", "euler:linear:1", "--lpips-weights", MISSING, "--inception", MISSING,
+                   "--max-images", "2") == 0
+    printed = capsys.readouterr().out
+    assert f"lpips skipped: LPIPS weights not found at {MISSING}" in printed
+    assert f"fid skipped: FID Inception weights not found at {MISSING}" in printed
+    results = json.loads((folders / "out" / "results.json").read_text())
+    for rows in results.values():
+        assert "lpips" not in rows and "fid" not in rows and math.isfinite(rows["ssim"])
+    assert "lpips skipped" in (folders / "out" / "results.md").read_text()
+
+
+def test_fid_and_patch_fid_with_a_stand_in_feature_network(folders):
+    """The FID path end to end; a pooled-colour network stands in for Inception (input 299², any features)."""
+    stand_in = torch.nn.Sequential(torch.nn.AvgPool2d(23), torch.nn.Flatten(), torch.nn.Linear(3 * 13 * 13, 16))
+    networks = MetricNetworks(inception=stand_in)
+    exact = lambda lr, hr, g: MethodOutput(hr)
+    grey = lambda lr, hr, g: MethodOutput(hr * 0)
+    pairs = iter_pairs([folders / "images"], 64, 16)
+    evaluation = evaluate(pairs, {"exact": exact, "grey": grey}, 4, networks)
+    exact, grey = evaluation.results["exact"], evaluation.results["grey"]
+    assert abs(exact["fid"]) < 1e-6 and abs(exact["patch_fid"]) < 1e-6
+    assert grey["fid"] > 1e-3 and grey["patch_fid"] > 1e-3
+
+
+def test_samplers_start_from_the_same_noise(folders):
+    upsampler = Upsampler.from_pretrained(folders / "cfm")
+    spec = parse_sampler("euler:linear:2")
+    methods = {"a": upsampler_method(upsampler, **spec.kwargs()), "b": upsampler_method(upsampler, **spec.kwargs()),
+               "c": upsampler_method(upsampler, **parse_sampler("euler:polynomial:2").kwargs())}
+    pairs = list(iter_pairs([folders / "images"], 64, 16))
+    evaluation = evaluate(pairs, methods, 4, MetricNetworks(), seed=3, reference="a")
+    for a, b in zip(evaluation.grid["a"], evaluation.grid["b"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert evaluation.per_image["b"]["dist_to_reference"] == [0.0, 0.0, 0.0]
+    assert min(evaluation.per_image["c"]["dist_to_reference"]) > 0
+    # a different seed draws different noise
+    other = evaluate(pairs[:1], {"a": methods["a"]}, 4, MetricNetworks(), seed=4)
+    assert not torch.equal(other.grid["a"][0], evaluation.grid["a"][0])
+
+
+def test_schedule_study(folders):
+    assert eval_sr(folders, "--study", "schedules", "--study-nfe", "1,2", "--study-reference", FAST_DOPRI5,
+                   "--max-images", "2", "--lpips-weights", MISSING, "--inception", MISSING,
+                   size=("32", "8")) == 0
+    results = json.loads((folders / "out" / "results.json").read_text())
+    cfm = [name for name in results if name.startswith("CFM")]
+    assert len(cfm) == 8 * 2 + 1  # 5 schedules + 3 logit-normal variants, at 2 NFE each, + the reference
+    for mu in (-1, 0, 1):
+        assert f"CFM euler:logit_normal:mu={mu},std=3:2" in results
+    assert all(math.isfinite(results[name]["dist_to_reference"]) for name in cfm)
+    assert results[f"CFM {FAST_DOPRI5}"]["dist_to_reference"] == 0
+    assert (folders / "out" / "nfe_curve.png").stat().st_size > 10_000
+
+
+def test_parse_sampler():
+    spec = parse_sampler("euler:logit_normal:mu=0.5,std=1:10")
+    assert spec.kwargs() == {"solver": "euler", "num_steps": 10, "schedule": "logit_normal",
+                             "schedule_params": {"mu": 0.5, "std": 1.0}}
+    assert spec.name == "euler:logit_normal:mu=0.5,std=1:10" and spec.curve == "euler:logit_normal:mu=0.5,std=1"
+    assert parse_sampler("dopri5").kwargs() == {"solver": "dopri5"} and parse_sampler("dopri5").adaptive
+    assert parse_sampler("dopri5:atol=1e-5,rtol=1e-3").kwargs() == {"solver": "dopri5", "atol": 1e-5, "rtol": 1e-3}
+    for bad in ("euler", "euler:linear", "euler:wiggly:4", "leapfrog:linear:4", "euler:linear:mu:4", "dopri5:a:b"):
+        with pytest.raises(ValueError):
+            parse_sampler(bad)
+    assert study_samplers([2])[-1] == parse_sampler("dopri5")
+
+
+def test_user_errors_exit_with_code_2(folders, capsys):
+    assert eval_sr(folders, size=("64", "32")) == 2  # the upsampler is ×4
+    assert "up-samples ×4" in capsys.readouterr().err
+    code = main(["eval-sr", "--data", str(folders / "images"), "--regression", str(folders / "cfm"),
+                 "--out", str(folders / "out"), "--hr-size", "64", "--lr-size", "16"])
+    assert code == 2 and "not 'regression'" in capsys.readouterr().err
+
+
+def test_baselines_in_pixel_space(generator, tmp_path):
+    lr = torch.rand(1, 3, 8, 8, generator=generator) * 2 - 1
+    bicubic = torch.nn.functional.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False).clamp(-1, 1)
+    torch.testing.assert_close(psu_source(lr, 4, IdentityAutoencoder()), bicubic)
+    tiny_upsampler("regression").save_pretrained(tmp_path)
+    assert load_regression(tmp_path).flow.objective == "regression"
+    assert markdown_table({"bicubic": {"psnr": 20.0, "lpips": 0.3}}).splitlines()[2] == "| bicubic | 20.00 | 0.300 |"
