@@ -14,8 +14,9 @@ import sys
 # name -> (module with `add_arguments(parser)` and `run(args)`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fmboost.pipelines.info", "print versions, device and which optional assets are found"),
-    "train": ("fmboost.train.cli_train", "train a CFM upsampler from a YAML config (as train/cfm_upsampler.py)"),
-    "demo": ("fmboost.train.demo", "train a small upsampler offline on CPU in minutes and compare it with bicubic"),
+    "generate": ("fmboost.pipelines.generate", "text → 256² base image → CFM upsampler → high-resolution image"),
+    "upscale": ("fmboost.pipelines.upscale", "super-resolve an image with a CFM upsampler (--compare: vs bicubic)"),
+    "bench": ("fmboost.eval.bench", "time boosted vs direct generation (pipeline), samplers (sampler), training"),
     "eval-sr": ("fmboost.eval.cli_eval_sr", "evaluate super-resolution: baselines, regression and CFM samplers"),
 }
 
@@ -44,4 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Re-import under the package name so `python -m` catches the same UserError class the commands raise.
+    from fmboost.pipelines.cli import main as package_main
+
+    sys.exit(package_main())

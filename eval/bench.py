@@ -1,0 +1,370 @@
+"""`fmboost bench pipeline | sampler | train`: where the time of boosted generation goes.
+
+pipeline  per-stage time of boosted 1024² generation (SD base at 256² = 32² latents, CFM per NFE at
+          128² latents, PSU, VAE decode at 1024²) vs direct SD generation at 1024² (128² latents), with
+          random weights at SD1.5 sizes (`--size real`; the compute is that of the real model) or a
+          scaled-down architecture (`--size small`) so a CPU run takes minutes. Each stage is timed once
+          per call (after `--warmup` calls) and multiplied by its step count: the totals are
+          extrapolations from measured per-call times, which the output says.
+sampler   NFE and time per solver/schedule for CFMUNet presets at 128² latents.
+train     delegates to `fmboost.train.bench_train` (imported only when asked for).
+
+`random_sd_components` (random SD-family parts built from config dicts) also serves the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# SD1.5 architecture (stable-diffusion-v1-5 config.json values); "small"/"tiny" keep its shape, fewer channels.
+SD_SIZES: dict[str, dict] = {
+    "real": dict(unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
+                           cross_attention_dim=768, norm_num_groups=32),
+                 vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+                 text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)),
+    "small": dict(unet=dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_head_dim=8,
+                            cross_attention_dim=256, norm_num_groups=32),
+                  vae=dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32),
+                  text=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)),
+    "tiny": dict(unet=dict(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=8,
+                           cross_attention_dim=32, norm_num_groups=8),
+                 vae=dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
+                 text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
+}
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+
+
+def load_tokenizer(directory: str | Path | None = None):
+    """The real CLIP tokenizer (../shared/tokenizers/clip), else a toy byte-level vocabulary."""
+    from fmboost.models.assets import shared_path
+    from transformers import CLIPTokenizer
+
+    directory = directory or shared_path("tokenizers/clip")
+    if directory is not None:
+        return CLIPTokenizer.from_pretrained(str(directory), model_max_length=77)
+    return toy_tokenizer(Path(tempfile.mkdtemp(prefix="fmboost-toy-clip-")))
+
+
+def toy_tokenizer(directory: Path):
+    """A CLIPTokenizer over lower-case letters/digits (no merges): enough for offline tests."""
+    from transformers import CLIPTokenizer
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    vocab = {t: i for i, t in enumerate(chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"])}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), pad_token="<|endoftext|>",
+                         model_max_length=77)
+
+
+def random_sd_components(size: str = "tiny", lcm: bool = False, tokenizer=None, seed: int = 0) -> dict:
+    """Randomly initialised SD1.5-shaped text_encoder/tokenizer/unet/scheduler/vae (`size`: real|small|tiny).
+
+    lcm=True gives an LCM-style UNet (guidance embedding, time_cond_proj_dim) and an LCMScheduler.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if size not in SD_SIZES:
+        raise ValueError(f"size must be one of {list(SD_SIZES)}, got {size!r}")
+    spec = SD_SIZES[size]
+    tokenizer = tokenizer or load_tokenizer()
+    torch.manual_seed(seed)
+    levels = len(spec["unet"]["block_out_channels"])
+    down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1)
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, down_block_types=down,
+                                up_block_types=up, time_cond_proj_dim=256 if lcm else None, **spec["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, sample_size=256 if size == "tiny" else 512,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        scaling_factor=0.18215, **spec["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=max(len(tokenizer), 49408), max_position_embeddings=77,
+                                                hidden_act="quick_gelu", **spec["text"]))
+    scheduler = (LCMScheduler(steps_offset=1, **SD_BETAS) if lcm else
+                 DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **SD_BETAS))
+    return dict(text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
+                vae=vae.eval())
+
+
+def seconds(fn, device: torch.device, warmup: int = 0, repeats: int = 1) -> float:
+    """Median wall-clock seconds of fn() over `repeats` calls after `warmup` calls (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+
+
+def decode_variants(vae, z: torch.Tensor, device: torch.device, names: list[str], warmup: int) -> dict:
+    """Seconds to decode z (B, 4, h, w) with each variant; `sdpa` is diffusers' default processor."""
+    from diffusers import AutoencoderTiny
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    results = {}
+    for name in names:
+        model = vae
+        if name == "tiny_decoder":  # TAESD-shaped preview decoder (random weights: timing only)
+            model = AutoencoderTiny(decoder_block_out_channels=(64, 64, 64, 64)).to(device).eval()
+        vae.set_attn_processor(AttnProcessor() if name == "classic_attention" else AttnProcessor2_0())
+        if name == "channels_last":
+            vae.to(memory_format=torch.channels_last)
+        if name == "tiled":
+            vae.enable_tiling()
+        x = z.to(memory_format=torch.channels_last) if name == "channels_last" else z
+        results[name] = seconds(lambda m=model, x=x: m.decode(x), device, warmup)
+        vae.disable_tiling()
+        vae.to(memory_format=torch.contiguous_format)
+    vae.set_attn_processor(AttnProcessor2_0())
+    return results
+
+
+def bench_pipeline(size: str = "small", base_steps: int = 25, nfe: int = 4, upsampler_preset: str = "reference",
+                   guidance: bool = True, decode: list[str] | None = None, device: str | None = None,
+                   warmup: int | None = None, lr_latent: int = 32, hr_latent: int = 128,
+                   end_to_end: bool = False) -> dict:
+    """Per-call times of every stage and the extrapolated totals of boosted vs direct generation."""
+    from fmboost.models import CFMUNet, DiffusersAutoencoder
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    warmup = (0 if size == "real" and device.type == "cpu" else 1) if warmup is None else warmup
+    parts = {k: (v.to(device) if hasattr(v, "to") and k != "tokenizer" else v)
+             for k, v in random_sd_components(size).items()}
+    unet, vae = parts["unet"], parts["vae"]
+    batch = 2 if guidance else 1  # classifier-free guidance runs the UNet on (uncond, cond)
+    tokens = parts["tokenizer"](["a photo of a cat"] * batch, padding="max_length", max_length=77,
+                                return_tensors="pt").input_ids.to(device)
+    text = parts["text_encoder"](tokens)[0]
+
+    def unet_step(n: int) -> float:
+        z = torch.randn(batch, 4, n, n, device=device)
+        return seconds(lambda: unet(z, 500, encoder_hidden_states=text), device, warmup)
+
+    cfm = CFMUNet.from_preset(upsampler_preset, latent_channels=4).to(device).eval()
+    z_hr = torch.randn(1, 4, hr_latent, hr_latent, device=device)
+    first_stage = DiffusersAutoencoder(vae, {"kind": "autoencoder_kl"})
+    f = first_stage.downsample_factor
+    per_call = {
+        "text_encoder": seconds(lambda: parts["text_encoder"](tokens), device, warmup),
+        f"unet_step_{lr_latent}": unet_step(lr_latent),
+        f"unet_step_{hr_latent}": unet_step(hr_latent),
+        f"cfm_nfe_{hr_latent}": seconds(lambda: cfm(z_hr, 0.5, z_hr), device, warmup),
+        f"psu_decode_{lr_latent * f}": seconds(lambda: first_stage.decode(z_hr[..., :lr_latent, :lr_latent]),
+                                                  device, warmup),
+        f"psu_encode_{hr_latent * f}": seconds(lambda: first_stage.encode(torch.zeros(1, 3, hr_latent * f,
+                                                                                     hr_latent * f, device=device)),
+                                                  device, warmup),
+    }
+    decode_names = decode or ["sdpa"]
+    decode_s = decode_variants(vae, z_hr, device, decode_names, warmup)
+    per_call.update({f"decode_{hr_latent * f}_{k}": v for k, v in decode_s.items()})
+    result = summarise_pipeline(per_call, decode_s, dict(
+        size=size, device=str(device), base_steps=base_steps, nfe=nfe, upsampler_preset=upsampler_preset,
+        guidance=guidance, warmup=warmup, lr_latent=lr_latent, hr_latent=hr_latent, pixels=hr_latent * f))
+    if end_to_end:
+        result["end_to_end"] = measure_end_to_end(parts, cfm, base_steps, nfe, lr_latent, hr_latent, guidance, device)
+    return result
+
+
+def measure_end_to_end(parts: dict, cfm, base_steps: int, nfe: int, lr_latent: int, hr_latent: int,
+                       guidance: bool, device: torch.device) -> dict:
+    """Measured (not extrapolated) seconds: BoostPipeline vs the same SD pipeline at the high resolution."""
+    from diffusers import StableDiffusionPipeline
+    from fmboost.models import CouplingFlowMatcher, DiffusersAutoencoder, Upsampler
+    from fmboost.pipelines.boost import BoostPipeline
+
+    base = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    first_stage = DiffusersAutoencoder(parts["vae"], {"kind": "autoencoder_kl", "path": None})
+    upsampler = Upsampler(cfm, first_stage, CouplingFlowMatcher(upsample="psu"), scale=hr_latent // lr_latent,
+                          sampler={"solver": "euler", "num_steps": nfe, "schedule": "linear"})
+    pipe = BoostPipeline.from_base(base, upsampler)
+    for p in (base, pipe):
+        p.set_progress_bar_config(disable=True)
+    f, cfg = first_stage.downsample_factor, 7.5 if guidance else 1.0
+    out = pipe("a photo of a cat", num_inference_steps=base_steps, guidance_scale=cfg, base_size=lr_latent * f,
+               output_type="pt")
+    direct = seconds(lambda: base("a photo of a cat", num_inference_steps=base_steps, guidance_scale=cfg,
+                                  height=hr_latent * f, width=hr_latent * f, output_type="pt"), device)
+    boosted_total = sum(out.timings.values())
+    return {"boosted_s": {**out.timings, "total": boosted_total}, "direct_s": {"total": direct},
+            "speedup_direct_over_boosted": direct / boosted_total, "nfe": out.nfe}
+
+
+def summarise_pipeline(per_call: dict, decode_s: dict, setup: dict) -> dict:
+    """Stage totals = per-call seconds × calls; ratio = direct / boosted, for each decode variant."""
+    lr, hr, steps = setup["lr_latent"], setup["hr_latent"], setup["base_steps"]
+    f = setup["pixels"] // hr
+    psu = per_call[f"psu_decode_{lr * f}"] + per_call[f"psu_encode_{hr * f}"]
+    decode = decode_s.get("sdpa", next(iter(decode_s.values())))
+    boosted = {"text_encoder": per_call["text_encoder"], "base": steps * per_call[f"unet_step_{lr}"],
+               "psu": psu, "upsample": setup["nfe"] * per_call[f"cfm_nfe_{hr}"], "decode": decode}
+    direct = {"text_encoder": per_call["text_encoder"], "base": steps * per_call[f"unet_step_{hr}"], "decode": decode}
+    boosted_total, direct_total = sum(boosted.values()), sum(direct.values())
+    return {
+        "setup": setup,
+        "method": "each stage timed once per call (after warmup) and multiplied by its number of calls",
+        "per_call_s": per_call,
+        "boosted_s": {**boosted, "total": boosted_total, "total_latent_mode": boosted_total - psu},
+        "direct_s": {**direct, "total": direct_total},
+        "speedup_direct_over_boosted": direct_total / boosted_total,
+        "speedup_latent_mode": direct_total / (boosted_total - psu),
+        "decode_speedup_vs_sdpa": {k: decode / v for k, v in decode_s.items()},
+    }
+
+
+def print_pipeline(result: dict) -> None:
+    s = result["setup"]
+    print(f"bench pipeline: size={s['size']} device={s['device']} base_steps={s['base_steps']} "
+          f"nfe={s['nfe']} cfm={s['upsampler_preset']} ({result['method']})")
+    for name, value in result["per_call_s"].items():
+        print(f"  per call  {name:<24} {value:9.3f} s")
+    for label, key in (("boosted", "boosted_s"), ("direct", "direct_s")):
+        print(f"  {label:<8}  " + "  ".join(f"{k}={v:.2f}s" for k, v in result[key].items()))
+    print(f"  direct {s['pixels']}² / boosted: {result['speedup_direct_over_boosted']:.2f}× "
+          f"(latent-space coupling instead of PSU: {result['speedup_latent_mode']:.2f}×)")
+    speedups = result["decode_speedup_vs_sdpa"].items()
+    print("  decode speed-up vs sdpa: " + ", ".join(f"{k} {v:.2f}×" for k, v in speedups))
+    if "end_to_end" in result:
+        e2e = result["end_to_end"]
+        print("  end to end (measured): boosted " + "  ".join(f"{k}={v:.2f}s" for k, v in e2e["boosted_s"].items())
+              + f"  direct total={e2e['direct_s']['total']:.2f}s  → {e2e['speedup_direct_over_boosted']:.2f}×")
+
+
+# ---------------------------------------------------------------------------------------- sampler
+
+SAMPLER_CONFIGS = ("euler:linear:4", "euler:logit_normal:4", "euler:linear:8", "midpoint:linear:4",
+                   "heun:linear:4", "rk4:linear:2", "dopri5")
+
+
+def parse_sampler_config(text: str) -> dict:
+    """'euler:linear:4' → {solver, schedule, num_steps}; 'dopri5' → adaptive."""
+    solver, *rest = text.split(":")
+    config = {"solver": solver}
+    if rest:
+        config["schedule"] = rest[0]
+    if len(rest) > 1:
+        config["num_steps"] = int(rest[1])
+    return config
+
+
+def bench_sampler(presets: list[str], configs: list[str], latent_size: int = 128, nfe_latent_size: int | None = None,
+                  device: str | None = None, warmup: int = 1, upsampler: str | None = None) -> dict:
+    """NFE per sampler config (solved at `nfe_latent_size`) × measured seconds per NFE at `latent_size`."""
+    from fmboost.models import CFMUNet, CouplingFlowMatcher, Upsampler
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    nfe_latent_size = nfe_latent_size or latent_size
+    models = ({"trained": Upsampler.from_pretrained(upsampler).model} if upsampler else
+              {p: CFMUNet.from_preset(p, latent_channels=4) for p in presets})
+    flow = CouplingFlowMatcher(upsample="bilinear")
+    generator = torch.Generator(device).manual_seed(0)
+    rows = {}
+    for name, model in models.items():
+        model = model.to(device).eval()
+        c = model.config.latent_channels
+        z = torch.randn(1, c, latent_size, latent_size, device=device, generator=generator)
+        per_nfe = seconds(lambda m=model, z=z: m(z, 0.5, z), device, warmup)
+        cond = torch.randn(1, c, nfe_latent_size, nfe_latent_size, device=device, generator=generator)
+        rows[name] = {"per_nfe_s": per_nfe, "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "configs": {}}
+        for text in configs:
+            start = time.perf_counter()
+            nfe = flow.sample(model, cond, generator, **parse_sampler_config(text)).nfe
+            measured = time.perf_counter() - start
+            rows[name]["configs"][text] = {"nfe": nfe, "time_s": nfe * per_nfe,
+                                           "solve_s_at_nfe_size": measured}
+    names = list(rows)
+    ratios = {f"{a}/{b}": rows[a]["per_nfe_s"] / rows[b]["per_nfe_s"] for a in names for b in names if a != b}
+    return {"setup": {"device": str(device), "latent_size": latent_size, "nfe_latent_size": nfe_latent_size,
+                      "warmup": warmup},
+            "method": "time_s = NFE (counted by solving at nfe_latent_size) × seconds per NFE measured at latent_size",
+            "models": rows, "per_nfe_ratios": ratios}
+
+
+def print_sampler(result: dict) -> None:
+    s = result["setup"]
+    print(f"bench sampler: device={s['device']} latents {s['latent_size']}² ({result['method']})")
+    for name, row in result["models"].items():
+        print(f"  {name} ({row['params_M']:.1f} M params): {row['per_nfe_s']:.3f} s per NFE")
+        for text, c in row["configs"].items():
+            print(f"    {text:<22} NFE {c['nfe']:>4}   {c['time_s']:8.2f} s")
+    for pair, ratio in result["per_nfe_ratios"].items():
+        print(f"  per-NFE time {pair}: {ratio:.2f}×")
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    p = sub.add_parser("pipeline", help="per-stage time of boosted vs direct 1024² generation")
+    p.add_argument("--size", choices=list(SD_SIZES), default="small",
+                   help="base/VAE architecture: real = SD1.5 sizes (slow on CPU), small = scaled down")
+    p.add_argument("--base-steps", type=int, default=25)
+    p.add_argument("--nfe", type=int, default=4, help="CFM network evaluations (e.g. Euler steps)")
+    p.add_argument("--upsampler-preset", default="reference", help="CFMUNet preset (reference, base, small, tiny)")
+    p.add_argument("--no-guidance", action="store_true", help="batch 1 UNet calls (LCM) instead of CFG's 2")
+    p.add_argument("--decode", default="classic_attention,sdpa,channels_last,tiled,tiny_decoder",
+                   help="comma-separated decode variants to time")
+    p.add_argument("--lr-latent", type=int, default=32)
+    p.add_argument("--hr-latent", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per stage (default 1; 0 for real on CPU)")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="also run BoostPipeline and the direct SD pipeline once, whole (slow at real sizes on CPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--output", "-o", default="bench_pipeline.json")
+    s = sub.add_parser("sampler", help="NFE and time per solver/schedule for CFMUNet presets")
+    s.add_argument("--presets", default="reference,small")
+    s.add_argument("--configs", default=",".join(SAMPLER_CONFIGS), help="solver[:schedule[:steps]] list")
+    s.add_argument("--latent-size", type=int, default=128)
+    s.add_argument("--quick", action="store_true",
+                   help="count NFE at 32² latents (time per NFE still at --latent-size)")
+    s.add_argument("--upsampler", default=None, help="a trained upsampler folder instead of random presets")
+    s.add_argument("--warmup", type=int, default=1)
+    s.add_argument("--device", default=None)
+    s.add_argument("--output", "-o", default="bench_sampler.json")
+    # `train` is owned by fmboost.train.bench_train; its arguments are parsed there, on demand.
+    t = sub.add_parser("train", help="training throughput (fmboost.train.bench_train)", add_help=False,
+                       prefix_chars="\x01")
+    t.add_argument("train_args", nargs=argparse.REMAINDER)
+
+
+def run_train(argv: list[str]) -> int:
+    """`fmboost bench train` is the training benchmark of fmboost.train.bench_train, with its own options."""
+    from fmboost.train import bench_train
+
+    parser = argparse.ArgumentParser(prog="fmboost bench train")
+    bench_train.add_arguments(parser)
+    return bench_train.run(parser.parse_args(argv)) or 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bench == "train":
+        return run_train(args.train_args)
+    if args.bench == "pipeline":
+        result = bench_pipeline(args.size, args.base_steps, args.nfe, args.upsampler_preset, not args.no_guidance,
+                                [d for d in args.decode.split(",") if d], args.device, args.warmup,
+                                args.lr_latent, args.hr_latent, args.end_to_end)
+        print_pipeline(result)
+    else:
+        result = bench_sampler([p for p in args.presets.split(",") if p], [c for c in args.configs.split(",") if c],
+                               args.latent_size, 32 if args.quick else None, args.device, args.warmup, args.upsampler)
+        print_sampler(result)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.output}")
+    return 0

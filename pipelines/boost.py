@@ -1,0 +1,365 @@
+"""BoostPipeline: prompt → SD1.5/LCM latent at 256² → CFM upsampler → VAE decode at 1024².
+
+A diffusers `DiffusionPipeline`, so `save_pretrained` / `from_pretrained`, `.to()`,
+`enable_model_cpu_offload` and `set_progress_bar_config` work as users expect. Components:
+
+    text_encoder, tokenizer, unet, scheduler   the base text-to-image model (any SD-family pipeline)
+    vae                                        its autoencoder (also the upsampler's, for SD-VAE upsamplers)
+    upsampler                                  the CFMUNet v_θ
+    boost_config (model_index.json)            the upsampler's boost_config.json: first stage + latent
+                                               stats, scale, CouplingFlowMatcher, sampler defaults
+
+The boost stage is `fmboost.models.Upsampler` (coupling + ODE), built as a view over these
+components at call time; the VAE goes through `DiffusersAutoencoder`, where the scaling factor lives.
+With `image=` the base stage is skipped: the image (or its latents) is super-resolved directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from fmboost.models import CouplingFlowMatcher, DiffusersAutoencoder, FirstStage, Upsampler, first_stage_from_config
+from tqdm.auto import tqdm
+
+DIFFUSERS_KINDS = ("autoencoder_kl", "autoencoder_tiny")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class BoostPipelineOutput(BaseOutput):
+    """images: PIL list, (B, H, W, 3) array or (B, 3, H, W) tensor in [0, 1], or the upsampler's
+    normalised latents for output_type="latent"; nfe: CFM network evaluations (all passes);
+    timings: seconds per stage (base, upsample, decode)."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nfe: int
+    timings: dict[str, float]
+
+
+class _HalfVelocity(torch.nn.Module):
+    """Runs v_θ in its own dtype (fp16/bf16 on GPU) while the ODE state stays fp32; ticks a bar per NFE."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model, self.progress = model, None
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.dtype
+        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype)
+        v = self.model(x_t.to(dtype), t.to(dtype), cond.to(dtype))
+        if self.progress is not None:
+            self.progress.update(1)
+        return v.to(x_t.dtype)
+
+
+class _Timer:
+    """Wall-clock seconds per stage, synchronising CUDA so asynchronous kernels are counted."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.timings = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        yield
+        sync()
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def normalise_latents(first_stage: FirstStage, z: torch.Tensor) -> torch.Tensor:
+    """Raw scaled latents (what an SD pipeline returns for output_type="latent") → the upsampler's space."""
+    mean = first_stage.latent_mean.to(z).view(1, -1, 1, 1)
+    return (z - mean) / first_stage.latent_std.to(z).view(1, -1, 1, 1)
+
+
+class BoostPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->unet->upsampler->vae"
+    _optional_components = ["text_encoder", "tokenizer", "unet", "scheduler", "vae"]
+
+    def __init__(self, upsampler, text_encoder=None, tokenizer=None, unet=None, scheduler=None, vae=None,
+                 boost_config: dict | None = None):
+        super().__init__()
+        if boost_config is None:
+            raise ValueError("BoostPipeline needs boost_config (an upsampler's boost_config.json); "
+                             "build it with BoostPipeline.from_base(base_pipeline, Upsampler.from_pretrained(dir))")
+        CouplingFlowMatcher.from_dict(boost_config["flow"])  # validate early
+        self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              vae=vae, upsampler=upsampler)
+        self.register_to_config(boost_config=dict(boost_config))
+        self._own_first_stage: FirstStage | None = None  # TAEF2 / identity upsamplers: not the pipeline's VAE
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_base(cls, base_pipeline: DiffusionPipeline, upsampler: Upsampler) -> BoostPipeline:
+        """Boost any SD-family pipeline (SD1.5, LCM, LCM-LoRA): its parts + the upsampler, no copies."""
+        parts = base_pipeline.components
+        missing = [k for k in ("text_encoder", "tokenizer", "unet", "scheduler", "vae") if parts.get(k) is None]
+        if missing:
+            raise ValueError(f"base pipeline {type(base_pipeline).__name__} lacks {missing}: not an SD-family pipeline")
+        pipe = cls(upsampler.model, parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["scheduler"],
+                   parts["vae"], boost_config=_boost_config(upsampler))
+        pipe._adopt_first_stage(upsampler.first_stage)
+        return pipe
+
+    @classmethod
+    def from_upsampler(cls, upsampler: Upsampler) -> BoostPipeline:
+        """Image-only pipeline (super-resolution with `image=`): no base model."""
+        vae = upsampler.first_stage.vae if isinstance(upsampler.first_stage, DiffusersAutoencoder) else None
+        pipe = cls(upsampler.model, vae=vae, boost_config=_boost_config(upsampler))
+        pipe._adopt_first_stage(upsampler.first_stage)
+        return pipe
+
+    def _adopt_first_stage(self, first_stage: FirstStage) -> None:
+        if not isinstance(first_stage, DiffusersAutoencoder):
+            self._own_first_stage = first_stage
+        elif self.vae.config.latent_channels != first_stage.latent_channels:
+            raise ValueError(f"the upsampler works on {first_stage.latent_channels}-channel latents but the base "
+                             f"VAE has {self.vae.config.latent_channels}")
+
+    @property
+    def flow(self) -> CouplingFlowMatcher:
+        return CouplingFlowMatcher.from_dict(self.config.boost_config["flow"])
+
+    def first_stage(self) -> FirstStage:
+        """The upsampler's latent space: the pipeline's VAE (SD-VAE upsamplers) or its own (TAEF2, identity)."""
+        spec = dict(self.config.boost_config["first_stage"])
+        mean, std = torch.tensor(spec.pop("latent_mean")), torch.tensor(spec.pop("latent_std"))
+        if spec["kind"] in DIFFUSERS_KINDS:
+            if self.vae is None:
+                raise ValueError("this upsampler works in the SD-VAE latent space but the pipeline has no vae")
+            first_stage = DiffusersAutoencoder(self.vae, spec)
+        else:
+            if self._own_first_stage is None:
+                self._own_first_stage = first_stage_from_config(spec)
+            first_stage = self._own_first_stage
+        first_stage.set_latent_stats(mean, std)
+        return first_stage
+
+    def upsampler_bundle(self, model: torch.nn.Module | None = None, noising_step: int | None = None) -> Upsampler:
+        """The `Upsampler` these components form (optionally with `model` wrapping v_θ, or another
+        coupling noise level than the trained one: `noising_step`, an ablation knob)."""
+        cfg = self.config.boost_config
+        flow = self.flow if noising_step is None else dataclasses.replace(self.flow, noising_step=noising_step,
+                                                                          noise_sigma=None)
+        return Upsampler(model if model is not None else self.upsampler, self.first_stage(), flow,
+                         cfg["scale"], dict(cfg.get("sampler", {})))
+
+    # ------------------------------------------------------------------ memory options
+
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) in overlapping tiles: bounded memory at 1024² and 2048²."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def enable_vae_slicing(self) -> None:
+        """Decode one image of the batch at a time."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    @contextlib.contextmanager
+    def _vae_upcast(self):
+        """fp16 SD VAEs overflow at high resolution (config.force_upcast): run them in fp32."""
+        vae = self.vae
+        upcast = vae is not None and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            yield
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+
+    def _check_precision(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            return
+        for name in ("unet", "text_encoder", "vae", "upsampler"):
+            module = getattr(self, name, None)
+            if module is not None and module.dtype in HALF_DTYPES:
+                raise ValueError(f"{name} is in {module.dtype} but the pipeline runs on the CPU: half precision "
+                                 "needs a GPU (pipe.to('cuda')); on CPU load with torch_dtype=torch.float32")
+
+    # ------------------------------------------------------------------ stages
+
+    def _base_latents(self, prompt, negative_prompt, base_size, num_inference_steps, guidance_scale,
+                      num_images_per_prompt, generator, latents, callback_on_step_end, **kwargs) -> torch.Tensor:
+        """Raw scaled base latents (B, 4, base/8, base/8) from diffusers' own SD loop (LCM included)."""
+        from diffusers import LCMScheduler, StableDiffusionPipeline
+
+        if any(getattr(self, k) is None for k in ("text_encoder", "tokenizer", "unet", "scheduler", "vae")):
+            raise ValueError("text-to-image needs a base model: build with BoostPipeline.from_base(...) "
+                             "or pass image= to super-resolve an image")
+        base = StableDiffusionPipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        base.set_progress_bar_config(**{"desc": "base", **getattr(self, "_progress_bar_config", {})})
+        if num_inference_steps is None:
+            num_inference_steps = 4 if isinstance(self.scheduler, LCMScheduler) else 25
+        height, width = (base_size, base_size) if isinstance(base_size, int) else base_size
+        out = base(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+                   output_type="latent", callback_on_step_end=callback_on_step_end, **kwargs)
+        return out.images.float()
+
+    def _image_to_tensor(self, image, first_stage: FirstStage, device: torch.device) -> tuple[str, torch.Tensor]:
+        """("latent", (B, C, h, w)) or ("image", (B, 3, H, W) in [-1, 1]) from PIL / np / torch input.
+
+        np arrays and 3-channel tensors are in [0, 1] (diffusers' convention, as output_type "np"/"pt"
+        return them); a tensor with the first stage's channel count (≠ 3) is taken as its latents.
+        """
+        if isinstance(image, PIL.Image.Image):
+            image = [image]
+        if isinstance(image, list):
+            if not all(isinstance(i, PIL.Image.Image) for i in image):
+                raise ValueError("image list must contain PIL images")
+            if len({i.size for i in image}) != 1:
+                raise ValueError(f"images in a batch must share one size, got {sorted({i.size for i in image})}")
+            image = np.stack([np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in image])
+        if isinstance(image, np.ndarray):
+            array = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+            array = array[None] if array.ndim == 3 else array
+            if array.ndim != 4 or array.shape[-1] != 3:
+                raise ValueError(f"np image must be (H, W, 3) or (B, H, W, 3), got {image.shape}")
+            image = torch.from_numpy(array).permute(0, 3, 1, 2)
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"image must be a PIL image, list, np array or tensor, got {type(image).__name__}")
+        image = image[None] if image.ndim == 3 else image
+        if image.ndim != 4:
+            raise ValueError(f"image tensor must be (B, C, H, W), got {tuple(image.shape)}")
+        image = image.to(device, torch.float32)
+        if image.shape[1] == first_stage.latent_channels and first_stage.latent_channels != 3:
+            return "latent", image
+        if image.shape[1] != 3:
+            raise ValueError(f"image must have 3 channels (RGB) or {first_stage.latent_channels} (latents), "
+                             f"got {image.shape[1]}")
+        f = first_stage.downsample_factor
+        if image.shape[-2] % f or image.shape[-1] % f:
+            raise ValueError(f"image size {image.shape[-1]}x{image.shape[-2]} (WxH) must be a multiple of {f} "
+                             "(the autoencoder's down-sampling factor): crop or pad it")
+        return "image", image * 2 - 1
+
+    @staticmethod
+    def _preview_first_stage(preview_vae: torch.nn.Module, first_stage: FirstStage) -> FirstStage:
+        """A cheaper decoder for the same latent space (TAESD for the SD VAE), with the same stats."""
+        if not isinstance(first_stage, DiffusersAutoencoder):
+            raise ValueError("preview_vae needs an upsampler that works in a diffusers VAE's latent space")
+        preview = DiffusersAutoencoder(preview_vae, {"kind": "autoencoder_tiny"})
+        if preview.latent_channels != first_stage.latent_channels:
+            raise ValueError(f"preview_vae has {preview.latent_channels} latent channels, "
+                             f"the upsampler {first_stage.latent_channels}")
+        preview.set_latent_stats(first_stage.latent_mean, first_stage.latent_std)
+        # TAESD decodes unscaled SD latents: undo the *main* VAE's scaling (it defines the latent space).
+        preview.scaling_factor, preview.shift_factor = first_stage.scaling_factor, first_stage.shift_factor
+        return preview
+
+    def _check_latent_size(self, h: int, w: int, scale: int) -> None:
+        multiple = self.upsampler.size_multiple
+        if (h * scale) % multiple or (w * scale) % multiple:
+            raise ValueError(f"low-res latent {h}x{w} × scale {scale} must be divisible by {multiple} "
+                             "(the upsampler's down-sampling levels): choose another size")
+
+    def _upsample(self, bundle: Upsampler, lr_latent, lr_image, generator, overrides) -> tuple[torch.Tensor, int]:
+        """One CFM pass; a list of generators gives one per sample (each sample reproducible alone)."""
+        if not isinstance(generator, list):
+            result = bundle.upsample(lr_latent=lr_latent, lr_image=lr_image, generator=generator, **overrides)
+            return result.x1, result.nfe
+        reference = lr_latent if lr_latent is not None else lr_image
+        if len(generator) != reference.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {reference.shape[0]}")
+        results = [bundle.upsample(lr_latent=None if lr_latent is None else lr_latent[i:i + 1],
+                                   lr_image=None if lr_image is None else lr_image[i:i + 1],
+                                   generator=g, **overrides) for i, g in enumerate(generator)]
+        return torch.cat([r.x1 for r in results]), max(r.nfe for r in results)
+
+    # ------------------------------------------------------------------ the recipe
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] | None = None, image=None, negative_prompt=None,
+                 num_inference_steps: int | None = None, guidance_scale: float = 7.5, base_size: int | tuple = 256,
+                 upsample_steps: int | None = None, solver: str | None = None, schedule: str | None = None,
+                 schedule_params: dict | None = None, noising_step: int | None = None, cascade: int = 1,
+                 preview_vae: torch.nn.Module | None = None, num_images_per_prompt: int = 1,
+                 generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
+                 output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None, **base_kwargs):
+        """Text → image (prompt) or super-resolution (image); `cascade` CFM passes of ×scale each.
+
+        upsample_steps / solver / schedule / schedule_params (and noising_step, the coupling noise)
+        override the upsampler's saved defaults; `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes
+        instead of the VAE for a fast preview; `base_kwargs` (prompt_embeds, eta, guidance_rescale, ...)
+        go to the base SD loop.
+        """
+        if (prompt is not None or "prompt_embeds" in base_kwargs) == (image is not None):
+            raise ValueError("give exactly one of prompt (text → image) or image (super-resolution)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
+        if not isinstance(cascade, int) or cascade < 1:
+            raise ValueError(f"cascade must be a positive int (number of CFM passes), got {cascade!r}")
+        device = self._execution_device
+        self._check_precision(device)
+        timer = _Timer(device)
+        overrides = {k: v for k, v in (("num_steps", upsample_steps), ("solver", solver), ("schedule", schedule),
+                                       ("schedule_params", schedule_params)) if v is not None}
+        velocity = _HalfVelocity(self.upsampler)
+        bundle = self.upsampler_bundle(velocity, noising_step)
+        first_stage = bundle.first_stage
+        shares_vae = isinstance(first_stage, DiffusersAutoencoder)
+        if not shares_vae:  # the pipeline's VAE is placed by .to() / CPU offload, not here
+            first_stage.to(device)
+        lr_latent = lr_image = None
+        if image is None:
+            with timer("base"):
+                z = self._base_latents(prompt, negative_prompt, base_size, num_inference_steps, guidance_scale,
+                                       num_images_per_prompt, generator, latents, callback_on_step_end, **base_kwargs)
+        with self._vae_upcast():
+            if image is None and shares_vae:
+                lr_latent = normalise_latents(first_stage, z)
+            elif image is None:  # TAEF2 / identity upsampler: hand it the base image
+                with timer("base"):
+                    lr_image = DiffusersAutoencoder(self.vae, {"kind": "autoencoder_kl"}).decode(z)
+            else:
+                kind, tensor = self._image_to_tensor(image, first_stage, device)
+                tensor = tensor.repeat_interleave(num_images_per_prompt, dim=0)
+                lr_latent, lr_image = (tensor, None) if kind == "latent" else (None, tensor)
+            f = first_stage.downsample_factor
+            h, w = lr_latent.shape[-2:] if lr_latent is not None else (lr_image.shape[-2] // f, lr_image.shape[-1] // f)
+            self._check_latent_size(h, w, bundle.scale)  # later passes are larger multiples
+            nfe = 0
+            bar = {"desc": "upsample", **getattr(self, "_progress_bar_config", {})}
+            with timer("upsample"), tqdm(total=None, unit="nfe", **bar) as velocity.progress:
+                for _ in range(cascade):  # later passes start from the previous pass's latent
+                    lr_latent, pass_nfe = self._upsample(bundle, lr_latent, lr_image, generator, overrides)
+                    lr_image, nfe = None, nfe + pass_nfe
+            if output_type == "latent":
+                images = lr_latent
+            else:
+                decoder = first_stage if preview_vae is None else self._preview_first_stage(preview_vae, first_stage)
+                with timer("decode"):
+                    decoded = decoder.decode(lr_latent)
+                processor = VaeImageProcessor(vae_scale_factor=first_stage.downsample_factor)
+                images = processor.postprocess(decoded, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return images, nfe, timer.timings
+        return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings)
+
+
+def _boost_config(upsampler: Upsampler) -> dict:
+    """The dict `Upsampler.save_pretrained` writes as boost_config.json."""
+    return {"first_stage": upsampler.first_stage.config(), "scale": upsampler.scale,
+            "flow": upsampler.flow.to_dict(), "sampler": dict(upsampler.sampler)}

@@ -1,0 +1,155 @@
+"""`fmboost generate "a prompt" -o out.png`: text → 256² base image → CFM → 1024² image.
+
+`--base` is a diffusers SD-family pipeline (hub id or folder) or a saved BoostPipeline folder;
+`--upsampler` is an upsampler folder (boost_config.json + CFMUNet weights). The loaders here are
+shared with `fmboost upscale`; a missing or unreadable model is a `UserError` saying what was looked
+for and how to provide it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from fmboost.pipelines.cli import UserError
+
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by generate and upscale: the CFM stage, device and output."""
+    parser.add_argument("-o", "--output", required=True, help="output image path (.png, .jpg, ...)")
+    parser.add_argument("--upsample-steps", type=int, default=None, help="ODE steps (default: the upsampler's)")
+    parser.add_argument("--solver", default=None, help="euler, midpoint, heun, rk4, dopri5, ... (default: saved)")
+    parser.add_argument("--schedule", default=None, help="time grid: linear, cosine, logit_normal, …")
+    parser.add_argument("--cascade", type=int, default=1, help="CFM passes (2 with a ×2 model: 512 → 1024 → 2048 px)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
+    parser.add_argument("--tiled", action="store_true", help="tiled VAE decode (bounded memory at 2048²)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--base", default=DEFAULT_BASE, help="SD1.5 / LCM pipeline: hub id or folder, or a saved "
+                                                             "BoostPipeline folder (then --upsampler is optional)")
+    parser.add_argument("--upsampler", default=None, help="upsampler folder (boost_config.json + CFMUNet weights)")
+    parser.add_argument("--steps", type=int, default=None, help="base denoising steps (default 25; LCM 4)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale of the base")
+    parser.add_argument("--base-size", type=int, default=256, help="base resolution in pixels")
+    add_sampler_arguments(parser)
+
+
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    if device.type == "cpu" and dtype != torch.float32:
+        raise UserError(f"--dtype {args.dtype} needs a GPU; on the CPU use --dtype float32")
+    return device, dtype
+
+
+def is_boost_pipeline(path: str) -> bool:
+    index = Path(path) / "model_index.json"
+    return index.is_file() and json.loads(index.read_text()).get("_class_name") == "BoostPipeline"
+
+
+def check_upsampler_folder(directory: str) -> Path:
+    """Fail fast (before loading a base model) on a missing or incomplete upsampler folder."""
+    from fmboost.models import BOOST_CONFIG_NAME
+
+    path = Path(directory)
+    if not path.is_dir():
+        raise UserError(f"upsampler folder {directory!r} not found: pass the folder written by training "
+                        f"(it holds {BOOST_CONFIG_NAME}, config.json and diffusion_pytorch_model.safetensors)")
+    for name in (BOOST_CONFIG_NAME, "config.json"):
+        if not (path / name).is_file():
+            raise UserError(f"upsampler folder {directory!r} has no {name}: not a saved fmboost upsampler")
+    return path
+
+
+def load_upsampler(directory: str, vae=None):
+    """An `Upsampler` folder; SD-VAE upsamplers reuse `vae` (the base's) instead of loading their own."""
+    from fmboost.models import BOOST_CONFIG_NAME, DiffusersAutoencoder, Upsampler
+
+    path = check_upsampler_folder(directory)
+    first_stage = None
+    if vae is not None:
+        spec = json.loads((path / BOOST_CONFIG_NAME).read_text())["first_stage"]
+        if spec["kind"] in ("autoencoder_kl", "autoencoder_tiny"):
+            first_stage = DiffusersAutoencoder(vae, {k: v for k, v in spec.items() if not k.startswith("latent_")})
+    try:
+        return Upsampler.from_pretrained(path, first_stage=first_stage)
+    except OSError as err:  # missing weights file, unreadable safetensors, the VAE it names not found
+        raise UserError(f"could not load the upsampler from {directory!r}: {str(err).splitlines()[0]}") from None
+
+
+def load_diffusers(path: str, what: str, loader, torch_dtype: torch.dtype = torch.float32):
+    """`loader(path)` with a one-line message for a missing folder/file, unknown id or no network."""
+    kwargs = {} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}
+    local = Path(path)
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise UserError(f"{what} folder {path!r} has no model_index.json: save one there with "
+                        "pipe.save_pretrained(folder), or give a Hugging Face hub id")
+    try:
+        return loader(path, **kwargs)
+    except Exception as err:  # hub/network/file errors come in many types; all mean "not loadable here"
+        where = "the local folder" if local.exists() else "the Hugging Face Hub (is there network access?)"
+        raise UserError(f"could not load {what} {path!r} from {where}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''} — give a folder saved with "
+                        "save_pretrained (model_index.json + component folders) or a reachable hub id") from None
+
+
+def load_pipeline(base: str | None, upsampler: str | None, dtype: torch.dtype):
+    """BoostPipeline from a saved BoostPipeline folder, or an SD-family base + an upsampler folder."""
+    from diffusers import DiffusionPipeline
+    from fmboost.pipelines.boost import BoostPipeline
+
+    if upsampler is not None:
+        check_upsampler_folder(upsampler)
+    if base is not None and is_boost_pipeline(base):
+        pipe = load_diffusers(base, "BoostPipeline", BoostPipeline.from_pretrained, torch_dtype=dtype)
+        if upsampler is None:
+            return pipe
+        return BoostPipeline.from_base(pipe, cast_upsampler(load_upsampler(upsampler, pipe.vae), dtype))
+    if upsampler is None:
+        raise UserError("--upsampler DIR is required (a folder with boost_config.json) unless --base is a saved "
+                        "BoostPipeline folder")
+    base_pipe = load_diffusers(base, "base pipeline", DiffusionPipeline.from_pretrained, torch_dtype=dtype)
+    return BoostPipeline.from_base(base_pipe, cast_upsampler(load_upsampler(upsampler, base_pipe.vae), dtype))
+
+
+def cast_upsampler(upsampler, dtype: torch.dtype):
+    if upsampler.model.dtype != dtype:
+        upsampler.model.to(dtype)
+    return upsampler
+
+
+def sampler_kwargs(args: argparse.Namespace, device: torch.device) -> dict:
+    return dict(upsample_steps=args.upsample_steps, solver=args.solver, schedule=args.schedule,
+                cascade=args.cascade, generator=torch.Generator(device).manual_seed(args.seed))
+
+
+def save_image(image, path: str) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        image.save(out)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"cannot write {path!r}: {err} (use a .png or .jpg name)") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    device, dtype = device_and_dtype(args)
+    pipe = load_pipeline(args.base, args.upsampler, dtype).to(device)
+    if args.tiled:
+        pipe.enable_vae_tiling()
+    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+               guidance_scale=args.guidance, base_size=args.base_size, **sampler_kwargs(args, device))
+    save_image(out.images[0], args.output)
+    timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
+    print(f"wrote {args.output} ({out.images[0].width}x{out.images[0].height}, NFE {out.nfe}; {timings})")
+    return 0

@@ -1,0 +1,78 @@
+"""`fmboost bench`: tiny sizes, JSON structure, and ratios that follow from the measured numbers."""
+
+import json
+
+import pytest
+from fmboost.eval.bench import bench_pipeline, parse_sampler_config, random_sd_components
+from fmboost.pipelines.cli import main
+
+
+def test_pipeline_bench_json_and_ratios(tmp_path, capsys):
+    out = tmp_path / "pipeline.json"
+    argv = ["bench", "pipeline", "--size", "tiny", "--upsampler-preset", "tiny", "--lr-latent", "8", "--hr-latent",
+            "16", "--base-steps", "3", "--nfe", "2", "--decode", "sdpa,channels_last,tiled", "--warmup", "0",
+            "-o", str(out)]
+    assert main(argv) == 0
+    assert "direct 128² / boosted" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    per_call, boosted, direct = result["per_call_s"], result["boosted_s"], result["direct_s"]
+    assert set(boosted) == {"text_encoder", "base", "psu", "upsample", "decode", "total", "total_latent_mode"}
+    assert boosted["base"] == pytest.approx(3 * per_call["unet_step_8"])
+    assert direct["base"] == pytest.approx(3 * per_call["unet_step_16"])
+    assert boosted["upsample"] == pytest.approx(2 * per_call["cfm_nfe_16"])
+    assert boosted["psu"] == pytest.approx(per_call["psu_decode_64"] + per_call["psu_encode_128"])
+    assert boosted["decode"] == direct["decode"] == per_call["decode_128_sdpa"]
+    stages = [v for k, v in boosted.items() if k not in ("total", "total_latent_mode")]
+    assert boosted["total"] == pytest.approx(sum(stages))
+    assert result["speedup_direct_over_boosted"] == pytest.approx(direct["total"] / boosted["total"])
+    assert result["speedup_latent_mode"] == pytest.approx(direct["total"] / (boosted["total"] - boosted["psu"]))
+    assert result["decode_speedup_vs_sdpa"]["sdpa"] == 1.0
+    assert result["decode_speedup_vs_sdpa"]["tiled"] == pytest.approx(per_call["decode_128_sdpa"]
+                                                                       / per_call["decode_128_tiled"])
+    assert result["setup"]["pixels"] == 128 and "multiplied" in result["method"]
+
+
+def test_pipeline_bench_end_to_end_without_guidance():
+    result = bench_pipeline("tiny", base_steps=1, nfe=2, upsampler_preset="tiny", guidance=False, decode=["sdpa"],
+                            warmup=0, lr_latent=8, hr_latent=16, end_to_end=True)
+    assert result["setup"]["guidance"] is False and result["per_call_s"]["unet_step_8"] > 0
+    e2e = result["end_to_end"]
+    assert set(e2e["boosted_s"]) == {"base", "upsample", "decode", "total"} and e2e["nfe"] == 2
+    assert e2e["speedup_direct_over_boosted"] == pytest.approx(e2e["direct_s"]["total"] / e2e["boosted_s"]["total"])
+
+
+def test_sampler_bench_counts_nfe_and_times(tmp_path):
+    out = tmp_path / "sampler.json"
+    assert main(["bench", "sampler", "--presets", "tiny", "--latent-size", "16", "--configs",
+                 "euler:linear:4,heun:cosine:3,rk4:linear:1", "--warmup", "0", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    row = result["models"]["tiny"]
+    assert {k: c["nfe"] for k, c in row["configs"].items()} == {"euler:linear:4": 4, "heun:cosine:3": 6,
+                                                                "rk4:linear:1": 4}
+    for config in row["configs"].values():
+        assert config["time_s"] == pytest.approx(config["nfe"] * row["per_nfe_s"])
+    assert result["per_nfe_ratios"] == {}  # one model: nothing to compare
+
+
+def test_sampler_bench_quick_compares_presets(tmp_path):
+    out = tmp_path / "sampler.json"
+    assert main(["bench", "sampler", "--presets", "tiny,small", "--latent-size", "16", "--quick", "--configs",
+                 "euler:linear:2", "--warmup", "0", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    ratio = result["models"]["small"]["per_nfe_s"] / result["models"]["tiny"]["per_nfe_s"]
+    assert result["per_nfe_ratios"]["small/tiny"] == pytest.approx(ratio)
+    assert result["setup"]["nfe_latent_size"] == 32
+
+
+def test_parse_sampler_config():
+    assert parse_sampler_config("euler:logit_normal:8") == {"solver": "euler", "schedule": "logit_normal",
+                                                            "num_steps": 8}
+    assert parse_sampler_config("dopri5") == {"solver": "dopri5"}
+
+
+def test_random_sd_components_sizes():
+    with pytest.raises(ValueError, match="size must be one of"):
+        random_sd_components("huge")
+    parts = random_sd_components("tiny", lcm=True)
+    assert parts["unet"].config.time_cond_proj_dim == 256 and type(parts["scheduler"]).__name__ == "LCMScheduler"
+

@@ -1,0 +1,205 @@
+"""BoostPipeline end to end with tiny random SD-style components (offline, CPU)."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from fmboost.eval.bench import random_sd_components
+from fmboost.models import CFMUNet, CouplingFlowMatcher, DiffusersAutoencoder, IdentityAutoencoder, Upsampler
+from fmboost.pipelines import BoostPipeline, BoostPipelineOutput
+
+BASE = dict(num_inference_steps=2, base_size=64)  # 8² base latents → 16² → 128 px
+
+
+def make_upsampler(first_stage, upsample="psu", scale=2):
+    torch.manual_seed(0)
+    model = CFMUNet.from_preset("tiny", latent_channels=first_stage.latent_channels).eval()
+    return Upsampler(model, first_stage, CouplingFlowMatcher(upsample=upsample, noising_step=400), scale=scale,
+                     sampler={"solver": "euler", "num_steps": 2, "schedule": "linear"})
+
+
+def boost(parts, upsample="psu"):
+    base = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    first_stage = DiffusersAutoencoder(parts["vae"], {"kind": "autoencoder_kl", "path": None})
+    first_stage.set_latent_stats(torch.full((4,), 0.1), torch.full((4,), 0.9))
+    pipe = BoostPipeline.from_base(base, make_upsampler(first_stage, upsample))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return random_sd_components("tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(parts):
+    return boost(parts)
+
+
+def seeded(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_text_to_image_every_output_type(pipe):
+    out = pipe("a photo of a cat", generator=seeded(), output_type="pt", **BASE)
+    assert isinstance(out, BoostPipelineOutput) and out.images.shape == (1, 3, 128, 128)
+    assert 0 <= out.images.min() and out.images.max() <= 1
+    assert out.nfe == 2 and set(out.timings) == {"base", "upsample", "decode"}
+    array = pipe("a photo of a cat", generator=seeded(), output_type="np", **BASE).images
+    np.testing.assert_allclose(array[0], out.images[0].permute(1, 2, 0).numpy(), atol=1e-5)
+    pil = pipe("a photo of a cat", generator=seeded(), output_type="pil", **BASE).images
+    assert isinstance(pil[0], PIL.Image.Image) and pil[0].size == (128, 128)
+    latent = pipe("a photo of a cat", generator=seeded(), output_type="latent", **BASE)
+    assert latent.images.shape == (1, 4, 16, 16) and "decode" not in latent.timings
+    images, nfe, timings = pipe("a photo of a cat", generator=seeded(), output_type="pt", return_dict=False, **BASE)
+    torch.testing.assert_close(images, out.images)
+
+
+def test_generator_reproducibility(pipe):
+    a = pipe("a red house", generator=seeded(1), output_type="pt", **BASE).images
+    b = pipe("a red house", generator=seeded(1), output_type="pt", **BASE).images
+    c = pipe("a red house", generator=seeded(2), output_type="pt", **BASE).images
+    torch.testing.assert_close(a, b)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_batch_num_images_and_generator_list(pipe):
+    out = pipe(["a cat", "a dog"], num_images_per_prompt=2, generator=[seeded(i) for i in range(4)],
+               output_type="pt", upsample_steps=3, solver="midpoint", schedule="logit_normal",
+               schedule_params={"mu": 0.0, "std": 1.0}, **BASE)
+    assert out.images.shape == (4, 3, 128, 128) and out.nfe == 6  # midpoint: 2 NFE per step
+    single = pipe("a dog", num_images_per_prompt=2, generator=[seeded(2), seeded(3)], output_type="pt",
+                  upsample_steps=3, solver="midpoint", schedule="logit_normal", **BASE).images
+    torch.testing.assert_close(single, out.images[2:], atol=1e-4, rtol=1e-4)  # each sample seeded by its generator
+
+
+def test_lcm_base_and_latent_coupling(parts):
+    lcm = boost(random_sd_components("tiny", lcm=True, tokenizer=parts["tokenizer"]), upsample="bilinear")
+    seen = []
+
+    def on_step(pipeline, step, timestep, kwargs):
+        seen.append(step)
+        return kwargs
+
+    out = lcm("a cat", guidance_scale=8.0, generator=seeded(), output_type="pt", callback_on_step_end=on_step, **BASE)
+    assert out.images.shape == (1, 3, 128, 128) and seen == [0, 1]
+
+
+def test_noising_step_override_and_preview_decoder(pipe):
+    from diffusers import AutoencoderTiny
+
+    a = pipe("a cat", generator=seeded(), output_type="latent", **BASE).images
+    b = pipe("a cat", generator=seeded(), output_type="latent", noising_step=100, **BASE).images
+    assert (a - b).abs().max() > 1e-3
+    torch.manual_seed(0)
+    taesd = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4).eval()
+    out = pipe("a cat", generator=seeded(), output_type="pt", preview_vae=taesd, **BASE)
+    assert out.images.shape == (1, 3, 128, 128)
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    loaded = BoostPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.boost_config == pipe.config.boost_config
+    assert loaded.first_stage().latent_std.tolist() == pytest.approx([0.9] * 4)
+    a = pipe("a cat", generator=seeded(), output_type="pt", **BASE).images
+    b = loaded("a cat", generator=seeded(), output_type="pt", **BASE).images
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_cascade_two_passes(pipe):
+    out = pipe("a cat", cascade=2, generator=seeded(), output_type="pt", **BASE)
+    assert out.images.shape == (1, 3, 256, 256) and out.nfe == 4
+
+
+def test_tiled_decode_matches_untiled(pipe):
+    # 192 px base → 48² latents after ×2: above the tiny VAE's 32² tile, so tiling really happens.
+    kwargs = dict(num_inference_steps=1, base_size=192, output_type="pt")
+    plain = pipe("a cat", generator=seeded(), **kwargs).images
+    pipe.enable_vae_tiling()
+    try:
+        tiled = pipe("a cat", generator=seeded(), **kwargs).images
+    finally:
+        pipe.disable_vae_tiling()
+    assert tiled.shape == plain.shape == (1, 3, 384, 384)
+    # Random weights + per-tile GroupNorm statistics: close, not identical (trained VAEs are closer).
+    psnr = 10 * torch.log10(1 / ((tiled - plain) ** 2).mean())
+    assert psnr > 20, f"tiled vs untiled decode: {psnr:.1f} dB"
+
+
+def test_super_resolve_images_and_latents(pipe):
+    rgb = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)  # non-square, multiple of 8
+    from_pil = pipe(image=PIL.Image.fromarray(rgb), generator=seeded(), output_type="pt")
+    assert from_pil.images.shape == (1, 3, 96, 160) and "base" not in from_pil.timings
+    from_np = pipe(image=rgb, generator=seeded(), output_type="pt").images
+    torch.testing.assert_close(from_np, from_pil.images)
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    from_pt = pipe(image=tensor, num_images_per_prompt=2, generator=seeded(), output_type="pt").images
+    assert from_pt.shape == (2, 3, 96, 160)
+    latents = torch.randn(1, 4, 6, 10, generator=seeded())
+    assert pipe(image=latents, output_type="pt").images.shape == (1, 3, 96, 160)
+
+
+def test_pixel_space_upsampler_without_base():
+    pipe = BoostPipeline.from_upsampler(make_upsampler(IdentityAutoencoder(), upsample="bicubic"))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(image=torch.rand(1, 3, 12, 20), output_type="np")
+    assert out.images.shape == (1, 24, 40, 3)
+    with pytest.raises(ValueError, match="needs a base model"):
+        pipe("a cat")
+
+
+@pytest.mark.shared
+def test_taef2_upsampler_text_and_image(parts, taef2_dir, faces_dir):
+    from fmboost.models import TAEF2Autoencoder
+
+    upsampler = make_upsampler(TAEF2Autoencoder(taef2_dir))
+    base = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = BoostPipeline.from_base(base, upsampler)
+    pipe.set_progress_bar_config(disable=True)
+    text = pipe("a cat", generator=seeded(), output_type="pt", **BASE)  # SD base image → TAEF2 PSU
+    assert text.images.shape == (1, 3, 128, 128)
+    photos = sorted(p for p in faces_dir.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    face = PIL.Image.open(photos[0]).convert("RGB").resize((64, 48))
+    out = pipe(image=face, generator=seeded(), output_type="pt")
+    assert out.images.shape == (1, 3, 96, 128) and out.nfe == 2
+
+
+def test_bad_inputs(pipe):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pipe(image=np.zeros((50, 64, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="exactly one of prompt"):
+        pipe("a cat", image=np.zeros((64, 64, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="exactly one of prompt"):
+        pipe()
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("a cat", output_type="jpeg")
+    with pytest.raises(ValueError, match="cascade"):
+        pipe("a cat", cascade=0)
+    with pytest.raises(ValueError, match="3 channels"):
+        pipe(image=torch.zeros(1, 5, 16, 16))
+    with pytest.raises(ValueError, match="divisible by 2"):  # tiny CFMUNet needs even latents: 8 px × 1 latent × 2 ok
+        BoostPipeline.from_upsampler(make_upsampler(IdentityAutoencoder(), "bicubic", scale=1))(
+            image=torch.rand(1, 3, 5, 6))
+
+
+def test_half_precision_on_cpu_is_a_clear_error(parts):
+    pipe = boost(random_sd_components("tiny", tokenizer=parts["tokenizer"]))
+    pipe.upsampler.to(torch.float16)
+    with pytest.raises(ValueError, match="half precision needs a GPU"):
+        pipe("a cat", **BASE)
+
+
+def test_progress_bars_follow_config(pipe, capsys):
+    pipe.set_progress_bar_config(disable=False)
+    try:
+        pipe("a cat", generator=seeded(), output_type="latent", **BASE)
+    finally:
+        pipe.set_progress_bar_config(disable=True)
+    err = capsys.readouterr().err
+    assert "base" in err and "upsample" in err
+    pipe("a cat", generator=seeded(), output_type="latent", **BASE)
+    assert "upsample" not in capsys.readouterr().err

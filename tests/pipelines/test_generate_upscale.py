@@ -1,0 +1,104 @@
+"""`fmboost generate` / `fmboost upscale` on tiny saved pipelines and upsamplers; user errors are one line."""
+
+import PIL.Image
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from fmboost.eval.bench import random_sd_components
+from fmboost.models import CFMUNet, CouplingFlowMatcher, DiffusersAutoencoder, IdentityAutoencoder, Upsampler
+from fmboost.pipelines import BoostPipeline
+from fmboost.pipelines.cli import main
+
+FAST = ["--steps", "1", "--base-size", "64", "--upsample-steps", "2"]
+
+
+def tiny_upsampler(first_stage, upsample="psu"):
+    torch.manual_seed(0)
+    return Upsampler(CFMUNet.from_preset("tiny", latent_channels=first_stage.latent_channels).eval(), first_stage,
+                     CouplingFlowMatcher(upsample=upsample), scale=2, sampler={"solver": "euler", "num_steps": 2})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Folders: an SD base pipeline, an SD-VAE upsampler, a BoostPipeline, a pixel-space upsampler."""
+    root = tmp_path_factory.mktemp("models")
+    parts = random_sd_components("tiny")
+    base = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    base.save_pretrained(root / "base")
+    upsampler = tiny_upsampler(DiffusersAutoencoder(parts["vae"], {"kind": "autoencoder_kl", "path": None}))
+    upsampler.save_pretrained(root / "upsampler")
+    BoostPipeline.from_base(base, upsampler).save_pretrained(root / "boost")
+    tiny_upsampler(IdentityAutoencoder(), "bicubic").save_pretrained(root / "pixel")
+    return root
+
+
+def error_line(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"fmboost {argv[0]}: error: ")
+    return err.splitlines()[-1]
+
+
+def test_generate_from_base_and_upsampler(saved, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    argv = ["generate", "a cat", "-o", str(out), "--base", str(saved / "base"), "--upsampler", str(saved / "upsampler")]
+    assert main(argv + FAST) == 0
+    assert PIL.Image.open(out).size == (128, 128) and "NFE 2" in capsys.readouterr().out
+
+
+def test_generate_from_boost_pipeline_folder_with_options(saved, tmp_path):
+    out = tmp_path / "cat.png"
+    assert main(["generate", "a cat", "-o", str(out), "--base", str(saved / "boost"), "--solver", "heun",
+                 "--schedule", "cosine", "--seed", "3", "--cascade", "2", "--tiled"] + FAST) == 0
+    assert PIL.Image.open(out).size == (256, 256)
+
+
+def test_upscale_any_size_with_compare(saved, tmp_path, capsys):
+    source = tmp_path / "in.png"
+    PIL.Image.new("RGB", (37, 21), (200, 30, 30)).save(source)  # pixel space: any size works
+    out = tmp_path / "out.png"
+    assert main(["upscale", str(source), "-o", str(out), "--upsampler", str(saved / "pixel"), "--compare"]) == 0
+    assert PIL.Image.open(out).size == (74, 42)
+    assert PIL.Image.open(tmp_path / "out_compare.png").size == (148, 42)
+    assert "centre-cropped" not in capsys.readouterr().out
+
+
+def test_upscale_with_sd_vae_boost_pipeline(saved, tmp_path, capsys):
+    source = tmp_path / "in.png"
+    PIL.Image.new("RGB", (45, 27), (10, 120, 30)).save(source)  # SD VAE: centre-cropped to multiples of 8
+    out = tmp_path / "out.jpg"
+    assert main(["upscale", str(source), "-o", str(out), "--upsampler", str(saved / "boost")]) == 0
+    assert PIL.Image.open(out).size == (80, 48)
+    assert "centre-cropped 45x27 to 40x24" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line(saved, tmp_path, capsys):
+    out = str(tmp_path / "x.png")
+    err = error_line(capsys, ["generate", "a cat", "-o", out, "--base", str(saved / "base"),
+                              "--upsampler", str(tmp_path / "missing")])
+    assert "upsampler folder" in err and "not found" in err and "boost_config.json" in err
+    err = error_line(capsys, ["generate", "a cat", "-o", out, "--base", str(saved / "base")])
+    assert "--upsampler DIR is required" in err
+    err = error_line(capsys, ["generate", "a cat", "-o", out, "--base", str(tmp_path),
+                              "--upsampler", str(saved / "upsampler")])
+    assert "no model_index.json" in err
+    err = error_line(capsys, ["generate", "a cat", "-o", out, "--base", "nobody/no-such-model-xyz",
+                              "--upsampler", str(saved / "upsampler")])
+    assert "could not load base pipeline 'nobody/no-such-model-xyz'" in err and "save_pretrained" in err
+    err = error_line(capsys, ["upscale", str(tmp_path / "none.png"), "-o", out, "--upsampler", str(saved / "pixel")])
+    assert "not found" in err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    err = error_line(capsys, ["upscale", str(tmp_path / "none.png"), "-o", out, "--upsampler", str(tmp_path)])
+    assert "not found" in err  # the input image is checked first
+    source = tmp_path / "in.png"
+    PIL.Image.new("RGB", (16, 16)).save(source)
+    err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(tmp_path / "broken")])
+    assert "has no boost_config.json" in err
+    (tmp_path / "broken" / "boost_config.json").write_text((saved / "pixel" / "boost_config.json").read_text())
+    (tmp_path / "broken" / "config.json").write_text((saved / "pixel" / "config.json").read_text())
+    err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(tmp_path / "broken")])
+    assert "could not load the upsampler" in err  # weights file missing
+    err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(saved / "pixel"),
+                              "--dtype", "float16", "--device", "cpu"])
+    assert "needs a GPU" in err
