@@ -14,6 +14,8 @@ import sys
 # name -> (module with `add_arguments(parser)` and `run(args)`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("fmboost.pipelines.info", "print versions, device and which optional assets are found"),
+    "train": ("fmboost.train.cli_train", "train a CFM upsampler from a YAML config (as train/cfm_upsampler.py)"),
+    "demo": ("fmboost.train.demo", "train a small upsampler offline on CPU in minutes and compare it with bicubic"),
     "generate": ("fmboost.pipelines.generate", "text → 256² base image → CFM upsampler → high-resolution image"),
     "upscale": ("fmboost.pipelines.upscale", "super-resolve an image with a CFM upsampler (--compare: vs bicubic)"),
     "bench": ("fmboost.eval.bench", "time boosted vs direct generation (pipeline), samplers (sampler), training"),

@@ -1,0 +1,32 @@
+"""Tiny training setups: a few random 24² PNGs, pixel space, a 2-level UNet without attention."""
+
+import numpy as np
+import pytest
+from fmboost.train.config import load_config
+from PIL import Image
+
+TINY = dict(resolution=16, crop_size=16, scale=4, model_preset="tiny", block_out_channels=[8, 16], layers_per_block=1,
+            train_batch_size=2, crops_per_image=1, num_validation_images=1, max_train_steps=4, checkpointing_steps=2,
+            validation_steps=2, learning_rate=1e-2, lr_warmup_steps=0, ema_decay=0.9, latent_stats_images=4)
+
+
+def write_images(folder, count: int = 6, size: int = 24, seed: int = 0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    return write_images(tmp_path / "images")
+
+
+@pytest.fixture
+def tiny_config(tmp_path, image_dir):
+    """tiny_config(**overrides) → a TrainConfig writing to tmp_path/<output_name>."""
+    def make(output_name: str = "run", **overrides):
+        return load_config(None, {**TINY, "train_data_dir": str(image_dir), "output_dir": str(tmp_path / output_name),
+                                  **overrides})
+    return make

@@ -1,0 +1,94 @@
+"""Resume at the exact step after a kill, and atomic checkpoints under `kill -9` during a save."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fmboost.train import checkpoint as ckpt
+from fmboost.train.cfm_upsampler import train
+from safetensors.torch import load_file
+
+ENTRY = Path(__file__).resolve().parents[2] / "train" / "cfm_upsampler.py"
+
+
+def run_entry(config, fault: str | None = None, **overrides) -> subprocess.CompletedProcess:
+    """The accelerate entry script in a subprocess, with the config as --key value overrides."""
+    args = []
+    for key, value in {**config.to_dict(), **overrides}.items():
+        if value is not None:
+            args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if fault:
+        env[ckpt.FAULT_ENV] = fault
+    return subprocess.run([sys.executable, str(ENTRY), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    name = "model.safetensors" if (folder / "model.safetensors").is_file() else "diffusion_pytorch_model.safetensors"
+    return load_file(folder / name)
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.fixture
+def reference(tiny_config):
+    """An uninterrupted 4-step run (in-process: `fmboost train` runs the same code)."""
+    torch.set_num_threads(1)
+    config = tiny_config("reference")
+    train(config)
+    return Path(config.output_dir)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tiny_config, reference):
+    config = tiny_config("killed")
+    killed = run_entry(config, fault="kill_after_step:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    out = Path(config.output_dir)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]
+    assert not (out / "upsampler").exists()
+    resumed = run_entry(config, resume_from_checkpoint="latest")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    state = json.loads((out / "checkpoint-4" / ckpt.TRAINER_STATE).read_text())
+    assert state == json.loads((reference / "checkpoint-4" / ckpt.TRAINER_STATE).read_text())
+    assert state["global_step"] == 4
+    assert_same_weights(weights(out / "checkpoint-4"), weights(reference / "checkpoint-4"))  # training weights
+    assert_same_weights(weights(out / "upsampler"), weights(reference / "upsampler"))  # EMA weights
+
+
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tiny_config, reference):
+    config = tiny_config("killed_in_save")
+    killed = run_entry(config, fault="kill_during_save:4")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    out = Path(config.output_dir)
+    assert (out / f"{ckpt.TMP_PREFIX}4").is_dir()  # the half-finished save is there ...
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-2"]  # ... but never taken for a checkpoint
+    train(config.__class__(**{**config.to_dict(), "resume_from_checkpoint": "latest"}))
+    assert not (out / f"{ckpt.TMP_PREFIX}4").exists()  # cleaned up on start
+    assert_same_weights(weights(out / "checkpoint-4"), weights(reference / "checkpoint-4"))
+
+
+def test_total_limit_keeps_newest(tiny_config):
+    config = tiny_config("limited", max_train_steps=6, checkpoints_total_limit=2, validation_steps=100)
+    train(config)
+    assert [p.name for p in ckpt.list_checkpoints(config.output_dir)] == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_resolve_checkpoint(tmp_path):
+    assert ckpt.resolve_checkpoint(tmp_path, "latest") is None
+    assert ckpt.resolve_checkpoint(tmp_path, None) is None
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-10" / ckpt.TRAINER_STATE).write_text("{}")
+    (tmp_path / "checkpoint-9").mkdir()  # incomplete: no trainer state
+    assert ckpt.resolve_checkpoint(tmp_path, "latest").name == "checkpoint-10"
+    with pytest.raises(FileNotFoundError, match="checkpoint-9"):
+        ckpt.resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-9"))

@@ -1,0 +1,61 @@
+"""Pairs, bad-image skipping, the sample-photo source."""
+
+import pytest
+import torch
+from fmboost.train.config import load_config
+from fmboost.train.data import PairDataset, image_records, make_pair, split_records, validation_pairs
+from PIL import Image
+
+from .conftest import write_images
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path, tiny_config):
+    folder = write_images(tmp_path / "mixed", count=4)
+    good = (folder / "00.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])  # corrupt
+    Image.new("RGB", (8, 8)).save(folder / "tiny.png")  # smaller than resolution 16
+    Image.new("L", (24, 24), 128).save(folder / "grey.png")  # not RGB: converted, kept
+    config = tiny_config(train_data_dir=str(folder))
+    with pytest.warns(UserWarning, match=r"skipped 2 of 7 images") as caught:
+        train, val = split_records(image_records(config), config)
+    message = str(caught[0].message)
+    assert "truncated.png (unreadable" in message and "tiny.png (too small: 8x8)" in message
+    kept = train + val
+    assert {r.name for r in kept} == {"00.png", "01.png", "02.png", "03.png", "grey.png"}
+    grey = PairDataset([r for r in kept if r.name == "grey.png"], config)[0]
+    assert grey["hr"].shape == (3, 16, 16) and grey["lr"].shape == (3, 4, 4)
+    assert torch.allclose(grey["hr"], torch.full_like(grey["hr"], 128 / 127.5 - 1), atol=1e-2)  # L → RGB, values kept
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, tiny_config):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "small.png")
+    config = tiny_config(train_data_dir=str(folder))
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="no training images"):
+        split_records(image_records(config), config)
+
+
+def test_pairs_are_aligned_crops_of_the_downsampled_image(tiny_config):
+    config = tiny_config(resolution=32, crop_size=16)
+    hr_image = torch.linspace(-1, 1, 32).repeat(3, 32, 1)  # a horizontal ramp: crops differ by position
+    pair = make_pair(hr_image, config, torch.Generator().manual_seed(3), flip=False)
+    low = torch.nn.functional.interpolate(hr_image[None], scale_factor=0.25, mode="bicubic", antialias=True)[0]
+    left = int(((pair["hr"][0, 0, 0] + 1) / 2 * 31).round())
+    assert left % 4 == 0
+    torch.testing.assert_close(pair["lr"], low[:, :4, left // 4:left // 4 + 4].clamp(-1, 1))
+
+
+def test_validation_pairs_are_fixed(tiny_config):
+    config = tiny_config()
+    records = image_records(config)[:2]
+    a, b = validation_pairs(records, config, 16, 2), validation_pairs(records, config, 16, 2)
+    assert a["hr"].shape == (4, 3, 16, 16) and a["lr"].shape == (4, 3, 4, 4)
+    assert torch.equal(a["hr"], b["hr"])
+
+
+def test_sample_photos_source():
+    config = load_config(None, {"dataset_name": "sample_photos", "resolution": 0, "crop_size": 32})
+    records = image_records(config)
+    assert len(records) >= 7
+    assert records[0].open().mode == "RGB"

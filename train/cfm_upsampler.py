@@ -1,0 +1,276 @@
+"""Train a CFM upsampler: `accelerate launch train/cfm_upsampler.py --config configs/X.yaml [--key value ...]`.
+
+The same code runs as `fmboost train --config X.yaml` (single process, in-process) and unchanged on
+CPU, one GPU or many through Accelerate. One step reads images (or cached latents) → latents →
+coupling → CFM loss → optimizer step → EMA; see `train_step`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, load_first_stage
+from fmboost.train import checkpoint as ckpt
+from fmboost.train.config import TrainConfig, load_config
+from fmboost.train.data import EpochSampler, PairDataset, image_records, split_records, validation_pairs
+from fmboost.train.latent_cache import CachedLatentDataset, build_or_load, encode_batch, training_latent_stats
+from fmboost.train.validation import validate
+from tqdm.auto import tqdm
+
+# Tests set FMBOOST_FAULT_INJECT=kill_after_step:<n> to SIGKILL the run right after step n.
+KILL_AFTER = "kill_after_step:"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; the run stops and the last checkpoint stays as it was."""
+
+
+@dataclass
+class StepOutput:
+    loss: float
+    grad_norm: float | None  # only on steps that update the weights
+
+
+def batch_latents(batch: dict, first_stage: FirstStage, flow: CouplingFlowMatcher) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x1, cond), each (B, C, H, W): read from the latent cache, or encoded from the image pair."""
+    if "hr_latent" in batch:
+        return batch["hr_latent"], batch["cond"]
+    return encode_batch(batch, first_stage, flow)
+
+
+def train_step(batch: dict, model, ema: EMAModel | None, first_stage: FirstStage, flow: CouplingFlowMatcher,
+               optimizer, lr_scheduler, accelerator: Accelerator, config: TrainConfig, step: int) -> StepOutput:
+    """One micro-batch: image → latents → coupling → loss → backward; on accumulation boundaries also
+    clip, step the optimizer and LR schedule, and update the EMA."""
+    x1, cond = batch_latents(batch, first_stage, flow)
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            loss = flow.loss(model, x1, cond)  # samples t and x0 = noise-augmented cond inside
+        losses = accelerator.gather(loss.detach()[None])
+        if not bool(torch.isfinite(losses).all()):
+            raise NonFiniteLossError(f"non-finite loss {losses.tolist()} at step {step + 1}; stopping. The last "
+                                     f"checkpoint in {config.output_dir} is untouched (lower learning_rate, or "
+                                     "use mixed_precision: no / bf16)")
+        accelerator.backward(loss)
+        grad_norm = None
+        if accelerator.sync_gradients:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    if accelerator.sync_gradients and ema is not None:
+        ema.step(model.parameters())
+    return StepOutput(losses.mean().item(), None if grad_norm is None else float(grad_norm))
+
+
+def build_first_stage(config: TrainConfig, device: torch.device) -> FirstStage:
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision) \
+        if config.first_stage in ("autoencoder_kl", "autoencoder_tiny") and device.type == "cuda" else None
+    first_stage = load_first_stage(config.first_stage, config.first_stage_path, config.first_stage_subfolder, dtype)
+    return first_stage.to(device).eval().requires_grad_(False)
+
+
+def build_model(config: TrainConfig, latent_channels: int) -> CFMUNet:
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k in ("block_out_channels", "layers_per_block",
+                 "attention_levels") if (v := getattr(config, k)) is not None}
+    if "block_out_channels" in overrides and "attention_levels" not in overrides:  # no attention unless asked
+        overrides["attention_levels"] = tuple(False for _ in overrides["block_out_channels"])
+    model = CFMUNet.from_preset(config.model_preset, latent_channels=latent_channels, **overrides)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    return model
+
+
+def build_optimizer(config: TrainConfig, model: torch.nn.Module, num_processes: int = 1):
+    """AdamW + a diffusers schedule (warm-up, then `lr_scheduler`); the scheduler is stepped by every process."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * num_processes,
+                                 num_training_steps=config.max_train_steps * num_processes)
+    return optimizer, lr_scheduler
+
+
+def build_dataset(config: TrainConfig, records, first_stage: FirstStage, flow: CouplingFlowMatcher,
+                  accelerator: Accelerator):
+    """Training dataset (cached latents or on-the-fly image pairs); sets the first stage's latent stats."""
+    if config.use_latent_cache:
+        cache_dir = config.latent_cache_dir or str(Path(config.output_dir) / "latent_cache")
+        cache = None
+        if accelerator.is_main_process:
+            cache = build_or_load(records, config, first_stage, flow, cache_dir)
+        accelerator.wait_for_everyone()
+        if not accelerator.is_main_process:  # the main process wrote it: this is a hit now
+            cache = build_or_load(records, config, first_stage, flow, cache_dir)
+        status = "hit" if cache.hit else f"built, encoding {cache.encode_samples_per_second:.2f} samples/s"
+        accelerator.print(f"latent cache {status}: {cache.num_samples} samples in {cache.path}")
+        return CachedLatentDataset(cache, config), cache
+    mean, std = training_latent_stats(records, config, first_stage)
+    first_stage.set_latent_stats(mean, std)
+    return PairDataset(records, config), None
+
+
+def tracker_config(config: TrainConfig) -> dict:
+    """TensorBoard hparams accept only scalars and strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
+
+
+def train(config: TrainConfig) -> Path:
+    """Run the whole training; returns the saved Upsampler folder."""
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to in (None, "none") else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / config.logging_dir)))
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(output_dir)
+    train_records, val_records = split_records(image_records(config), config)
+    first_stage, flow = build_first_stage(config, accelerator.device), config.flow()
+    dataset, _ = build_dataset(config, train_records, first_stage, flow, accelerator)
+    if len(dataset) < config.train_batch_size:
+        raise ValueError(f"{len(dataset)} training samples < train_batch_size {config.train_batch_size}; "
+                         "raise crops_per_image or add images")
+    val_pairs = validation_pairs(val_records, config, config.crop_size, 1) if val_records else None
+
+    model = build_model(config, first_stage.latent_channels)
+    optimizer, lr_scheduler = build_optimizer(config, model, accelerator.num_processes)
+    sampler = EpochSampler(dataset, config.seed)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
+                                             drop_last=True, num_workers=config.dataloader_num_workers,
+                                             generator=torch.Generator().manual_seed(config.seed))
+    # ^ its own generator: creating an epoch's iterator must not draw from the global RNG, whose state
+    #   the checkpoints restore (else a resumed run would see different noise)
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    ema = None
+    if config.use_ema:
+        ema = EMAModel(model.parameters(), decay=config.ema_decay, model_cls=CFMUNet,
+                       model_config=accelerator.unwrap_model(model).config)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    state = ckpt.TrainerState(0, 0, 0)
+    resume = ckpt.resolve_checkpoint(output_dir, config.resume_from_checkpoint)
+    if resume is not None:
+        state = ckpt.load_checkpoint(accelerator, resume)
+        accelerator.step = state.global_step * config.gradient_accumulation_steps
+        accelerator.print(f"resumed from {resume} at step {state.global_step}")
+    accelerator.init_trackers("fmboost", config=tracker_config(config))
+    final = run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
+                     state, val_pairs)
+    return save_upsampler(config, accelerator, model, ema, first_stage, flow, final)
+
+
+def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
+             state: ckpt.TrainerState, val_pairs) -> ckpt.TrainerState:
+    """Epochs of `train_step` until `max_train_steps`, with logging, validation and checkpoints."""
+    fault = os.environ.get(ckpt.FAULT_ENV, "")
+    progress = tqdm(total=config.max_train_steps, initial=state.global_step, desc="train",
+                    disable=not accelerator.is_local_main_process)
+    samples = config.train_batch_size * accelerator.num_processes
+    start, samples_done = time.perf_counter(), 0
+    model.train()
+    while state.global_step < config.max_train_steps:
+        if state.batches_in_epoch >= len(dataloader):  # a checkpoint at the very end of an epoch
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        dataloader.set_epoch(state.epoch)  # the loader re-applies its epoch to the sampler and dataset
+        epoch_loader = accelerator.skip_first_batches(dataloader, state.batches_in_epoch) \
+            if state.batches_in_epoch else dataloader
+        epoch_loader.set_epoch(state.epoch)
+        for batch in epoch_loader:
+            out = train_step(batch, model, ema, first_stage, flow, optimizer, lr_scheduler, accelerator, config,
+                             state.global_step)
+            state.batches_in_epoch += 1
+            samples_done += samples
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            rate = samples_done / (time.perf_counter() - start)
+            logs = {"loss": out.loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_second": rate}
+            if out.grad_norm is not None:
+                logs["grad_norm"] = out.grad_norm
+            progress.update(1)
+            progress.set_postfix(loss=f"{out.loss:.4f}", samples_s=f"{rate:.1f}")
+            accelerator.log(logs, step=state.global_step)
+            if state.global_step % config.checkpointing_steps == 0 or state.global_step == config.max_train_steps:
+                ckpt.save_checkpoint(accelerator, config.output_dir, state, config.checkpoints_total_limit)
+            if val_pairs is not None and (state.global_step % config.validation_steps == 0
+                                          or state.global_step == config.max_train_steps):
+                run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, state.global_step)
+            if fault == f"{KILL_AFTER}{state.global_step}":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if state.global_step >= config.max_train_steps:
+                break
+        else:
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+    progress.close()
+    return state
+
+
+def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, step: int) -> None:
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    if ema is not None:  # validate the EMA weights, then put the training weights back
+        ema.store(unwrapped.parameters())
+        ema.copy_to(unwrapped.parameters())
+    result = validate(unwrapped, first_stage, flow, val_pairs, config.sampler(), step, config.output_dir, config.seed)
+    if ema is not None:
+        ema.restore(unwrapped.parameters())
+    accelerator.log({"val_psnr": result.psnr, "val_ssim": result.ssim}, step=step)
+    tqdm.write(f"step {step}: validation PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f} → {result.grid}")
+
+
+def save_upsampler(config, accelerator, model, ema, first_stage, flow, state) -> Path:
+    """The (EMA) weights as an `Upsampler` folder: CFMUNet + boost_config.json (incl. latent stats)."""
+    accelerator.wait_for_everyone()
+    target = Path(config.output_dir) / "upsampler"
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(unwrapped.parameters())
+        Upsampler(unwrapped, first_stage, flow, config.scale, config.sampler()).save_pretrained(target)
+        accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}")
+    accelerator.end_training()
+    return target
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="flat YAML config (keys = fmboost.train.config.TrainConfig fields)")
+    args, overrides = parser.parse_known_args(argv)
+    return load_config(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        train(config)
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Training configuration: one flat YAML file → one frozen dataclass, plus `--key value` overrides.
+
+Every YAML key is a `TrainConfig` field; an unknown key or a value of the wrong type is a
+`ValueError` that names the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import yaml
+from fmboost.models import FIRST_STAGES, PRESETS, CouplingFlowMatcher
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # ---- data: pairs are made on the fly, high-res at `resolution` → low-res by ÷`scale`
+    train_data_dir: str | list | None = None  # an image folder (datasets' imagefolder), or a list of them
+    dataset_name: str | None = None  # a Hugging Face dataset (hub id or local path), or "sample_photos"
+    image_column: str = "image"
+    resolution: int = 1024  # square high-res image side; 0 keeps the native size (no resize)
+    crop_size: int = 256  # high-res patch side (patch training); == resolution trains on whole images
+    scale: int = 4
+    center_crop: bool = False  # the square `resolution` crop of each image: centred, else random
+                               # (patches inside it are always at random aligned positions)
+    random_flip: bool = True
+    num_validation_images: int = 2  # the last N valid images are held out as the fixed validation split
+    max_train_samples: int | None = None  # use only the first N training images (quick runs, benchmarks)
+    dataloader_num_workers: int = 0
+    # ---- latent cache: first-stage latents computed once, read by later epochs and runs
+    use_latent_cache: bool = False
+    latent_cache_dir: str | None = None  # default: <output_dir>/latent_cache
+    crops_per_image: int = 8  # how many patches of each image the cache holds
+    latent_stats_images: int = 32  # training patches used for the per-channel latent statistics
+    # ---- first stage and network
+    first_stage: str = "identity"
+    first_stage_path: str | None = None
+    first_stage_subfolder: str | None = None
+    model_preset: str = "small"
+    block_out_channels: list | None = None  # overrides of the preset
+    layers_per_block: int | None = None
+    attention_levels: list | None = None  # one bool per level; default with block_out_channels: none
+    gradient_checkpointing: bool = False
+    # ---- the method (CouplingFlowMatcher fields)
+    upsample: str = "psu"
+    noising_step: int = 400
+    noise_sigma: float | None = None
+    source: str = "coupling"
+    objective: str = "cfm"
+    time_sampling: str = "uniform"
+    logit_normal_mu: float = 0.0
+    logit_normal_std: float = 1.0
+    # ---- sampler defaults (validation and the saved Upsampler)
+    solver: str = "euler"
+    num_inference_steps: int = 4
+    schedule: str = "linear"
+    # ---- optimisation
+    output_dir: str = "runs/cfm_upsampler"
+    seed: int = 0
+    train_batch_size: int = 8
+    max_train_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 100
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    use_ema: bool = True
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"
+    allow_tf32: bool = False
+    # ---- bookkeeping
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
+    validation_steps: int = 500
+    report_to: str | None = None  # "tensorboard", "wandb", "all" or none
+    logging_dir: str = "logs"
+
+    def __post_init__(self):
+        _check_types(self)
+        choices = {"first_stage": FIRST_STAGES, "model_preset": tuple(PRESETS), "mixed_precision": MIXED_PRECISIONS}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        for key in ("scale", "crop_size", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+                    "checkpointing_steps", "validation_steps", "crops_per_image", "num_inference_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.crop_size % self.scale:
+            raise ValueError(f"crop_size {self.crop_size} must be a multiple of scale {self.scale}")
+        if self.resolution and (self.resolution % self.scale or self.crop_size > self.resolution):
+            raise ValueError(f"resolution {self.resolution} must be a multiple of scale and >= crop_size")
+        if (self.train_data_dir is None) == (self.dataset_name is None):
+            raise ValueError("give exactly one of train_data_dir and dataset_name")
+        self.flow()  # validates upsample, noising_step, objective, time_sampling, ...
+
+    def flow(self) -> CouplingFlowMatcher:
+        return CouplingFlowMatcher(upsample=self.upsample, noising_step=self.noising_step,
+                                   noise_sigma=self.noise_sigma, source=self.source, objective=self.objective,
+                                   time_sampling=self.time_sampling, logit_normal_mu=self.logit_normal_mu,
+                                   logit_normal_std=self.logit_normal_std)
+
+    def sampler(self) -> dict:
+        return {"solver": self.solver, "num_steps": self.num_inference_steps, "schedule": self.schedule}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(TrainConfig))
+
+
+def _allowed_types(annotation) -> tuple[type, ...]:
+    """`int | None` → (int, NoneType); floats also accept ints (YAML writes 1e-4 as a float, 1 as an int)."""
+    hint = typing.get_type_hints(TrainConfig)[annotation]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    allowed = tuple(typing.get_origin(a) or a for a in args)
+    return allowed + ((int,) if float in allowed else ())
+
+
+def _check_types(config: TrainConfig) -> None:
+    for f in fields(config):
+        value, allowed = getattr(config, f.name), _allowed_types(f.name)
+        wrong_bool = isinstance(value, bool) and bool not in allowed  # bool is an int subclass
+        if wrong_bool or not isinstance(value, allowed):
+            names = " or ".join("null" if a is type(None) else a.__name__ for a in allowed)
+            raise ValueError(f"config key {f.name!r} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
+    values = dict(values)
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {source}; see fmboost.train.config.TrainConfig for the keys")
+    for key, value in values.items():  # YAML 1.1 reads "3e-4" (no dot) as a string: accept it as a float
+        if isinstance(value, str) and float in _allowed_types(key):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                pass  # reported with the key by the type check
+    return TrainConfig(**values)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['--key', 'value', '--flag=value', ...] → {key: YAML-parsed value} ('--key' alone means true)."""
+    values, i = {}, 0
+    while i < len(overrides):
+        token = overrides[i]
+        if not token.startswith("--"):
+            raise ValueError(f"expected --key value, got {token!r}")
+        key, _, value = token[2:].partition("=")
+        if not value:
+            if i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+                value, i = overrides[i + 1], i + 1
+            else:
+                value = "true"
+        key, parsed = key.replace("-", "_"), yaml.safe_load(value)
+        if key in _FIELD_NAMES and str in _allowed_types(key) and not isinstance(parsed, _allowed_types(key)):
+            parsed = value  # e.g. `--mixed_precision no`: YAML would read a bool
+        values[key] = parsed
+        i += 1
+    return values
+
+
+def add_config_arguments(parser) -> None:
+    """One `--<key> VALUE` option per config field (values parsed like YAML), for command lines."""
+    group = parser.add_argument_group("config overrides (any TrainConfig key; YAML values)")
+    for f in fields(TrainConfig):
+        group.add_argument(f"--{f.name}", dest=f"override_{f.name}", metavar="VALUE", default=argparse.SUPPRESS)
+
+
+def overrides_from_args(args) -> list[str]:
+    """The `--key value` tokens given through `add_config_arguments`, for `load_config`."""
+    tokens = []
+    for key, value in vars(args).items():
+        if key.startswith("override_"):
+            tokens += [f"--{key[len('override_'):]}", value]
+    return tokens
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None,
+                base: dict | None = None) -> TrainConfig:
+    """`base` dict, then the YAML file at `path`, then `overrides` (CLI tokens or a dict), later wins."""
+    values = dict(base or {})
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} must hold a flat mapping of keys to values")
+        unknown = sorted(set(loaded) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in {path}; see fmboost.train.config.TrainConfig for the keys")
+        values.update(loaded)
+    if overrides:
+        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+    return config_from_dict(values, str(path or "config"))
+
+
+def with_overrides(config: TrainConfig, **changes) -> TrainConfig:
+    return replace(config, **changes)

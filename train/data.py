@@ -1,0 +1,222 @@
+"""Training pairs made on the fly: a high-res image at `resolution` and its antialiased ÷`scale` version.
+
+Patch training: both are cropped at aligned positions (a `crop_size`² high-res patch ↔ the matching
+(`crop_size`/`scale`)² low-res patch), so small machines train a fully convolutional UNet on patches
+of the full-resolution regime. The low-res patch is cut from the down-sampled *whole* image, exactly
+as a low-res generator's output would be, rather than down-sampling the patch.
+
+Images come from an image folder (`train_data_dir`, loaded with `datasets`' imagefolder), a
+`datasets` dataset (`dataset_name` + `image_column`) or the photos shipped in installed wheels
+(`dataset_name: sample_photos`). Unreadable, corrupt or too-small images are skipped and counted in
+one warning; an empty result is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import TrainConfig
+from .sample_photos import SAMPLE_PHOTOS, sample_photo_path
+
+SAMPLE_PHOTOS_NAME = "sample_photos"
+
+
+@dataclass
+class ImageRecord:
+    """One usable image: a stable name (for cache keys) and a loader returning an RGB PIL image."""
+
+    name: str
+    data: bytes | str  # encoded bytes or a file path
+
+    def open(self) -> Image.Image:
+        source = io.BytesIO(self.data) if isinstance(self.data, bytes) else self.data
+        with Image.open(source) as image:
+            return image.convert("RGB")  # grey, palette, RGBA, CMYK → RGB
+
+
+def _records_from_dataset(config: TrainConfig) -> list[ImageRecord]:
+    import datasets
+
+    if config.train_data_dir is not None:
+        folders = [config.train_data_dir] if isinstance(config.train_data_dir, str) else config.train_data_dir
+        for folder in folders:
+            if not Path(folder).is_dir():
+                raise FileNotFoundError(f"train_data_dir {folder!r} is not a folder")
+        # data_files names the split: `data_dir` alone infers splits from file names ("..._test_...")
+        parts = [datasets.load_dataset("imagefolder", data_files={"train": str(Path(folder) / "**")}, split="train")
+                 for folder in folders]
+        dataset, column = datasets.concatenate_datasets(parts), "image"
+    else:
+        dataset, column = datasets.load_dataset(config.dataset_name, split="train"), config.image_column
+    if column not in dataset.column_names:
+        raise ValueError(f"image_column {column!r} not in the dataset's columns {dataset.column_names}")
+    dataset = dataset.cast_column(column, datasets.Image(decode=False))  # decode ourselves: skip bad files
+    records = []
+    for i, item in enumerate(dataset[column]):
+        data = item["bytes"] if item.get("bytes") else item["path"]
+        records.append(ImageRecord(Path(item["path"]).name if item.get("path") else f"{i:08d}", data))
+    return records
+
+
+def image_records(config: TrainConfig) -> list[ImageRecord]:
+    """All images of the configured source, in a fixed order."""
+    if config.dataset_name == SAMPLE_PHOTOS_NAME:
+        return [ImageRecord(name, str(sample_photo_path(name))) for name in SAMPLE_PHOTOS]
+    return _records_from_dataset(config)
+
+
+def prepare_image(image: Image.Image, config: TrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PIL image → high-res (3, R, R) in [-1, 1]: short side resized to `resolution`, square crop
+    (random with `generator`, else centred). `resolution: 0` keeps the native size, cropped to a
+    multiple of `scale`."""
+    if config.resolution:
+        w, h = image.size
+        ratio = config.resolution / min(w, h)
+        image = image.resize((max(config.resolution, round(w * ratio)), max(config.resolution, round(h * ratio))),
+                             Image.Resampling.BICUBIC, reducing_gap=None)
+    x = torch.from_numpy(np.array(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    H, W = x.shape[-2:]
+    size = (config.resolution, config.resolution) if config.resolution else (H - H % config.scale, W - W % config.scale)
+    top, left = _crop_origin((H, W), size, 1, generator)
+    return x[:, top:top + size[0], left:left + size[1]]
+
+
+def _crop_origin(full: tuple[int, int], size: tuple[int, int], step: int,
+                 generator: torch.Generator | None) -> tuple[int, int]:
+    """Top-left corner (multiples of `step`) of a `size` crop of `full`: random, or centred when no generator."""
+    slots = [(f - s) // step for f, s in zip(full, size)]
+    if generator is None:
+        return tuple(n // 2 * step for n in slots)
+    return tuple(int(torch.randint(n + 1, (1,), generator=generator)) * step for n in slots)
+
+
+def downsample(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """Antialiased bicubic ÷scale of (B, 3, H, W) in [-1, 1] (the low-res generator's stand-in)."""
+    return F.interpolate(images, scale_factor=1 / scale, mode="bicubic", antialias=True).clamp(-1, 1)
+
+
+def make_pair(hr_image: torch.Tensor, config: TrainConfig, generator: torch.Generator | None = None,
+              lr_image: torch.Tensor | None = None, flip: bool = True, crop_size: int | None = None
+              ) -> dict[str, torch.Tensor]:
+    """(3, H, W) high-res image → {"hr": (3, c, c), "lr": (3, c/s, c/s)} aligned patches, random
+    (with `generator`, + random flip if `flip`) or centred. `lr_image`: the image already ÷scale."""
+    s, c = config.scale, crop_size or config.crop_size
+    lr_full = downsample(hr_image[None], s)[0] if lr_image is None else lr_image
+    top, left = _crop_origin(tuple(hr_image.shape[-2:]), (c, c), s, generator)
+    hr = hr_image[:, top:top + c, left:left + c]
+    lr = lr_full[:, top // s:(top + c) // s, left // s:(left + c) // s]
+    if generator is not None and flip and config.random_flip and bool(torch.rand(1, generator=generator) < 0.5):
+        hr, lr = hr.flip(-1), lr.flip(-1)
+    return {"hr": hr, "lr": lr}
+
+
+def split_records(records: list[ImageRecord], config: TrainConfig) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """Usable images → (train, validation): bad ones skipped with a warning, the last N held out."""
+    usable, skipped = [], []
+    for record in records:
+        try:
+            image = record.open()
+            image.load()
+        except Exception as err:  # PIL raises many types for truncated / corrupt files
+            skipped.append(f"{record.name} (unreadable: {type(err).__name__})")
+            continue
+        if min(image.size) < (config.resolution or config.crop_size):
+            skipped.append(f"{record.name} (too small: {image.size[0]}x{image.size[1]})")
+            continue
+        usable.append(record)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} of {len(records)} images: " + ", ".join(skipped[:10])
+                      + (" ..." if len(skipped) > 10 else ""), stacklevel=2)
+    n_val = config.num_validation_images
+    if len(usable) <= n_val:
+        raise ValueError(f"no training images: {len(usable)} usable of {len(records)} "
+                         f"(need more than num_validation_images={n_val}; images must be readable and at least "
+                         f"{config.resolution or config.crop_size} px on the short side)")
+    train = usable[:len(usable) - n_val][:config.max_train_samples]
+    return train, usable[len(usable) - n_val:]
+
+
+def validation_pairs(records: list[ImageRecord], config: TrainConfig, crop_size: int, crops_per_image: int
+                     ) -> dict[str, torch.Tensor]:
+    """The fixed validation set: for each image, `crops_per_image` aligned patches on an even grid of
+    its centred high-res image → {"hr": (N, 3, c, c), "lr": (N, 3, c/s, c/s)}."""
+    hr, lr = [], []
+    for record in records:
+        hr_image = prepare_image(record.open(), config)
+        lr_image = downsample(hr_image[None], config.scale)[0]
+        H, W = hr_image.shape[-2:]
+        if min(H, W) < crop_size:
+            raise ValueError(f"validation image {record.name} ({W}x{H}) is smaller than the crop {crop_size}")
+        columns = max(1, round((crops_per_image * W / H) ** 0.5))
+        rows = -(-crops_per_image // columns)
+        for k in range(crops_per_image):
+            top = (H - crop_size) * (k // columns) // max(rows - 1, 1) // config.scale * config.scale
+            left = (W - crop_size) * (k % columns) // max(columns - 1, 1) // config.scale * config.scale
+            hr.append(hr_image[:, top:top + crop_size, left:left + crop_size])
+            s = config.scale
+            lr.append(lr_image[:, top // s:(top + crop_size) // s, left // s:(left + crop_size) // s])
+    return {"hr": torch.stack(hr), "lr": torch.stack(lr)}
+
+
+def records_fingerprint(records: list[ImageRecord]) -> str:
+    """Hash of the images' names and contents (file size + mtime for paths), for cache keys."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(record.name.encode())
+        if isinstance(record.data, bytes):
+            digest.update(hashlib.sha256(record.data).digest())
+        else:
+            stat = Path(record.data).stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Item i → {"hr", "lr"} patches of image i mod N (`crops_per_image` items per image and epoch).
+    Random crops/flips come from a generator seeded by (seed, epoch, i), so the data of any step is
+    reproducible (exact resume) whatever the number of workers."""
+
+    def __init__(self, records: list[ImageRecord], config: TrainConfig):
+        self.records, self.config, self.epoch = records, config, 0
+
+    def __len__(self) -> int:
+        return len(self.records) * self.config.crops_per_image
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(hash((self.config.seed, self.epoch, index)) % 2 ** 62)
+        image = self.records[index % len(self.records)].open()
+        hr_image = prepare_image(image, self.config, None if self.config.center_crop else generator)
+        return make_pair(hr_image, self.config, generator)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A permutation of the data set seeded by (seed, epoch): the order is a pure function of the epoch.
+
+    `set_epoch` (which Accelerate's data loaders call with their own epoch counter) also sets the
+    dataset's epoch, so the order and the random crops always agree on the epoch."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.size, self.seed, self.epoch = dataset, len(dataset), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
