@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from fmboost.models import CouplingFlowMatcher, FirstStage, compute_latent_stats
+from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .data import ImageRecord, downsample, make_pair, prepare_image, records_fingerprint
@@ -90,8 +91,11 @@ def training_latent_stats(records: list[ImageRecord], config: TrainConfig, first
     """Per-channel mean/std (C,) of the high-res latents of the first `latent_stats_images` patches."""
     def hr_batches():
         patches = (p["hr"] for _, p in zip(range(config.latent_stats_images), cache_patches(records, config)))
-        for batch in _batches(({"hr": p} for p in patches), config.train_batch_size):
-            yield batch["hr"].to(first_stage.latent_mean.device)
+        total = min(config.latent_stats_images, len(records) * config.crops_per_image)
+        with tqdm(total=total, desc="latent statistics", unit="patch") as progress:
+            for batch in _batches(({"hr": p} for p in patches), config.train_batch_size):
+                progress.update(batch["hr"].shape[0])
+                yield batch["hr"].to(first_stage.latent_mean.device)
     return compute_latent_stats(first_stage, hr_batches())
 
 
@@ -116,13 +120,16 @@ def build_or_load(records: list[ImageRecord], config: TrainConfig, first_stage: 
     mean, std = training_latent_stats(records, config, first_stage)
     first_stage.set_latent_stats(mean, std)
     device, start, count, chunks = first_stage.latent_mean.device, time.perf_counter(), 0, []
+    progress = tqdm(total=len(records) * config.crops_per_image, desc="latent cache", unit="patch")
     for index, batch in enumerate(_batches(cache_patches(records, config), config.train_batch_size)):
         x1, cond = encode_batch({k: v.to(device) for k, v in batch.items()}, first_stage, flow)
+        progress.update(x1.shape[0])
         name = f"chunk_{index:06d}.pt"
         chunk = {"hr_latent": x1.cpu(), "cond": cond.cpu()}
         _write_atomic(path / name, lambda p, chunk=chunk: torch.save(chunk, p))
         chunks.append(name)
         count += x1.shape[0]
+    progress.close()
     rate = count / (time.perf_counter() - start)
     meta = {"num_samples": count, "chunks": chunks, "latent_mean": mean.tolist(), "latent_std": std.tolist(),
             "encode_samples_per_second": rate, "settings": config.to_dict()}
