@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from fmboost.eval.metrics import psnr, ssim
 from fmboost.models import CouplingFlowMatcher, FirstStage
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 @dataclass
@@ -50,11 +50,21 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def save_grid(columns: list[torch.Tensor], path: str | Path) -> None:
-    """Columns of (N, 3, H, W) images in [-1, 1] → one PNG, row n = [columns[0][n], columns[1][n], ...]."""
+def save_grid(columns: list[torch.Tensor], labels: list[str], path: str | Path) -> None:
+    """Columns of (N, 3, H, W) images in [-1, 1] → one PNG under a header naming each column;
+    row n = [columns[0][n], columns[1][n], ...]."""
+    if len(labels) != len(columns):
+        raise ValueError(f"got {len(labels)} labels for {len(columns)} columns")
     rows = [np.concatenate([to_uint8(c[n:n + 1])[0] for c in columns], axis=1) for n in range(columns[0].shape[0])]
+    body = Image.fromarray(np.concatenate(rows, axis=0))
+    width = columns[0].shape[-1]
+    grid = Image.new("RGB", (body.width, body.height + 14), "white")
+    grid.paste(body, (0, 14))
+    draw = ImageDraw.Draw(grid)
+    for i, label in enumerate(labels):
+        draw.text((i * width + 2, 1), label, fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    grid.save(path)
 
 
 def validate(model: torch.nn.Module, first_stage: FirstStage, flow: CouplingFlowMatcher, pairs: dict, sampler: dict,
@@ -69,7 +79,7 @@ def validate(model: torch.nn.Module, first_stage: FirstStage, flow: CouplingFlow
     bilinear = F.interpolate(lr, size=hr.shape[-2:], mode="bilinear", align_corners=False).clamp(-1, 1)
     pred, target = (cfm + 1) / 2, (hr + 1) / 2
     grid = Path(output_dir) / "validation" / f"step_{step:07d}.png"
-    save_grid([bilinear, cfm, hr], grid)
+    save_grid([bilinear, cfm, hr], ["bilinear", "CFM", "truth"], grid)
     result = ValidationResult(step, psnr(pred, target).mean().item(),
                               ssim(pred, target).mean().item() if min(hr.shape[-2:]) >= 11 else float("nan"),
                               nfe, str(grid))
