@@ -18,6 +18,7 @@ def test_bench_train_reports_both_modes_side_by_side(tmp_path, image_dir, capsys
     for mode in ("without_cache", "with_cache"):
         assert result[mode]["samples_per_second"] > 0 and result[mode]["steps"] == 2
         assert result[mode]["peak_memory_mb"] > 0
-    assert result["speedup"] == result["with_cache"]["samples_per_second"] / result["without_cache"]["samples_per_second"]
+    with_cache, without = result["with_cache"], result["without_cache"]
+    assert result["speedup"] == with_cache["samples_per_second"] / without["samples_per_second"]
     assert result["latent_shape"] == [3, 16, 16] and result["cache_samples"] == 10
     assert "samples/s" in capsys.readouterr().err
