@@ -59,17 +59,20 @@ def noise_augment(z: torch.Tensor, alpha_bar: float, generator: torch.Generator 
 
 def upsample_latent(lr_latent: torch.Tensor | None, size: tuple[int, int], mode: str = "psu",
                     first_stage: FirstStage | None = None, lr_image: torch.Tensor | None = None) -> torch.Tensor:
-    """Clean up-sampled latent (B, C, H, W) from lr_latent (B, C, h, w) or, for PSU, lr_image (B, 3, h·f, w·f).
+    """Clean up-sampled latent (B, C, H, W) from lr_latent (B, C, h, w) and/or lr_image (B, 3, h·f, w·f).
 
     PSU needs the first stage; it uses `lr_image` (in [-1, 1]) when given — the training data has
-    it, and it avoids a lossy decode — and decodes `lr_latent` otherwise.
+    it, and it avoids a lossy decode — and decodes `lr_latent` otherwise. The latent modes use
+    `lr_latent`, encoding `lr_image` with the first stage when only the image is given.
     """
     if mode not in UPSAMPLE_MODES:
         raise ValueError(f"upsample mode must be one of {list(UPSAMPLE_MODES)}, got {mode!r}")
     H, W = size
     if mode != "psu":
+        if lr_latent is None and lr_image is not None and first_stage is not None:
+            lr_latent = first_stage.encode(lr_image)
         if lr_latent is None or lr_latent.ndim != 4:
-            raise ValueError(f"lr_latent must be (B, C, h, w) for mode {mode!r}")
+            raise ValueError(f"lr_latent must be (B, C, h, w) for mode {mode!r} (or pass lr_image and first_stage)")
         if H % lr_latent.shape[-2] or W % lr_latent.shape[-1]:
             raise ValueError(f"target size {size} must be a multiple of the low-res size {tuple(lr_latent.shape[-2:])}")
         align = dict(align_corners=False) if mode != "nearest" else {}

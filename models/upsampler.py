@@ -85,7 +85,5 @@ class Upsampler:
             if lr_image.shape[-2] % f or lr_image.shape[-1] % f:
                 raise ValueError(f"lr_image size {tuple(lr_image.shape[-2:])} must be a multiple of {f}")
             h, w = lr_image.shape[-2] // f, lr_image.shape[-1] // f
-            if self.flow.upsample != "psu":
-                lr_latent = self.first_stage.encode(lr_image)
         cond = self.flow.condition(lr_latent, (h * self.scale, w * self.scale), self.first_stage, lr_image)
         return self.flow.sample(self.model, cond, generator, **{**self.sampler, **sampler_overrides})

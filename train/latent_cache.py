@@ -82,8 +82,7 @@ def encode_batch(batch: dict[str, torch.Tensor], first_stage: FirstStage, flow: 
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """{"hr": (B, 3, c, c), "lr": (B, 3, c/s, c/s)} images → (x1, cond), each (B, C, c/f, c/f)."""
     x1 = first_stage.encode(batch["hr"])
-    lr_latent = None if flow.upsample == "psu" else first_stage.encode(batch["lr"])
-    return x1, flow.condition(lr_latent, x1.shape[-2:], first_stage, lr_image=batch["lr"])
+    return x1, flow.condition(None, x1.shape[-2:], first_stage, lr_image=batch["lr"])
 
 
 def training_latent_stats(records: list[ImageRecord], config: TrainConfig, first_stage: FirstStage

@@ -37,8 +37,7 @@ def upsample_images(model: torch.nn.Module, first_stage: FirstStage, flow: Coupl
     outputs, nfe = [], 0
     for start in range(0, lr.shape[0], batch_size):
         lr_batch = lr[start:start + batch_size]
-        lr_latent = None if flow.upsample == "psu" else first_stage.encode(lr_batch)
-        cond = flow.condition(lr_latent, size, first_stage, lr_image=lr_batch)
+        cond = flow.condition(None, size, first_stage, lr_image=lr_batch)
         result = flow.sample(model, cond, generator, **sampler)
         outputs.append(first_stage.decode(result.x1.float()))
         nfe = result.nfe

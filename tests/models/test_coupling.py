@@ -47,6 +47,10 @@ def test_latent_upsampling_modes_and_shapes(generator):
         up = upsample_latent(lr, (32, 32), mode)
         assert up.shape == (2, 4, 32, 32)
     assert torch.equal(upsample_latent(lr, (16, 16), "nearest")[:, :, ::2, ::2], lr)
+    # Given only the image, latent modes encode it first (identity first stage: the image itself).
+    image = torch.rand(2, 3, 8, 8, generator=generator) * 2 - 1
+    torch.testing.assert_close(upsample_latent(None, (16, 16), "bilinear", IdentityAutoencoder(), lr_image=image),
+                               upsample_latent(image, (16, 16), "bilinear"))
     with pytest.raises(ValueError, match="upsample mode must be one of"):
         upsample_latent(lr, (16, 16), "lanczos")
     with pytest.raises(ValueError, match="multiple of the low-res size"):
