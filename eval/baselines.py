@@ -1,14 +1,18 @@
 """Super-resolution methods compared by `fmboost eval-sr`, all with one signature.
 
-    method(lr, generator) -> MethodOutput(image, nfe, latent)     lr (B, 3, h, w), image (B, 3, s·h, s·w), [-1, 1]
+    method(lr, hr, generator) -> MethodOutput(image, nfe, latent)   lr (B, 3, h, w), image (B, 3, s·h, s·w), [-1, 1]
 
 Pixel baselines interpolate the low-res image; latent baselines go through a first stage; the
 first-stage ceiling decodes the autoencoder's own high-res latent (no up-sampler can beat it in
 that latent space, so it needs hr); the regression baseline and CFM load trained `Upsampler`s.
+Methods that share a coupling share its conditioning through a `ConditionMemo`: for PSU at 1024²
+it is a full-resolution encode, as slow as the decode, and is computed once per image.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +26,42 @@ from fmboost.models.coupling import upsample_latent
 @dataclass
 class MethodOutput:
     """image: (B, 3, H, W) in [-1, 1]; nfe: network evaluations per image (0 for baselines);
-    latent: the high-res latent the image was decoded from (CFM samples, for distances between samplers)."""
+    latent: the high-res latent the image was decoded from (CFM samples, for distances between samplers);
+    shared_seconds: time of work this method reused from another (the conditioning), added to its s/img so
+    each method is timed as if it ran alone."""
 
     image: torch.Tensor
     nfe: int = 0
     latent: torch.Tensor | None = None
+    shared_seconds: float = 0.0
 
 
 Method = Callable[[torch.Tensor, torch.Tensor, torch.Generator], MethodOutput]
 """method(lr, hr, generator); only the first-stage ceiling may look at hr."""
+
+
+class ConditionMemo:
+    """Conditionings of the current low-res input, keyed by coupling (first-stage config with its latent
+    stats + up-sampling mode); a new input clears it. Holds the input so its identity stays unique."""
+
+    def __init__(self):
+        self._lr: torch.Tensor | None = None
+        self._store: dict[str, tuple[torch.Tensor, float]] = {}
+
+    @staticmethod
+    def key(first_stage: FirstStage, mode: str) -> str:
+        return json.dumps({"first_stage": first_stage.config(), "upsample": mode}, sort_keys=True)
+
+    def get(self, key: str, lr: torch.Tensor, make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """(conditioning, seconds it took when made earlier — 0.0 if made by this call)."""
+        if lr is not self._lr:
+            self._lr, self._store = lr, {}
+        if key in self._store:
+            return self._store[key]
+        start = time.perf_counter()
+        cond = make()
+        self._store[key] = (cond, time.perf_counter() - start)
+        return cond, 0.0
 
 
 def pixel_upsample(lr: torch.Tensor, scale: int, mode: str = "bicubic") -> torch.Tensor:
@@ -46,11 +77,16 @@ def latent_upsample(lr: torch.Tensor, scale: int, first_stage: FirstStage, mode:
     return first_stage.decode(z)
 
 
-def psu_source(lr: torch.Tensor, scale: int, first_stage: FirstStage) -> torch.Tensor:
-    """decode(encode(bicubic(lr))): the PSU coupling's clean source, decoded without a model."""
+def psu_condition(lr: torch.Tensor, scale: int, first_stage: FirstStage) -> torch.Tensor:
+    """encode(bicubic(lr)): the PSU coupling's clean source latent (B, C, s·h/f, s·w/f)."""
     f = first_stage.downsample_factor
     size = (lr.shape[-2] * scale // f, lr.shape[-1] * scale // f)
-    return first_stage.decode(upsample_latent(None, size, "psu", first_stage, lr))
+    return upsample_latent(None, size, "psu", first_stage, lr)
+
+
+def psu_source(lr: torch.Tensor, scale: int, first_stage: FirstStage) -> torch.Tensor:
+    """decode(encode(bicubic(lr))): the PSU coupling's clean source, decoded without a model."""
+    return first_stage.decode(psu_condition(lr, scale, first_stage))
 
 
 def first_stage_ceiling(hr: torch.Tensor, first_stage: FirstStage) -> torch.Tensor:
@@ -67,7 +103,8 @@ def load_regression(directory: str | Path) -> Upsampler:
     return upsampler
 
 
-def baseline_methods(scale: int, first_stage: FirstStage | None) -> dict[str, Method]:
+def baseline_methods(scale: int, first_stage: FirstStage | None, memo: ConditionMemo | None = None
+                     ) -> dict[str, Method]:
     """Pixel bilinear / bicubic always; the latent baselines and the ceiling when a first stage is given."""
     methods: dict[str, Method] = {
         "bilinear": lambda lr, hr, g: MethodOutput(pixel_upsample(lr, scale, "bilinear")),
@@ -75,16 +112,32 @@ def baseline_methods(scale: int, first_stage: FirstStage | None) -> dict[str, Me
     }
     if first_stage is not None:
         methods["latent bilinear"] = lambda lr, hr, g: MethodOutput(latent_upsample(lr, scale, first_stage))
-        methods["PSU source"] = lambda lr, hr, g: MethodOutput(psu_source(lr, scale, first_stage))
+        memo = memo or ConditionMemo()
+        key = ConditionMemo.key(first_stage, "psu")
+
+        def psu(lr: torch.Tensor, hr: torch.Tensor, g: torch.Generator) -> MethodOutput:
+            cond, shared = memo.get(key, lr, lambda: psu_condition(lr, scale, first_stage))
+            return MethodOutput(first_stage.decode(cond), shared_seconds=shared)
+
+        methods["PSU source"] = psu
         methods["first-stage ceiling"] = lambda lr, hr, g: MethodOutput(first_stage_ceiling(hr, first_stage))
     return methods
 
 
-def upsampler_method(upsampler: Upsampler, **sampler_kwargs) -> Method:
-    """An Upsampler (CFM or regression) as a method; sampler_kwargs override its saved sampler."""
+def upsampler_method(upsampler: Upsampler, memo: ConditionMemo | None = None, num_samples: int = 1,
+                     **sampler_kwargs) -> Method:
+    """An Upsampler (CFM or regression) as a method; sampler_kwargs override its saved sampler.
+
+    num_samples > 1 decodes the mean of that many latent samples (an estimate of the posterior mean: higher
+    PSNR, blurrier); its NFE is the total over the samples, and its first sample is the single-sample method's.
+    """
+    memo = memo or ConditionMemo()
+    key = ConditionMemo.key(upsampler.first_stage, upsampler.flow.upsample)
 
     def method(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> MethodOutput:
-        result = upsampler.upsample(lr_image=lr, generator=generator, **sampler_kwargs)
-        return MethodOutput(upsampler.first_stage.decode(result.x1), result.nfe, result.x1)
+        cond, shared = memo.get(key, lr, lambda: upsampler.condition(lr_image=lr))
+        results = [upsampler.sample(cond, generator, **sampler_kwargs) for _ in range(num_samples)]
+        x1 = torch.stack([r.x1 for r in results]).mean(0) if num_samples > 1 else results[0].x1
+        return MethodOutput(upsampler.first_stage.decode(x1), sum(r.nfe for r in results), x1, shared)
 
     return method

