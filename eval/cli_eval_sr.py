@@ -211,7 +211,8 @@ def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, Sample
                                     f"{skipped}\n")
     models = dict.fromkeys(name.split(" ", 1)[0] for name in cfm_names)  # "CFM" or "CFM[label]", in order
     cfm = [next(name for name in cfm_names if name.startswith(f"{model} ")) for model in models]
-    columns = ["low-res", "bicubic", "regression", *(cfm or ["PSU source"]), "ground truth"]
+    fixed = [f"{name} + BP{args.back_project}" for name in cfm] if args.back_project else []
+    columns = ["low-res", "bicubic", "regression", *(cfm or ["PSU source"]), *fixed, "ground truth"]
     plots.comparison_grid(evaluation.grid, columns, out / "grid.png")
     if cfm_names:
         adaptive = tuple(name for name, spec in cfm_names.items() if spec.adaptive)

@@ -225,3 +225,4 @@ def test_baseline_selection_and_back_projected_variants(folders, capsys):
     assert eval_sr(folders, "--baselines", "bicubic,sharpest") == 2
     assert "unknown baseline(s) ['sharpest']" in capsys.readouterr().err
     assert eval_sr(folders, "--back-project", "-1") == 2
+    assert (folders / "out" / "grid.png").stat().st_size > 10_000
