@@ -55,11 +55,16 @@ class DerivedMethod:
     transform: Callable[[MethodOutput, torch.Tensor], MethodOutput]
 
 
+def back_projected_name(base: str, iterations: int) -> str:
+    """The results row of `base` after `iterations` back-projection steps, e.g. 'CFM euler:linear:2 + BP2'."""
+    return f"{base} + BP{iterations}"
+
+
 def back_projected(base: str, iterations: int) -> DerivedMethod:
     """`base` followed by `iterations` steps of low-res back-projection (fmboost.models.consistency)."""
 
     def transform(output: MethodOutput, lr: torch.Tensor) -> MethodOutput:
-        return MethodOutput(back_project(output.image, lr, iterations), output.nfe, None, output.shared_seconds)
+        return MethodOutput(back_project(output.image, lr, iterations), output.nfe)
 
     return DerivedMethod(base, transform)
 

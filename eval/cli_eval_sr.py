@@ -26,6 +26,7 @@ from .baselines import (
     ConditionMemo,
     Method,
     back_projected,
+    back_projected_name,
     baseline_methods,
     load_regression,
     upsampler_method,
@@ -158,11 +159,11 @@ def cfm_methods(upsamplers: dict[str, Upsampler], args: argparse.Namespace, memo
 def run(args: argparse.Namespace) -> int:
     if args.hr_size % args.lr_size:
         raise ValueError(f"--hr-size {args.hr_size} must be a multiple of --lr-size {args.lr_size}")
+    if args.back_project < 0:
+        raise ValueError(f"--back-project must be ≥ 0, got {args.back_project}")
     scale = args.hr_size // args.lr_size
     upsamplers, regression, first_stage = load_models(args, scale)
     memo = ConditionMemo()
-    if args.back_project < 0:
-        raise ValueError(f"--back-project must be ≥ 0, got {args.back_project}")
     methods = baseline_methods(scale, first_stage, memo, [b for b in args.baselines.split(",") if b])
     if regression is not None:
         methods["regression"] = upsampler_method(regression, memo)
@@ -171,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     if args.back_project:
         models = [name for name in methods if name == "regression" or name in cfm]
         for name in models:
-            methods[f"{name} + BP{args.back_project}"] = back_projected(name, args.back_project)
+            methods[back_projected_name(name, args.back_project)] = back_projected(name, args.back_project)
     reference = next((name for name, spec in specs.items() if spec.solver == "dopri5"), None)
 
     networks = MetricNetworks.load(args.lpips_weights, args.inception, args.device, use_fid=not args.no_fid)
@@ -211,7 +212,7 @@ def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, Sample
                                     f"{skipped}\n")
     models = dict.fromkeys(name.split(" ", 1)[0] for name in cfm_names)  # "CFM" or "CFM[label]", in order
     cfm = [next(name for name in cfm_names if name.startswith(f"{model} ")) for model in models]
-    fixed = [f"{name} + BP{args.back_project}" for name in cfm] if args.back_project else []
+    fixed = [back_projected_name(name, args.back_project) for name in cfm] if args.back_project else []
     columns = ["low-res", "bicubic", "regression", *(cfm or ["PSU source"]), *fixed, "ground truth"]
     plots.comparison_grid(evaluation.grid, columns, out / "grid.png")
     if cfm_names:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from fmboost.models.consistency import downsample
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -53,11 +53,11 @@ def load_image(path: str | Path) -> torch.Tensor:
 
 
 def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize of (3, H, W) to (3, *size), antialiased when shrinking, clamped to [-1, 1]."""
+    """Bicubic resize of (3, H, W) to (3, *size), antialiased when shrinking, clamped to [-1, 1]. Shrinking is
+    the degradation D that back-projection (`fmboost.models.consistency`) inverts, so both use one function."""
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    out = F.interpolate(image[None], size=size, mode="bicubic", align_corners=False, antialias=True)
-    return out[0].clamp(-1, 1)
+    return downsample(image[None], tuple(size))[0].clamp(-1, 1)
 
 
 def square_crop(image: torch.Tensor, size: int, crop: str = "center",

@@ -1,7 +1,7 @@
 """Low-resolution consistency: make an up-sampled image agree with its low-resolution input.
 
 Iterative back-projection (Irani & Peleg 1991): with D the known degradation (antialiased bicubic
-down-sampling, the one our evaluation pairs and training pairs use) and U bicubic up-sampling,
+down-sampling: `fmboost.eval.pairs` makes its low-res images with `downsample`) and U bicubic up-sampling,
 
     x ← x + U(lr − D(x))        (repeated `iterations` times)
 
