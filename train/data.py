@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from fmboost.models import consistency
 from PIL import Image
 
 from .config import TrainConfig
@@ -100,8 +100,13 @@ def _crop_origin(full: tuple[int, int], size: tuple[int, int], step: int,
 
 
 def downsample(images: torch.Tensor, scale: int) -> torch.Tensor:
-    """Antialiased bicubic ÷scale of (B, 3, H, W) in [-1, 1] (the low-res generator's stand-in)."""
-    return F.interpolate(images, scale_factor=1 / scale, mode="bicubic", antialias=True).clamp(-1, 1)
+    """(B, 3, H, W) in [-1, 1] → (B, 3, H/s, W/s): the low-res generator's stand-in. It is the degradation D
+    that evaluation pairs use and back-projection inverts (`fmboost.models.consistency.downsample`), so
+    training, evaluation and back-projection agree on what "low-res" means."""
+    height, width = images.shape[-2:]
+    if height % scale or width % scale:
+        raise ValueError(f"image size {height}x{width} is not a multiple of scale {scale}")
+    return consistency.downsample(images, (height // scale, width // scale)).clamp(-1, 1)
 
 
 def make_pair(hr_image: torch.Tensor, config: TrainConfig, generator: torch.Generator | None = None,

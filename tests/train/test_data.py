@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from fmboost.eval.pairs import resize
 from fmboost.train.config import load_config
-from fmboost.train.data import PairDataset, image_records, make_pair, split_records, validation_pairs
+from fmboost.train.data import PairDataset, downsample, image_records, make_pair, split_records, validation_pairs
 from PIL import Image
 
 from .conftest import write_images
@@ -44,6 +45,15 @@ def test_pairs_are_aligned_crops_of_the_downsampled_image(tiny_config):
     left = int(((pair["hr"][0, 0, 0] + 1) / 2 * 31).round())
     assert left % 4 == 0
     torch.testing.assert_close(pair["lr"], low[:, :4, left // 4:left // 4 + 4].clamp(-1, 1))
+
+
+def test_training_low_res_is_the_evaluation_degradation():
+    """Training pairs, evaluation pairs and back-projection share one degradation D: a model trained
+    on one and scored on another would be penalised for the mismatch, not for its up-sampling."""
+    image = torch.rand(3, 48, 64) * 2 - 1
+    assert torch.equal(downsample(image[None], 4)[0], resize(image, (12, 16)))
+    with pytest.raises(ValueError, match="multiple of scale 4"):
+        downsample(image[None, :, :46], 4)
 
 
 def test_validation_pairs_are_fixed(tiny_config):
