@@ -1,0 +1,79 @@
+"""`fmboost export`: a checkpoint's EMA or training weights as a loadable Upsampler folder."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from fmboost.models import Upsampler
+from fmboost.pipelines.cli import main as cli
+from fmboost.train.cfm_upsampler import train
+from fmboost.train.config import load_config
+from fmboost.train.export import EMA_STATE_NAME, export_checkpoint
+from safetensors.torch import load_file
+
+from .conftest import TINY, write_images
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 and the final EMA upsampler."""
+    root = tmp_path_factory.mktemp("export")
+    images = write_images(root / "images")
+    torch.set_num_threads(1)
+    config = load_config(None, {**TINY, "train_data_dir": str(images), "output_dir": str(root / "run")})
+    train(config)
+    return Path(config.output_dir)
+
+
+def test_ema_export_of_the_last_checkpoint_is_the_saved_upsampler(run_dir, tmp_path):
+    step = export_checkpoint(run_dir / "checkpoint-4", tmp_path / "ema")
+    assert step == 4
+    saved, exported = unet_weights(run_dir / "upsampler"), unet_weights(tmp_path / "ema")
+    assert saved.keys() == exported.keys()
+    for key in saved:
+        torch.testing.assert_close(exported[key], saved[key], msg=key)
+
+
+def test_training_export_is_the_raw_weights_and_loads(run_dir, tmp_path):
+    export_checkpoint(run_dir / "checkpoint-4", tmp_path / "raw", weights="training")
+    raw, ema = unet_weights(tmp_path / "raw"), unet_weights(run_dir / "upsampler")
+    checkpoint = load_file(run_dir / "checkpoint-4" / "model.safetensors")
+    for key in checkpoint:
+        torch.testing.assert_close(raw[key], checkpoint[key], msg=key)
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw), "EMA (decay 0.9) must differ from the raw weights"
+    upsampler = Upsampler.from_pretrained(tmp_path / "raw")
+    reference = Upsampler.from_pretrained(run_dir / "upsampler")
+    assert upsampler.scale == reference.scale and upsampler.sampler == reference.sampler
+    torch.testing.assert_close(upsampler.first_stage.latent_std, reference.first_stage.latent_std)
+
+
+def test_an_earlier_checkpoint_exports_its_own_weights(run_dir, tmp_path):
+    assert export_checkpoint(run_dir / "checkpoint-2", tmp_path / "step2", weights="training") == 2
+    step2 = unet_weights(tmp_path / "step2")
+    step4 = load_file(run_dir / "checkpoint-4" / "model.safetensors")
+    assert any(not torch.equal(step2[k], step4[k]) for k in step2)
+
+
+def test_cli_export_and_its_errors(run_dir, tmp_path, capsys):
+    assert cli(["export", str(run_dir / "checkpoint-4"), "--out", str(tmp_path / "cli"), "--weights", "training"]) == 0
+    assert "exported the training weights of step 4" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "boost_config.json").is_file()
+
+    assert cli(["export", str(run_dir), "--out", str(tmp_path / "x")]) == 2  # the run folder, not a checkpoint
+    assert "not a training checkpoint folder" in capsys.readouterr().err
+    assert cli(["export", str(run_dir / "checkpoint-4"), "--out", str(tmp_path / "x"),
+                "--like", str(tmp_path)]) == 2
+    assert "pass --like" in capsys.readouterr().err
+
+
+def test_ema_export_without_ema_state_says_so(run_dir, tmp_path):
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes((run_dir / "checkpoint-4" / "model.safetensors").read_bytes())
+    assert not (checkpoint / EMA_STATE_NAME).exists()
+    with pytest.raises(FileNotFoundError, match="use_ema false"):
+        export_checkpoint(checkpoint, tmp_path / "out", like=run_dir / "upsampler")

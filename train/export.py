@@ -1,0 +1,73 @@
+"""`fmboost export CHECKPOINT --out DIR`: turn a training checkpoint into an `Upsampler` folder.
+
+Training saves only the final EMA weights as `<output_dir>/upsampler`. To evaluate an earlier step, or
+the training weights instead of their EMA (is the EMA helping?), export the checkpoint: the weights come
+from `CHECKPOINT`, everything else — the CFMUNet architecture, the first stage with its latent
+statistics, the coupling and the sampler defaults — from an upsampler folder of the same run (`--like`,
+default `<output_dir>/upsampler`), because the latent statistics are a property of the run's data, not
+of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from accelerate.utils.constants import SAFE_WEIGHTS_NAME
+from diffusers.training_utils import EMAModel
+from fmboost.models.unet import CFMUNet
+from fmboost.models.upsampler import BOOST_CONFIG_NAME
+from fmboost.train.checkpoint import TRAINER_STATE
+from safetensors.torch import load_file
+
+EMA_STATE_NAME = "custom_checkpoint_0.pkl"  # the trainer registers the EMA as its only custom object
+WEIGHTS = ("ema", "training")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "ema",
+                      like: str | Path | None = None) -> int | None:
+    """Write `checkpoint`'s `weights` ("ema" or "training") as an Upsampler folder `out`; returns its step."""
+    checkpoint = Path(checkpoint)
+    like = Path(like) if like is not None else checkpoint.parent / "upsampler"
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    if not (checkpoint / SAFE_WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} in {checkpoint}: not a training checkpoint folder")
+    if not (like / BOOST_CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"no {BOOST_CONFIG_NAME} in {like}: pass --like, a saved upsampler of the same run")
+    ema_path = checkpoint / EMA_STATE_NAME
+    if weights == "ema" and not ema_path.is_file():
+        raise FileNotFoundError(f"no EMA state ({EMA_STATE_NAME}) in {checkpoint}: the run had use_ema false; "
+                                "export --weights training")
+
+    model = CFMUNet.from_config(CFMUNet.load_config(like))
+    model.load_state_dict(load_file(checkpoint / SAFE_WEIGHTS_NAME))  # strict: a different architecture fails here
+    if weights == "ema":
+        ema = EMAModel(model.parameters())
+        ema.load_state_dict(torch.load(ema_path, map_location="cpu", weights_only=True))
+        ema.copy_to(model.parameters())
+    out = Path(out)
+    model.save_pretrained(out)
+    shutil.copyfile(like / BOOST_CONFIG_NAME, out / BOOST_CONFIG_NAME)
+    state_path = checkpoint / TRAINER_STATE
+    return json.loads(state_path.read_text())["global_step"] if state_path.is_file() else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a training checkpoint folder, e.g. runs/x/checkpoint-3000")
+    parser.add_argument("--out", required=True, help="the Upsampler folder to write")
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema",
+                        help="the EMA weights (what training saves at the end) or the raw training weights")
+    parser.add_argument("--like", help="a saved upsampler of the same run, for everything but the weights "
+                                       "(default: CHECKPOINT/../upsampler)")
+
+
+def run(args: argparse.Namespace) -> int:
+    step = export_checkpoint(args.checkpoint, args.out, args.weights, args.like)
+    at = f" of step {step}" if step is not None else ""
+    which = "EMA" if args.weights == "ema" else "training"
+    print(f"exported the {which} weights{at} from {args.checkpoint} to {args.out}")
+    return 0
