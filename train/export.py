@@ -38,6 +38,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "e
         raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} in {checkpoint}: not a training checkpoint folder")
     if not (like / BOOST_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"no {BOOST_CONFIG_NAME} in {like}: pass --like, a saved upsampler of the same run")
+    if Path(out).resolve() == like.resolve():
+        raise ValueError(f"--out {out} is the folder the rest is read from (--like): write somewhere else")
     ema_path = checkpoint / EMA_STATE_NAME
     if weights == "ema" and not ema_path.is_file():
         raise FileNotFoundError(f"no EMA state ({EMA_STATE_NAME}) in {checkpoint}: the run had use_ema false; "

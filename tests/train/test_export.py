@@ -68,6 +68,8 @@ def test_cli_export_and_its_errors(run_dir, tmp_path, capsys):
     assert cli(["export", str(run_dir / "checkpoint-4"), "--out", str(tmp_path / "x"),
                 "--like", str(tmp_path)]) == 2
     assert "pass --like" in capsys.readouterr().err
+    assert cli(["export", str(run_dir / "checkpoint-2"), "--out", str(run_dir / "upsampler")]) == 2
+    assert "write somewhere else" in capsys.readouterr().err
 
 
 def test_ema_export_without_ema_state_says_so(run_dir, tmp_path):
