@@ -46,7 +46,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "e
                                 "export --weights training")
 
     model = CFMUNet.from_config(CFMUNet.load_config(like))
-    model.load_state_dict(load_file(checkpoint / SAFE_WEIGHTS_NAME))  # strict: a different architecture fails here
+    state, expected = load_file(checkpoint / SAFE_WEIGHTS_NAME), model.state_dict()
+    misfits = sorted((expected.keys() ^ state.keys())
+                     | {k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape})
+    if misfits:
+        raise ValueError(f"the weights in {checkpoint} do not fit the CFMUNet of {like} (another run?): "
+                         f"{len(misfits)} tensors missing, extra or of another shape, e.g. {misfits[0]}")
+    model.load_state_dict(state)
     if weights == "ema":
         ema = EMAModel(model.parameters())
         ema.load_state_dict(torch.load(ema_path, map_location="cpu", weights_only=True))

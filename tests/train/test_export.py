@@ -1,5 +1,6 @@
 """`fmboost export`: a checkpoint's EMA or training weights as a loadable Upsampler folder."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,18 @@ def test_cli_export_and_its_errors(run_dir, tmp_path, capsys):
     assert "pass --like" in capsys.readouterr().err
     assert cli(["export", str(run_dir / "checkpoint-2"), "--out", str(run_dir / "upsampler")]) == 2
     assert "write somewhere else" in capsys.readouterr().err
+
+
+def test_weights_of_another_architecture_are_refused(run_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("config.json", "boost_config.json"):
+        (other / name).write_text((run_dir / "upsampler" / name).read_text())
+    config = json.loads((other / "config.json").read_text())
+    config["layers_per_block"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    assert cli(["export", str(run_dir / "checkpoint-4"), "--out", str(tmp_path / "x"), "--like", str(other)]) == 2
+    assert "do not fit the CFMUNet" in capsys.readouterr().err
 
 
 def test_ema_export_without_ema_state_says_so(run_dir, tmp_path):
