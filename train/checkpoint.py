@@ -115,7 +115,15 @@ def resolve_checkpoint(output_dir: str | Path, resume_from: str | None) -> Path 
     return path
 
 
+def read_trainer_state(path: str | Path) -> TrainerState:
+    """The step and data position saved with a checkpoint; only a complete checkpoint has them."""
+    state_file = Path(path) / TRAINER_STATE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {TRAINER_STATE})")
+    return TrainerState(**json.loads(state_file.read_text()))
+
+
 def load_checkpoint(accelerator, path: Path) -> TrainerState:
     """Restore model, optimizer, scheduler, EMA and RNG states; return the data position."""
     accelerator.load_state(str(path))
-    return TrainerState(**json.loads((path / TRAINER_STATE).read_text()))
+    return read_trainer_state(path)

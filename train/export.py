@@ -11,7 +11,6 @@ of the step.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from accelerate.utils.constants import SAFE_WEIGHTS_NAME
 from diffusers.training_utils import EMAModel
 from fmboost.models.unet import CFMUNet
 from fmboost.models.upsampler import BOOST_CONFIG_NAME
-from fmboost.train.checkpoint import TRAINER_STATE
+from fmboost.train.checkpoint import read_trainer_state
 from safetensors.torch import load_file
 
 EMA_STATE_NAME = "custom_checkpoint_0.pkl"  # the trainer registers the EMA as its only custom object
@@ -28,9 +27,9 @@ WEIGHTS = ("ema", "training")
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "ema",
-                      like: str | Path | None = None) -> int | None:
+                      like: str | Path | None = None) -> int:
     """Write `checkpoint`'s `weights` ("ema" or "training") as an Upsampler folder `out`; returns its step."""
-    checkpoint = Path(checkpoint)
+    checkpoint, out = Path(checkpoint), Path(out)
     like = Path(like) if like is not None else checkpoint.parent / "upsampler"
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
@@ -38,7 +37,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "e
         raise FileNotFoundError(f"no {SAFE_WEIGHTS_NAME} in {checkpoint}: not a training checkpoint folder")
     if not (like / BOOST_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"no {BOOST_CONFIG_NAME} in {like}: pass --like, a saved upsampler of the same run")
-    if Path(out).resolve() == like.resolve():
+    step = read_trainer_state(checkpoint).global_step  # refuses a checkpoint whose save never completed
+    if out.resolve() == like.resolve():
         raise ValueError(f"--out {out} is the folder the rest is read from (--like): write somewhere else")
     ema_path = checkpoint / EMA_STATE_NAME
     if weights == "ema" and not ema_path.is_file():
@@ -57,11 +57,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "e
         ema = EMAModel(model.parameters())
         ema.load_state_dict(torch.load(ema_path, map_location="cpu", weights_only=True))
         ema.copy_to(model.parameters())
-    out = Path(out)
     model.save_pretrained(out)
     shutil.copyfile(like / BOOST_CONFIG_NAME, out / BOOST_CONFIG_NAME)
-    state_path = checkpoint / TRAINER_STATE
-    return json.loads(state_path.read_text())["global_step"] if state_path.is_file() else None
+    return step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     step = export_checkpoint(args.checkpoint, args.out, args.weights, args.like)
-    at = f" of step {step}" if step is not None else ""
     which = "EMA" if args.weights == "ema" else "training"
-    print(f"exported the {which} weights{at} from {args.checkpoint} to {args.out}")
+    print(f"exported the {which} weights of step {step} from {args.checkpoint} to {args.out}")
     return 0

@@ -2,8 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 from fmboost.train.config import load_config
 from PIL import Image
+from safetensors.torch import load_file
 
 TINY = dict(resolution=16, crop_size=16, scale=4, model_preset="tiny", block_out_channels=[8, 16], layers_per_block=1,
             train_batch_size=2, crops_per_image=1, num_validation_images=1, max_train_steps=4, checkpointing_steps=2,
@@ -16,6 +18,12 @@ def write_images(folder, count: int = 6, size: int = 24, seed: int = 0):
     for i in range(count):
         Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8")).save(folder / f"{i:02d}.png")
     return folder
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    """The UNet weights of a training checkpoint or of a saved upsampler folder."""
+    name = "model.safetensors" if (folder / "model.safetensors").is_file() else "diffusion_pytorch_model.safetensors"
+    return load_file(folder / name)
 
 
 @pytest.fixture

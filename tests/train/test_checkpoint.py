@@ -11,7 +11,8 @@ import pytest
 import torch
 from fmboost.train import checkpoint as ckpt
 from fmboost.train.cfm_upsampler import train
-from safetensors.torch import load_file
+
+from .conftest import weights
 
 ENTRY = Path(__file__).resolve().parents[2] / "train" / "cfm_upsampler.py"
 
@@ -26,11 +27,6 @@ def run_entry(config, fault: str | None = None, **overrides) -> subprocess.Compl
     if fault:
         env[ckpt.FAULT_ENV] = fault
     return subprocess.run([sys.executable, str(ENTRY), *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    name = "model.safetensors" if (folder / "model.safetensors").is_file() else "diffusion_pytorch_model.safetensors"
-    return load_file(folder / name)
 
 
 def assert_same_weights(a: dict, b: dict):

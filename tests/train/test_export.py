@@ -8,15 +8,11 @@ import torch
 from fmboost.models import Upsampler
 from fmboost.pipelines.cli import main as cli
 from fmboost.train.cfm_upsampler import train
+from fmboost.train.checkpoint import TRAINER_STATE
 from fmboost.train.config import load_config
 from fmboost.train.export import EMA_STATE_NAME, export_checkpoint
-from safetensors.torch import load_file
 
-from .conftest import TINY, write_images
-
-
-def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "diffusion_pytorch_model.safetensors")
+from .conftest import TINY, weights, write_images
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +29,7 @@ def run_dir(tmp_path_factory):
 def test_ema_export_of_the_last_checkpoint_is_the_saved_upsampler(run_dir, tmp_path):
     step = export_checkpoint(run_dir / "checkpoint-4", tmp_path / "ema")
     assert step == 4
-    saved, exported = unet_weights(run_dir / "upsampler"), unet_weights(tmp_path / "ema")
+    saved, exported = weights(run_dir / "upsampler"), weights(tmp_path / "ema")
     assert saved.keys() == exported.keys()
     for key in saved:
         torch.testing.assert_close(exported[key], saved[key], msg=key)
@@ -41,8 +37,8 @@ def test_ema_export_of_the_last_checkpoint_is_the_saved_upsampler(run_dir, tmp_p
 
 def test_training_export_is_the_raw_weights_and_loads(run_dir, tmp_path):
     export_checkpoint(run_dir / "checkpoint-4", tmp_path / "raw", weights="training")
-    raw, ema = unet_weights(tmp_path / "raw"), unet_weights(run_dir / "upsampler")
-    checkpoint = load_file(run_dir / "checkpoint-4" / "model.safetensors")
+    raw, ema = weights(tmp_path / "raw"), weights(run_dir / "upsampler")
+    checkpoint = weights(run_dir / "checkpoint-4")
     for key in checkpoint:
         torch.testing.assert_close(raw[key], checkpoint[key], msg=key)
     assert any(not torch.equal(raw[k], ema[k]) for k in raw), "EMA (decay 0.9) must differ from the raw weights"
@@ -54,8 +50,8 @@ def test_training_export_is_the_raw_weights_and_loads(run_dir, tmp_path):
 
 def test_an_earlier_checkpoint_exports_its_own_weights(run_dir, tmp_path):
     assert export_checkpoint(run_dir / "checkpoint-2", tmp_path / "step2", weights="training") == 2
-    step2 = unet_weights(tmp_path / "step2")
-    step4 = load_file(run_dir / "checkpoint-4" / "model.safetensors")
+    step2 = weights(tmp_path / "step2")
+    step4 = weights(run_dir / "checkpoint-4")
     assert any(not torch.equal(step2[k], step4[k]) for k in step2)
 
 
@@ -85,10 +81,22 @@ def test_weights_of_another_architecture_are_refused(run_dir, tmp_path, capsys):
     assert "do not fit the CFMUNet" in capsys.readouterr().err
 
 
-def test_ema_export_without_ema_state_says_so(run_dir, tmp_path):
+def copy_of_checkpoint_4(run_dir, tmp_path, names) -> Path:
     checkpoint = tmp_path / "checkpoint-4"
     checkpoint.mkdir()
-    (checkpoint / "model.safetensors").write_bytes((run_dir / "checkpoint-4" / "model.safetensors").read_bytes())
+    for name in names:
+        (checkpoint / name).write_bytes((run_dir / "checkpoint-4" / name).read_bytes())
+    return checkpoint
+
+
+def test_an_incomplete_checkpoint_is_refused(run_dir, tmp_path):
+    checkpoint = copy_of_checkpoint_4(run_dir, tmp_path, ["model.safetensors", EMA_STATE_NAME])  # no trainer state
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        export_checkpoint(checkpoint, tmp_path / "out", like=run_dir / "upsampler")
+
+
+def test_ema_export_without_ema_state_says_so(run_dir, tmp_path):
+    checkpoint = copy_of_checkpoint_4(run_dir, tmp_path, ["model.safetensors", TRAINER_STATE])
     assert not (checkpoint / EMA_STATE_NAME).exists()
     with pytest.raises(FileNotFoundError, match="use_ema false"):
         export_checkpoint(checkpoint, tmp_path / "out", like=run_dir / "upsampler")
