@@ -173,15 +173,22 @@ def validation_pairs(records: list[ImageRecord], config: TrainConfig, crop_size:
 
 
 def records_fingerprint(records: list[ImageRecord]) -> str:
-    """Hash of the images' names and contents (file size + mtime for paths), for cache keys."""
+    """Hash of the images' names and bytes, for cache keys.
+
+    Contents, not modification times: a copy of the same photos (a re-provisioned or rsynced data
+    folder, a fresh container) must hit the cache that an earlier run built, and an edited photo must
+    miss it. Reading the files costs about a second per GB, far less than encoding them."""
     digest = hashlib.sha256()
     for record in records:
         digest.update(record.name.encode())
         if isinstance(record.data, bytes):
             digest.update(hashlib.sha256(record.data).digest())
         else:
-            stat = Path(record.data).stat()
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            file_digest = hashlib.sha256()
+            with open(record.data, "rb") as file:
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    file_digest.update(chunk)
+            digest.update(file_digest.digest())
     return digest.hexdigest()[:16]
 
 

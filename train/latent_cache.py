@@ -7,7 +7,7 @@ configured up-sampling mode (PSU: the low-res patch resized bicubically in pixel
 encoded). Random flips are applied to the cached latents at load time — exact in pixel space, an
 approximation for convolutional encoders, which are close to flip-equivariant.
 
-The folder name is a hash of everything the latents depend on (the images, the first stage, the
+The folder name is a hash of everything the latents depend on (the images' bytes, the first stage, the
 resolution / crop / scale / up-sampling settings, the seed of the crop positions), so a changed
 setting is a cache miss and an unchanged one a hit. A manifest written last marks a complete entry.
 """

@@ -1,9 +1,13 @@
+import os
+import shutil
 from pathlib import Path
 
 import torch
 from fmboost.models import IdentityAutoencoder
 from fmboost.train import latent_cache
 from fmboost.train.data import image_records, split_records
+
+from .conftest import write_images
 
 
 def test_second_run_is_a_cache_hit(tmp_path, tiny_config, monkeypatch):
@@ -35,6 +39,22 @@ def test_changed_settings_miss(tmp_path, tiny_config):
     assert key != latent_cache.cache_key(tiny_config(use_latent_cache=True, upsample="bilinear"), records,
                                          IdentityAutoencoder())
     assert key != latent_cache.cache_key(config, records[:-1], IdentityAutoencoder())
+
+
+def test_a_copy_of_the_photos_hits_and_an_edited_photo_misses(tmp_path, tiny_config, image_dir):
+    """A re-provisioned data folder (same bytes, new paths and times) must reuse the cache."""
+    def key(folder):
+        config = tiny_config(use_latent_cache=True, train_data_dir=str(folder))
+        return latent_cache.cache_key(config, split_records(image_records(config), config)[0], IdentityAutoencoder())
+
+    copy = shutil.copytree(image_dir, tmp_path / "copy", copy_function=shutil.copy)
+    for path in copy.iterdir():
+        os.utime(path, ns=(0, 0))
+    assert key(copy) == key(image_dir)
+    write_images(tmp_path / "other", seed=1)
+    shutil.copy(tmp_path / "other" / "00.png", copy / "00.png")  # same name and size, other pixels
+    assert (copy / "00.png").stat().st_size == (image_dir / "00.png").stat().st_size
+    assert key(copy) != key(image_dir)
 
 
 def test_cached_training_runs(tiny_config):
