@@ -122,6 +122,16 @@ def build_dataset(config: TrainConfig, records, first_stage: FirstStage, flow: C
     return PairDataset(records, config), None
 
 
+def run_summary(config: TrainConfig, model: torch.nn.Module, num_samples: int, num_images: int,
+                num_val_images: int, num_processes: int) -> str:
+    """One line a log reader needs before the progress bar: what trains, on how much data, for how long."""
+    params = sum(p.numel() for p in model.parameters())
+    batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
+    return (f"training a {config.objective} upsampler of {params / 1e6:.3g} M parameters: {num_samples} samples of "
+            f"{num_images} images ({num_val_images} held out for validation), batch {batch}, "
+            f"{config.max_train_steps} steps ({config.max_train_steps * batch / num_samples:.1f} epochs)")
+
+
 def tracker_config(config: TrainConfig) -> dict:
     """TensorBoard hparams accept only scalars and strings."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
@@ -150,6 +160,8 @@ def train(config: TrainConfig) -> Path:
     val_pairs = validation_pairs(val_records, config, config.crop_size, 1) if val_records else None
 
     model = build_model(config, first_stage.latent_channels)
+    accelerator.print(run_summary(config, model, len(dataset), len(train_records), len(val_records),
+                                  accelerator.num_processes))
     optimizer, lr_scheduler = build_optimizer(config, model, accelerator.num_processes)
     sampler = EpochSampler(dataset, config.seed)
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, sampler=sampler,
