@@ -281,7 +281,7 @@ def bench_sampler(presets: list[str], configs: list[str], latent_size: int = 128
         z = torch.randn(1, c, latent_size, latent_size, device=device, generator=generator)
         per_nfe = seconds(lambda m=model, z=z: m(z, 0.5, z), device, warmup)
         cond = torch.randn(1, c, nfe_latent_size, nfe_latent_size, device=device, generator=generator)
-        rows[name] = {"per_nfe_s": per_nfe, "params_M": sum(p.numel() for p in model.parameters()) / 1e6, "configs": {}}
+        rows[name] = {"per_nfe_s": per_nfe, "params_M": model.num_parameters() / 1e6, "configs": {}}
         for text in configs:
             start = time.perf_counter()
             nfe = flow.sample(model, cond, generator, **parse_sampler_config(text)).nfe

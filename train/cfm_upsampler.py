@@ -122,10 +122,10 @@ def build_dataset(config: TrainConfig, records, first_stage: FirstStage, flow: C
     return PairDataset(records, config), None
 
 
-def run_summary(config: TrainConfig, model: torch.nn.Module, num_samples: int, num_images: int,
+def run_summary(config: TrainConfig, model: CFMUNet, num_samples: int, num_images: int,
                 num_val_images: int, num_processes: int) -> str:
     """One line a log reader needs before the progress bar: what trains, on how much data, for how long."""
-    params = sum(p.numel() for p in model.parameters())
+    params = model.num_parameters()
     batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
     return (f"training a {config.objective} upsampler of {params / 1e6:.3g} M parameters: {num_samples} samples of "
             f"{num_images} images ({num_val_images} held out for validation), batch {batch}, "

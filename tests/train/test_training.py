@@ -47,10 +47,10 @@ def test_main_reports_nan_as_an_error(tiny_config, monkeypatch, capsys):
 def test_regression_objective_trains_and_saves(tiny_config, capsys):
     config = tiny_config(objective="regression", max_train_steps=12, crops_per_image=4, validation_steps=100)
     folder = train(config)
-    params = sum(p.numel() for p in Upsampler.from_pretrained(folder).model.parameters())
+    upsampler = Upsampler.from_pretrained(folder)
+    params = sum(p.numel() for p in upsampler.model.parameters())
     assert (f"training a regression upsampler of {params / 1e6:.3g} M parameters: 20 samples of 5 images "
             "(1 held out for validation), batch 2, 12 steps (1.2 epochs)") in capsys.readouterr().out
-    upsampler = Upsampler.from_pretrained(folder)
     assert upsampler.flow.objective == "regression"
     losses = [json.loads(line) for line in (Path(config.output_dir) / "validation" / "metrics.jsonl").open()]
     assert losses[-1]["nfe"] == 1
