@@ -20,20 +20,15 @@ import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fmboost.models.assets import SHARED_ENV, shared_dir
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .lpips import LPIPSAlex
 
 #: Environment variable that may point at the LPIPS state dict.
 LPIPS_WEIGHTS_ENV = "FMBOOST_LPIPS_WEIGHTS"
-#: Default LPIPS weights: ``<repo>/../shared/weights/lpips/...`` next to a source checkout.
-DEFAULT_LPIPS_WEIGHTS = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "weights"
-    / "lpips"
-    / "lpips_alex_v0.1_full_state_dict.pth"
-)
+#: Where the LPIPS state dict lives inside the shared-assets folder (`$FMBOOST_SHARED` or ../shared).
+LPIPS_SHARED_PATH = "weights/lpips/lpips_alex_v0.1_full_state_dict.pth"
 #: Input side of the FID Inception network.
 INCEPTION_SIZE = 299
 
@@ -144,7 +139,11 @@ def _resolve_lpips_path(path: str | os.PathLike | None) -> Path:
     elif os.environ.get(LPIPS_WEIGHTS_ENV):
         candidate, source = Path(os.environ[LPIPS_WEIGHTS_ENV]), f"${LPIPS_WEIGHTS_ENV}"
     else:
-        candidate, source = DEFAULT_LPIPS_WEIGHTS, "the default location"
+        root = shared_dir()
+        if root is None:
+            raise MetricUnavailable(f"LPIPS weights: no shared-assets folder (${SHARED_ENV} or ../shared) and no "
+                                    f"path given; pass --lpips-weights or set ${LPIPS_WEIGHTS_ENV}")
+        candidate, source = root / LPIPS_SHARED_PATH, "the shared-assets folder"
     if not candidate.is_file():
         raise MetricUnavailable(
             f"LPIPS weights not found at {candidate} ({source}); pass a path to the "
@@ -156,8 +155,9 @@ def _resolve_lpips_path(path: str | os.PathLike | None) -> Path:
 def load_lpips(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LPIPSAlex:
     """Loads LPIPS (AlexNet, v0.1) in eval mode with frozen weights.
 
-    Looks at ``path``, else ``$FMBOOST_LPIPS_WEIGHTS``, else ``../shared/weights/lpips/`` beside the
-    repository.  Raises :class:`MetricUnavailable` (with the location tried) when the file is absent.
+    Looks at ``path``, else ``$FMBOOST_LPIPS_WEIGHTS``, else ``weights/lpips/`` in the shared-assets
+    folder (``$FMBOOST_SHARED``, else ``../shared`` beside the repository).  Raises
+    :class:`MetricUnavailable` (with the location tried) when the file is absent.
     """
     weights = _resolve_lpips_path(path)
     model = LPIPSAlex()

@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_ENV = "FMBOOST_SHARED"
 
 
 def shared_dir() -> Path | None:
     """The shared-assets folder, or None when this machine has none (a user's fresh clone)."""
-    candidate = Path(os.environ.get("FMBOOST_SHARED", REPO_ROOT.parent / "shared"))
+    candidate = Path(os.environ.get(SHARED_ENV, REPO_ROOT.parent / "shared"))
     return candidate if candidate.is_dir() else None
 
 

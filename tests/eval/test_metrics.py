@@ -16,6 +16,7 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from fmboost.eval.metrics import (
+    LPIPS_SHARED_PATH,
     LPIPS_WEIGHTS_ENV,
     MetricUnavailable,
     _tf_bilinear_resize,
@@ -217,6 +218,24 @@ def test_load_lpips_reports_missing_path(tmp_path, monkeypatch):
     with pytest.raises(MetricUnavailable, match=LPIPS_WEIGHTS_ENV):
         load_lpips()
 
+
+
+def test_load_lpips_default_follows_the_shared_folder(tmp_path, monkeypatch):
+    """With no path and no $FMBOOST_LPIPS_WEIGHTS, the weights come from $FMBOOST_SHARED (as every other asset)."""
+    from fmboost.eval.lpips import LPIPSAlex
+
+    state = LPIPSAlex().state_dict()
+    marked = next(k for k, v in state.items() if v.is_floating_point())
+    state[marked] = torch.full_like(state[marked], 0.125)
+    weights = tmp_path / LPIPS_SHARED_PATH
+    weights.parent.mkdir(parents=True)
+    torch.save(state, weights)
+    monkeypatch.delenv(LPIPS_WEIGHTS_ENV, raising=False)
+    monkeypatch.setenv("FMBOOST_SHARED", str(tmp_path))
+    assert (load_lpips().state_dict()[marked] == 0.125).all()
+    monkeypatch.setenv("FMBOOST_SHARED", str(tmp_path / "absent"))
+    with pytest.raises(MetricUnavailable, match="no shared-assets folder"):
+        load_lpips()
 
 # ------------------------------------------------------------------------------------------------- FID
 
