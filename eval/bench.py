@@ -112,8 +112,48 @@ def seconds(fn, device: torch.device, warmup: int = 0, repeats: int = 1) -> floa
 # ---------------------------------------------------------------------------------------- pipeline
 
 
-def decode_variants(vae, z: torch.Tensor, device: torch.device, names: list[str], warmup: int) -> dict:
-    """Seconds to decode z (B, 4, h, w) with each variant; `sdpa` is diffusers' default processor."""
+class StageTimer:
+    """Seconds per call of each stage and, on CUDA, the peak memory allocated while it ran.
+
+    The peak includes every model resident at the time (all of them are loaded up front), so it is
+    what a GPU must hold to run that stage, not the stage's own activations alone.
+    """
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup = device, warmup
+        self.seconds: dict[str, float] = {}
+        self.peak_memory_mib: dict[str, float] = {}
+
+    def __call__(self, name: str, fn) -> float:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.seconds[name] = seconds(fn, self.device, self.warmup)
+        if cuda:
+            self.peak_memory_mib[name] = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        return self.seconds[name]
+
+
+def cuda_graph(fn, device: torch.device):
+    """fn() captured once in a CUDA graph; returns graph.replay, which re-runs its kernels with no Python.
+
+    fn must read only static tensors (its inputs are captured by address). Replaying shows what a stage
+    costs once kernel-launch overhead is gone, as with torch.compile(mode="reduce-overhead").
+    """
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):  # warm up on a side stream so lazy initialisation is not captured
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def decode_variants(vae, z: torch.Tensor, timer: StageTimer, names: list[str], pixels: int) -> dict:
+    """Seconds to decode z (B, 4, h, w) to `pixels`² with each variant; `sdpa` is diffusers' default processor."""
     from diffusers import AutoencoderTiny
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
@@ -121,14 +161,14 @@ def decode_variants(vae, z: torch.Tensor, device: torch.device, names: list[str]
     for name in names:
         model = vae
         if name == "tiny_decoder":  # TAESD-shaped preview decoder (random weights: timing only)
-            model = AutoencoderTiny(decoder_block_out_channels=(64, 64, 64, 64)).to(device).eval()
+            model = AutoencoderTiny(decoder_block_out_channels=(64, 64, 64, 64)).to(z.device, vae.dtype).eval()
         vae.set_attn_processor(AttnProcessor() if name == "classic_attention" else AttnProcessor2_0())
         if name == "channels_last":
             vae.to(memory_format=torch.channels_last)
         if name == "tiled":
             vae.enable_tiling()
         x = z.to(memory_format=torch.channels_last) if name == "channels_last" else z
-        results[name] = seconds(lambda m=model, x=x: m.decode(x), device, warmup)
+        results[name] = timer(f"decode_{pixels}_{name}", lambda m=model, x=x: m.decode(x))
         vae.disable_tiling()
         vae.to(memory_format=torch.contiguous_format)
     vae.set_attn_processor(AttnProcessor2_0())
@@ -138,45 +178,64 @@ def decode_variants(vae, z: torch.Tensor, device: torch.device, names: list[str]
 def bench_pipeline(size: str = "small", base_steps: int = 25, nfe: int = 4, upsampler_preset: str = "reference",
                    guidance: bool = True, decode: list[str] | None = None, device: str | None = None,
                    warmup: int | None = None, lr_latent: int = 32, hr_latent: int = 128,
-                   end_to_end: bool = False) -> dict:
-    """Per-call times of every stage and the extrapolated totals of boosted vs direct generation."""
+                   end_to_end: bool = False, dtype: str | None = None, cuda_graphs: bool = False) -> dict:
+    """Per-call times (and CUDA peak memory) of every stage; extrapolated totals of boosted vs direct.
+
+    dtype defaults to float16 on CUDA (how SD is run there) and float32 on CPU (no fast half kernels).
+    cuda_graphs also times the UNet steps and the CFM NFE replayed from CUDA graphs (launch overhead removed)
+    and gives the boosted / direct totals with those times.
+    """
     from fmboost.models import CFMUNet, DiffusersAutoencoder
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA device, got {device}")
+    dtype = dtype or ("float16" if device.type == "cuda" else "float32")
+    torch_dtype = getattr(torch, dtype)
     warmup = (0 if size == "real" and device.type == "cpu" else 1) if warmup is None else warmup
-    parts = {k: (v.to(device) if hasattr(v, "to") and k != "tokenizer" else v)
+    parts = {k: (v.to(device, torch_dtype) if hasattr(v, "to") and k != "tokenizer" else v)
              for k, v in random_sd_components(size).items()}
     unet, vae = parts["unet"], parts["vae"]
     batch = 2 if guidance else 1  # classifier-free guidance runs the UNet on (uncond, cond)
     tokens = parts["tokenizer"](["a photo of a cat"] * batch, padding="max_length", max_length=77,
                                 return_tensors="pt").input_ids.to(device)
-    text = parts["text_encoder"](tokens)[0]
-
-    def unet_step(n: int) -> float:
-        z = torch.randn(batch, 4, n, n, device=device)
-        return seconds(lambda: unet(z, 500, encoder_hidden_states=text), device, warmup)
-
-    cfm = CFMUNet.from_preset(upsampler_preset, latent_channels=4).to(device).eval()
-    z_hr = torch.randn(1, 4, hr_latent, hr_latent, device=device)
+    cfm = CFMUNet.from_preset(upsampler_preset, latent_channels=4).to(device, torch_dtype).eval()
+    z_hr = torch.randn(1, 4, hr_latent, hr_latent, device=device, dtype=torch_dtype)
     first_stage = DiffusersAutoencoder(vae, {"kind": "autoencoder_kl"})
     f = first_stage.downsample_factor
-    per_call = {
-        "text_encoder": seconds(lambda: parts["text_encoder"](tokens), device, warmup),
-        f"unet_step_{lr_latent}": unet_step(lr_latent),
-        f"unet_step_{hr_latent}": unet_step(hr_latent),
-        f"cfm_nfe_{hr_latent}": seconds(lambda: cfm(z_hr, 0.5, z_hr), device, warmup),
-        f"psu_decode_{lr_latent * f}": seconds(lambda: first_stage.decode(z_hr[..., :lr_latent, :lr_latent]),
-                                                  device, warmup),
-        f"psu_encode_{hr_latent * f}": seconds(lambda: first_stage.encode(torch.zeros(1, 3, hr_latent * f,
-                                                                                     hr_latent * f, device=device)),
-                                                  device, warmup),
-    }
-    decode_names = decode or ["sdpa"]
-    decode_s = decode_variants(vae, z_hr, device, decode_names, warmup)
-    per_call.update({f"decode_{hr_latent * f}_{k}": v for k, v in decode_s.items()})
-    result = summarise_pipeline(per_call, decode_s, dict(
-        size=size, device=str(device), base_steps=base_steps, nfe=nfe, upsampler_preset=upsampler_preset,
-        guidance=guidance, warmup=warmup, lr_latent=lr_latent, hr_latent=hr_latent, pixels=hr_latent * f))
+    weights_mib = torch.cuda.memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    with torch.no_grad():
+        text = parts["text_encoder"](tokens)[0]
+    timer = StageTimer(device, warmup)
+
+    def unet_step(n: int) -> None:
+        z = torch.randn(batch, 4, n, n, device=device, dtype=torch_dtype)
+        t = torch.tensor(500, device=device)
+        timer(f"unet_step_{n}", lambda: unet(z, t, encoder_hidden_states=text))
+        if cuda_graphs:
+            timer(f"unet_step_{n}_cuda_graph", cuda_graph(lambda: unet(z, t, encoder_hidden_states=text), device))
+
+    timer("text_encoder", lambda: parts["text_encoder"](tokens))
+    unet_step(lr_latent)
+    unet_step(hr_latent)
+    t_cfm = torch.tensor([0.5], device=device)
+    timer(f"cfm_nfe_{hr_latent}", lambda: cfm(z_hr, t_cfm, z_hr))
+    if cuda_graphs:
+        timer(f"cfm_nfe_{hr_latent}_cuda_graph", cuda_graph(lambda: cfm(z_hr, t_cfm, z_hr), device))
+    timer(f"psu_decode_{lr_latent * f}", lambda: first_stage.decode(z_hr[..., :lr_latent, :lr_latent]))
+    timer(f"psu_encode_{hr_latent * f}",
+          lambda: first_stage.encode(torch.zeros(1, 3, hr_latent * f, hr_latent * f, device=device)))
+    decode_s = decode_variants(vae, z_hr, timer, decode or ["sdpa"], hr_latent * f)
+    result = summarise_pipeline(dict(timer.seconds), decode_s, dict(
+        size=size, device=str(device), dtype=dtype, base_steps=base_steps, nfe=nfe,
+        upsampler_preset=upsampler_preset, guidance=guidance, warmup=warmup, lr_latent=lr_latent,
+        hr_latent=hr_latent, pixels=hr_latent * f))
+    if cuda_graphs:
+        result["cuda_graphs"] = summarise_pipeline(
+            {**timer.seconds, **{k.removesuffix("_cuda_graph"): v for k, v in timer.seconds.items()
+                                 if k.endswith("_cuda_graph")}}, decode_s, result["setup"])
+    if device.type == "cuda":
+        result["memory_mib"] = {"weights": weights_mib, "peak_per_stage": timer.peak_memory_mib}
     if end_to_end:
         result["end_to_end"] = measure_end_to_end(parts, cfm, base_steps, nfe, lr_latent, hr_latent, guidance, device)
     return result
@@ -230,16 +289,25 @@ def summarise_pipeline(per_call: dict, decode_s: dict, setup: dict) -> dict:
 
 def print_pipeline(result: dict) -> None:
     s = result["setup"]
-    print(f"bench pipeline: size={s['size']} device={s['device']} base_steps={s['base_steps']} "
+    print(f"bench pipeline: size={s['size']} device={s['device']} dtype={s['dtype']} base_steps={s['base_steps']} "
           f"nfe={s['nfe']} cfm={s['upsampler_preset']} ({result['method']})")
+    peaks = result.get("memory_mib", {}).get("peak_per_stage", {})
     for name, value in result["per_call_s"].items():
-        print(f"  per call  {name:<24} {value:9.3f} s")
+        peak = f"   peak {peaks[name] / 1024:6.2f} GiB" if name in peaks else ""
+        print(f"  per call  {name:<24} {value:9.3f} s{peak}")
+    if "memory_mib" in result:
+        print(f"  weights resident: {result['memory_mib']['weights'] / 1024:.2f} GiB")
     for label, key in (("boosted", "boosted_s"), ("direct", "direct_s")):
         print(f"  {label:<8}  " + "  ".join(f"{k}={v:.2f}s" for k, v in result[key].items()))
     print(f"  direct {s['pixels']}² / boosted: {result['speedup_direct_over_boosted']:.2f}× "
           f"(latent-space coupling instead of PSU: {result['speedup_latent_mode']:.2f}×)")
     speedups = result["decode_speedup_vs_sdpa"].items()
     print("  decode speed-up vs sdpa: " + ", ".join(f"{k} {v:.2f}×" for k, v in speedups))
+    if "cuda_graphs" in result:
+        graphs = result["cuda_graphs"]
+        print(f"  with CUDA graphs (UNet steps, CFM NFE): boosted {graphs['boosted_s']['total']:.2f}s, direct "
+              f"{graphs['direct_s']['total']:.2f}s → {graphs['speedup_direct_over_boosted']:.2f}× "
+              f"(latent-space coupling: {graphs['speedup_latent_mode']:.2f}×)")
     if "end_to_end" in result:
         e2e = result["end_to_end"]
         print("  end to end (measured): boosted " + "  ".join(f"{k}={v:.2f}s" for k, v in e2e["boosted_s"].items())
@@ -327,6 +395,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--end-to-end", action="store_true",
                    help="also run BoostPipeline and the direct SD pipeline once, whole (slow at real sizes on CPU)")
     p.add_argument("--device", default=None)
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time UNet steps and the CFM NFE replayed from CUDA graphs (no launch overhead)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="weights and activations (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--output", "-o", default="bench_pipeline.json")
     s = sub.add_parser("sampler", help="NFE and time per solver/schedule for CFMUNet presets")
     s.add_argument("--presets", default="reference,small")
@@ -359,7 +431,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "pipeline":
         result = bench_pipeline(args.size, args.base_steps, args.nfe, args.upsampler_preset, not args.no_guidance,
                                 [d for d in args.decode.split(",") if d], args.device, args.warmup,
-                                args.lr_latent, args.hr_latent, args.end_to_end)
+                                args.lr_latent, args.hr_latent, args.end_to_end, args.dtype, args.cuda_graphs)
         print_pipeline(result)
     else:
         result = bench_sampler([p for p in args.presets.split(",") if p], [c for c in args.configs.split(",") if c],

@@ -93,12 +93,15 @@ class CFMUNet(ModelMixin, ConfigMixin):
         H, W = x_t.shape[-2:]
         if H % self.size_multiple or W % self.size_multiple:
             raise ValueError(f"latent size {H}x{W} must be divisible by {self.size_multiple}")
-        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype)
+        # Range-checked while t is on the host (a float or CPU tensor): checking a GPU tensor's values would
+        # stall the host every NFE and cannot be captured in a CUDA graph, so a t already on the GPU is trusted.
+        t = torch.as_tensor(t, dtype=x_t.dtype)
+        if t.device.type == "cpu" and bool(((t < 0) | (t > 1)).any()):
+            raise ValueError(f"t must lie in [0, 1], got range [{t.min().item():.3g}, {t.max().item():.3g}]")
+        t = t.to(x_t.device)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must be a scalar or shape ({x_t.shape[0]},), got {tuple(t.shape)}")
-        if bool(((t < 0) | (t > 1)).any()):
-            raise ValueError(f"t must lie in [0, 1], got range [{t.min().item():.3g}, {t.max().item():.3g}]")
         x = torch.cat([x_t, cond], dim=1)
         return self.unet(x, t * self.config.time_scale).sample

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from fmboost.eval.bench import bench_pipeline, parse_sampler_config, random_sd_components
 from fmboost.pipelines.cli import main
 
@@ -76,3 +77,30 @@ def test_random_sd_components_sizes():
     parts = random_sd_components("tiny", lcm=True)
     assert parts["unet"].config.time_cond_proj_dim == 256 and type(parts["scheduler"]).__name__ == "LCMScheduler"
 
+
+
+def test_pipeline_bench_runs_in_the_requested_dtype():
+    """Every stage (text encoder, both UNet sizes, CFM, PSU, decode variants) runs on bfloat16 weights and inputs."""
+    result = bench_pipeline("tiny", base_steps=1, nfe=1, upsampler_preset="tiny", decode=["sdpa", "tiny_decoder"],
+                            device="cpu", warmup=0, lr_latent=8, hr_latent=16, dtype="bfloat16")
+    assert result["setup"]["dtype"] == "bfloat16"
+    assert set(result["per_call_s"]) == {"text_encoder", "unet_step_8", "unet_step_16", "cfm_nfe_16",
+                                         "psu_decode_64", "psu_encode_128", "decode_128_sdpa",
+                                         "decode_128_tiny_decoder"}
+    assert "memory_mib" not in result  # peak memory is a CUDA measurement; a CPU run reports none
+
+
+def test_pipeline_bench_cuda_graphs_need_cuda():
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        bench_pipeline("tiny", upsampler_preset="tiny", device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_pipeline_bench_cuda_graph_totals_use_the_replayed_times():
+    result = bench_pipeline("tiny", base_steps=3, nfe=2, upsampler_preset="tiny", decode=["sdpa"], device="cuda",
+                            lr_latent=8, hr_latent=16, cuda_graphs=True)
+    per_call, graphs = result["per_call_s"], result["cuda_graphs"]
+    assert graphs["boosted_s"]["base"] == pytest.approx(3 * per_call["unet_step_8_cuda_graph"])
+    assert graphs["direct_s"]["base"] == pytest.approx(3 * per_call["unet_step_16_cuda_graph"])
+    assert graphs["boosted_s"]["upsample"] == pytest.approx(2 * per_call["cfm_nfe_16_cuda_graph"])
+    assert set(result["memory_mib"]["peak_per_stage"]) == set(per_call)
