@@ -138,7 +138,7 @@ def cuda_graph(fn, device: torch.device):
     """fn() captured once in a CUDA graph; returns graph.replay, which re-runs its kernels with no Python.
 
     fn must read only static tensors (its inputs are captured by address). Replaying shows what a stage
-    costs once kernel-launch overhead is gone, as with torch.compile(mode="reduce-overhead").
+    costs once kernel-launch overhead is gone (the mechanism torch.compile(mode="reduce-overhead") uses).
     """
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
