@@ -20,15 +20,13 @@ import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fmboost.models.assets import SHARED_ENV, shared_dir
+from fmboost.models.assets import LPIPS_SHARED_PATH, SHARED_ENV, shared_dir
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from .lpips import LPIPSAlex
 
 #: Environment variable that may point at the LPIPS state dict.
 LPIPS_WEIGHTS_ENV = "FMBOOST_LPIPS_WEIGHTS"
-#: Where the LPIPS state dict lives inside the shared-assets folder (`$FMBOOST_SHARED` or ../shared).
-LPIPS_SHARED_PATH = "weights/lpips/lpips_alex_v0.1_full_state_dict.pth"
 #: Input side of the FID Inception network.
 INCEPTION_SIZE = 299
 

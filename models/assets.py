@@ -7,6 +7,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ENV = "FMBOOST_SHARED"
+#: The LPIPS (AlexNet, v0.1) state dict inside the shared-assets folder.
+LPIPS_SHARED_PATH = "weights/lpips/lpips_alex_v0.1_full_state_dict.pth"
 
 
 def shared_dir() -> Path | None:

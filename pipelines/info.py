@@ -7,13 +7,13 @@ import importlib.metadata
 import platform
 
 import torch
-from fmboost.models.assets import shared_dir, shared_path
+from fmboost.models.assets import LPIPS_SHARED_PATH, shared_dir, shared_path
 
 PACKAGES = ("fmboost", "torch", "diffusers", "transformers", "accelerate", "torchdiffeq", "kornia", "torchmetrics",
             "datasets")
 ASSETS = {
     "TAEF2 autoencoder": "weights/taef2/taef2_encoder.pth",
-    "LPIPS (AlexNet) weights": "weights/lpips/lpips_alex_v0.1_full_state_dict.pth",
+    "LPIPS (AlexNet) weights": LPIPS_SHARED_PATH,
     "CLIP tokenizer": "tokenizers/clip/tokenizer.json",
     "face photos": "data/faces",
     "landscape photos": "data/landscapes",

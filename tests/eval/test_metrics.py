@@ -16,7 +16,6 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 from fmboost.eval.metrics import (
-    LPIPS_SHARED_PATH,
     LPIPS_WEIGHTS_ENV,
     MetricUnavailable,
     _tf_bilinear_resize,
@@ -34,6 +33,7 @@ from fmboost.eval.metrics import (
     ssim,
     take_crops,
 )
+from fmboost.models.assets import LPIPS_SHARED_PATH
 
 
 def _smooth_images(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
