@@ -78,7 +78,6 @@ def test_random_sd_components_sizes():
     assert parts["unet"].config.time_cond_proj_dim == 256 and type(parts["scheduler"]).__name__ == "LCMScheduler"
 
 
-
 def test_pipeline_bench_runs_in_the_requested_dtype():
     """Every stage (text encoder, both UNet sizes, CFM, PSU, decode variants) runs on bfloat16 weights and inputs."""
     result = bench_pipeline("tiny", base_steps=1, nfe=1, upsampler_preset="tiny", decode=["sdpa", "tiny_decoder"],

@@ -15,6 +15,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from fmboost.eval.lpips import LPIPSAlex
 from fmboost.eval.metrics import (
     LPIPS_WEIGHTS_ENV,
     MetricUnavailable,
@@ -33,7 +34,7 @@ from fmboost.eval.metrics import (
     ssim,
     take_crops,
 )
-from fmboost.models.assets import LPIPS_SHARED_PATH
+from fmboost.models.assets import LPIPS_SHARED_PATH, SHARED_ENV
 
 
 def _smooth_images(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -219,11 +220,8 @@ def test_load_lpips_reports_missing_path(tmp_path, monkeypatch):
         load_lpips()
 
 
-
 def test_load_lpips_default_follows_the_shared_folder(tmp_path, monkeypatch):
     """With no path and no $FMBOOST_LPIPS_WEIGHTS, the weights come from $FMBOOST_SHARED (as every other asset)."""
-    from fmboost.eval.lpips import LPIPSAlex
-
     state = LPIPSAlex().state_dict()
     marked = next(k for k, v in state.items() if v.is_floating_point())
     state[marked] = torch.full_like(state[marked], 0.125)
@@ -231,11 +229,12 @@ def test_load_lpips_default_follows_the_shared_folder(tmp_path, monkeypatch):
     weights.parent.mkdir(parents=True)
     torch.save(state, weights)
     monkeypatch.delenv(LPIPS_WEIGHTS_ENV, raising=False)
-    monkeypatch.setenv("FMBOOST_SHARED", str(tmp_path))
+    monkeypatch.setenv(SHARED_ENV, str(tmp_path))
     assert (load_lpips().state_dict()[marked] == 0.125).all()
-    monkeypatch.setenv("FMBOOST_SHARED", str(tmp_path / "absent"))
+    monkeypatch.setenv(SHARED_ENV, str(tmp_path / "absent"))
     with pytest.raises(MetricUnavailable, match="no shared-assets folder"):
         load_lpips()
+
 
 # ------------------------------------------------------------------------------------------------- FID
 
