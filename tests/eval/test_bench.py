@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from fmboost.eval.bench import bench_pipeline, parse_sampler_config, random_sd_components
+from fmboost.eval.bench import bench_pipeline, parse_sampler_config
 from fmboost.pipelines.cli import main
 
 
@@ -69,13 +69,6 @@ def test_parse_sampler_config():
     assert parse_sampler_config("euler:logit_normal:8") == {"solver": "euler", "schedule": "logit_normal",
                                                             "num_steps": 8}
     assert parse_sampler_config("dopri5") == {"solver": "dopri5"}
-
-
-def test_random_sd_components_sizes():
-    with pytest.raises(ValueError, match="size must be one of"):
-        random_sd_components("huge")
-    parts = random_sd_components("tiny", lcm=True)
-    assert parts["unet"].config.time_cond_proj_dim == 256 and type(parts["scheduler"]).__name__ == "LCMScheduler"
 
 
 def test_pipeline_bench_runs_in_the_requested_dtype():

@@ -4,7 +4,7 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from fmboost.eval.bench import random_sd_components
+from fmboost.pipelines.random_sd import random_sd_components
 from fmboost.models import CFMUNet, CouplingFlowMatcher, DiffusersAutoencoder, IdentityAutoencoder, Upsampler
 from fmboost.pipelines import BoostPipeline
 from fmboost.pipelines.cli import main
