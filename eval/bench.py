@@ -136,20 +136,22 @@ def bench_pipeline(size: str = "small", base_steps: int = 25, nfe: int = 4, upsa
         text = parts["text_encoder"](tokens)[0]
     timer = StageTimer(device, warmup)
 
+    def time_network_call(name: str, fn) -> None:
+        """A UNet step or CFM NFE: eager, and with --cuda-graphs also replayed from a graph (`<name>_cuda_graph`)."""
+        timer(name, fn)
+        if cuda_graphs:
+            timer(f"{name}_cuda_graph", cuda_graph(fn, device))
+
     def unet_step(n: int) -> None:
         z = torch.randn(batch, 4, n, n, device=device, dtype=torch_dtype)
         t = torch.tensor(500, device=device)
-        timer(f"unet_step_{n}", lambda: unet(z, t, encoder_hidden_states=text))
-        if cuda_graphs:
-            timer(f"unet_step_{n}_cuda_graph", cuda_graph(lambda: unet(z, t, encoder_hidden_states=text), device))
+        time_network_call(f"unet_step_{n}", lambda: unet(z, t, encoder_hidden_states=text))
 
     timer("text_encoder", lambda: parts["text_encoder"](tokens))
     unet_step(lr_latent)
     unet_step(hr_latent)
     t_cfm = torch.tensor([0.5], device=device)
-    timer(f"cfm_nfe_{hr_latent}", lambda: cfm(z_hr, t_cfm, z_hr))
-    if cuda_graphs:
-        timer(f"cfm_nfe_{hr_latent}_cuda_graph", cuda_graph(lambda: cfm(z_hr, t_cfm, z_hr), device))
+    time_network_call(f"cfm_nfe_{hr_latent}", lambda: cfm(z_hr, t_cfm, z_hr))
     timer(f"psu_decode_{lr_latent * f}", lambda: first_stage.decode(z_hr[..., :lr_latent, :lr_latent]))
     timer(f"psu_encode_{hr_latent * f}",
           lambda: first_stage.encode(torch.zeros(1, 3, hr_latent * f, hr_latent * f, device=device)))
