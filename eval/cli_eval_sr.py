@@ -65,6 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--study-nfe", default="2,4,8,16,32", help="comma-separated NFE for --study")
     parser.add_argument("--study-reference", default="dopri5", metavar="SPEC",
                         help="reference sampler of the study, e.g. dopri5:atol=1e-5,rtol=1e-3 (default: dopri5)")
+    parser.add_argument("--detail", default=None, metavar="LIST",
+                        help="fidelity dial of posterior-mean upsamplers, comma-separated values in [0, 1] (0: the "
+                             "regression estimate, 1: the flow's full detail); several values sweep the dial, drawn "
+                             "as a curve in perception_distortion.png (default: the upsampler's saved value)")
     parser.add_argument("--average-samples", type=int, default=1, metavar="K",
                         help="also score the decoded mean of K samples per CFM sampler (posterior-mean estimate)")
     parser.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",
@@ -124,8 +128,7 @@ def load_models(args: argparse.Namespace, scale: int):
         if model is not None:
             if model.scale != scale:
                 raise ValueError(f"{name} up-samples ×{model.scale} but --hr-size/--lr-size is ×{scale}")
-            model.model.to(args.device)
-            model.first_stage.to(args.device)
+            model.to(args.device)
     first_stage = next(iter(upsamplers.values())).first_stage if upsamplers else None
     if first_stage is None and args.first_stage:
         first_stage = load_first_stage(args.first_stage)
@@ -134,26 +137,51 @@ def load_models(args: argparse.Namespace, scale: int):
     return upsamplers, regression, first_stage
 
 
+def parse_details(text: str | None) -> list[float | None]:
+    """--detail '0,0.5,1' → [0.0, 0.5, 1.0]; absent → [None] (the saved value)."""
+    if text is None:
+        return [None]
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--detail takes comma-separated numbers in [0, 1], got {text!r}") from None
+    bad = [v for v in values if not 0.0 <= v <= 1.0]
+    if bad or not values:
+        raise ValueError(f"--detail values must lie in [0, 1], got {text!r}")
+    return list(dict.fromkeys(values))
+
+
 def cfm_methods(upsamplers: dict[str, Upsampler], args: argparse.Namespace, memo: ConditionMemo
-                ) -> tuple[dict[str, Method], dict[str, SamplerSpec], dict[str, str]]:
-    """(methods, {method: sampler}, {method: NFE-curve label}) for every upsampler × sampler (× averaging)."""
+                ) -> tuple[dict[str, Method], dict[str, SamplerSpec], dict[str, str], dict[str, list[str]]]:
+    """(methods, {method: sampler}, {method: NFE-curve label}, {dial sweep: its methods by detail}) for every
+    upsampler × sampler (× averaging) (× --detail values, for posterior-mean upsamplers)."""
     if args.study and len(upsamplers) > 1:
         raise ValueError("--study compares the samplers of one model: give a single --upsampler")
     if args.average_samples < 1:
         raise ValueError(f"--average-samples must be ≥ 1, got {args.average_samples}")
     if not upsamplers:
         build_samplers(args, None)  # raises if samplers were asked for without a model
-    methods, specs, curves = {}, {}, {}
+    details = parse_details(args.detail)
+    if details != [None] and not any(u.flow.needs_posterior_mean for u in upsamplers.values()):
+        raise ValueError("--detail needs a posterior-mean upsampler (trained with source: posterior_mean)")
+    methods, specs, curves, sweeps = {}, {}, {}, {}
     for label, upsampler in upsamplers.items():
         prefix = "CFM" if len(upsamplers) == 1 else f"CFM[{label}]"
+        dial = details if upsampler.flow.needs_posterior_mean else [None]
         for spec in build_samplers(args, upsampler):
-            name = f"{prefix} {spec.name}"
-            methods[name], specs[name] = upsampler_method(upsampler, memo, **spec.kwargs()), spec
-            curves[name] = spec.curve if len(upsamplers) == 1 else f"{label} {spec.curve}"
-            if args.average_samples > 1 and not spec.adaptive:
-                mean_name = f"{name} · mean of {args.average_samples}"
-                methods[mean_name] = upsampler_method(upsampler, memo, args.average_samples, **spec.kwargs())
-    return methods, specs, curves
+            base = f"{prefix} {spec.name}"
+            for detail in dial:
+                name = base if detail is None else f"{base} · detail {detail:g}"
+                kwargs = spec.kwargs() if detail is None else {**spec.kwargs(), "detail": detail}
+                methods[name], specs[name] = upsampler_method(upsampler, memo, **kwargs), spec
+                if detail is None or detail == 1.0:
+                    curves[name] = spec.curve if len(upsamplers) == 1 else f"{label} {spec.curve}"
+                if args.average_samples > 1 and not spec.adaptive:
+                    mean_name = f"{name} · mean of {args.average_samples}"
+                    methods[mean_name] = upsampler_method(upsampler, memo, args.average_samples, **kwargs)
+            if len(dial) > 1:
+                sweeps[f"{base} · detail {dial[0]:g}…{dial[-1]:g}"] = [f"{base} · detail {d:g}" for d in dial]
+    return methods, specs, curves, sweeps
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,12 +195,15 @@ def run(args: argparse.Namespace) -> int:
     methods = baseline_methods(scale, first_stage, memo, [b for b in args.baselines.split(",") if b])
     if regression is not None:
         methods["regression"] = upsampler_method(regression, memo)
-    cfm, specs, curves = cfm_methods(upsamplers, args, memo)
+    cfm, specs, curves, sweeps = cfm_methods(upsamplers, args, memo)
     methods.update(cfm)
     if args.back_project:
         models = [name for name in methods if name == "regression" or name in cfm]
         for name in models:
             methods[back_projected_name(name, args.back_project)] = back_projected(name, args.back_project)
+        sweeps.update({back_projected_name(label, args.back_project):
+                       [back_projected_name(m, args.back_project) for m in members]
+                       for label, members in sweeps.items()})
     reference = next((name for name, spec in specs.items() if spec.solver == "dopri5"), None)
 
     networks = MetricNetworks.load(args.lpips_weights, args.inception, args.device, use_fid=not args.no_fid)
@@ -185,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = iter_pairs(args.data, args.hr_size, args.lr_size, args.crop, args.resize, args.seed, args.max_images)
     evaluation = evaluate(pairs, methods, scale, networks, args.seed, reference, args.device, args.grid_images,
                           num_images)
-    write_outputs(Path(args.out), evaluation, specs, curves, args)
+    write_outputs(Path(args.out), evaluation, specs, curves, args, sweeps)
     print(markdown_table(evaluation.results))
     return 0
 
@@ -203,7 +234,7 @@ def describe(args: argparse.Namespace, evaluation: Evaluation) -> str:
 
 
 def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, SamplerSpec], curves: dict[str, str],
-                  args) -> None:
+                  args, sweeps: dict[str, list[str]] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(json_safe(evaluation.results), indent=2, allow_nan=False))
     (out / "per_image.json").write_text(json.dumps(json_safe(evaluation.per_image), indent=1, allow_nan=False))
@@ -220,4 +251,7 @@ def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, Sample
         plots.nfe_curves(evaluation.results, curves, out / "nfe_curve.png", adaptive)
     else:
         print("nfe_curve.png skipped: no CFM samplers (give --upsampler)")
-    print(f"wrote {out}/results.json, results.md, grid.png{', nfe_curve.png' if cfm_names else ''}")
+    plots.perception_distortion(evaluation.results, sweeps or {}, out / "perception_distortion.png",
+                                f"{evaluation.num_images} images, ×{args.hr_size // args.lr_size} to {args.hr_size}²")
+    print(f"wrote {out}/results.json, results.md, grid.png, perception_distortion.png"
+          f"{', nfe_curve.png' if cfm_names else ''}")

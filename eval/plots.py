@@ -86,3 +86,36 @@ def nfe_curves(results: dict[str, dict[str, float]], curves: dict[str, str], pat
         axes[0].legend(fontsize=7)
     figure.savefig(path, dpi=110)
     return Path(path)
+
+
+PD_PANELS = (("lpips", "LPIPS ↓"), ("patch_fid", "patch-FID ↓"))
+
+
+def perception_distortion(results: dict[str, dict[str, float]], sweeps: dict[str, list[str]], path: str | Path,
+                          title: str = "") -> Path:
+    """Saves the perception–distortion plane: PSNR on x (better to the right), LPIPS and patch-FID on y (better
+    down), one panel each where measured; every method a labelled point, each `sweeps` entry (label → its
+    methods, e.g. one fidelity-dial sweep) a line through its points in the given order."""
+    panels = [(key, name) for key, name in PD_PANELS if any(key in r for r in results.values())]
+    figure = Figure(figsize=(6.5 * max(1, len(panels)), 5), layout="constrained")
+    axes = figure.subplots(1, max(1, len(panels)), squeeze=False)[0]
+    swept = {m for methods in sweeps.values() for m in methods}
+    for axis, (key, name) in zip(axes, panels):
+        for label, methods in sweeps.items():
+            points = [(results[m]["psnr"], results[m][key]) for m in methods if key in results.get(m, {})]
+            if points:
+                axis.plot(*zip(*points), marker="o", markersize=4, label=label)
+        for method, row in results.items():
+            if method in swept or key not in row or "psnr" not in row:
+                continue
+            axis.scatter(row["psnr"], row[key], s=22)
+            axis.annotate(method, (row["psnr"], row[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel("PSNR (dB) →")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+        if sweeps:
+            axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    figure.savefig(path, dpi=110)
+    return Path(path)

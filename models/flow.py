@@ -2,8 +2,12 @@
 
 Path (Lipman et al. 2023, Eq. 22; Albergo & Vanden-Eijnden 2023 for data couplings):
     x_t = t · x1 + (1 − (1 − σ_min) t) · x0,      u_t = x1 − (1 − σ_min) · x0,
-where x0 is the coupling's noise-augmented up-sampled latent and x1 the high-res latent. The
-network regresses u_t with MSE; sampling integrates v_θ from t = 0 to 1.
+where x0 is the source and x1 the high-res latent. The network regresses u_t with MSE; sampling
+integrates v_θ from t = 0 to 1. Sources:
+  "coupling"        the paper's: the up-sampled latent, noise-augmented by q(x_t | x_0) at a fixed step;
+  "posterior_mean"  PMRF's: R(cond) + σ_s·ε, R a frozen regression upsampler (the MMSE estimate), so the
+                    flow starts at the best-PSNR point and only adds the detail the mean averages away;
+  "noise"           N(0, I): plain conditional flow matching (ablation).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from .coupling import UPSAMPLE_MODES, CouplingBatch, cosine_alpha_bar, noise_aug
 from .sampling import SampleResult, sample_ode
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
-SOURCES = ("coupling", "noise")
+SOURCES = ("coupling", "posterior_mean", "noise")
+DIALS = ("blend", "end_time")
 OBJECTIVES = ("cfm", "regression")
 
 
@@ -55,7 +60,10 @@ class CouplingFlowMatcher:
     noising_step: int = 400
     num_train_timesteps: int = 1000
     noise_sigma: float | None = None  # overrides noising_step: ᾱ = 1 − σ²
-    source: str = "coupling"  # "noise": plain conditional FM from N(0, I) (ablation)
+    source: str = "coupling"  # "posterior_mean": from R(cond) + σ_s ε; "noise": from N(0, I) (ablation)
+    posterior_mean_sigma: float = 0.1  # σ_s of the posterior-mean source, in normalised latent units
+    concat_cond: bool = True  # concatenate the clean up-sampled latent to x_t; False feeds zeros (PMRF's flow)
+    dial: str = "blend"  # how `detail` < 1 trades detail for PSNR (posterior-mean flows; see `sample`)
     objective: str = "cfm"  # "regression": one-pass baseline, x̂1 = cond + net(cond, 0, cond)
     sigma_min: float = 0.0
     time_sampling: str = "uniform"
@@ -64,12 +72,14 @@ class CouplingFlowMatcher:
 
     def __post_init__(self):
         for name, value, allowed in (("upsample", self.upsample, UPSAMPLE_MODES), ("source", self.source, SOURCES),
-                                     ("objective", self.objective, OBJECTIVES),
+                                     ("objective", self.objective, OBJECTIVES), ("dial", self.dial, DIALS),
                                      ("time_sampling", self.time_sampling, TIME_SAMPLINGS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
         if self.noise_sigma is not None and not 0.0 <= self.noise_sigma < 1.0:
             raise ValueError(f"noise_sigma must be in [0, 1), got {self.noise_sigma}")
+        if not self.posterior_mean_sigma >= 0.0:
+            raise ValueError(f"posterior_mean_sigma must be >= 0, got {self.posterior_mean_sigma}")
         if not 0.0 <= self.sigma_min < 1.0:
             raise ValueError(f"sigma_min must be in [0, 1), got {self.sigma_min}")
         cosine_alpha_bar(self.noising_step, self.num_train_timesteps)  # validates the step
@@ -99,27 +109,43 @@ class CouplingFlowMatcher:
                 raise ValueError(f"{name} contains NaN or inf")
         return upsample_latent(lr_latent, size, self.upsample, first_stage, lr_image)
 
-    def couple(self, cond: torch.Tensor, x1: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> CouplingBatch:
-        """x0 from the conditioning: noise-augmented cond, or pure noise for source='noise'."""
+    @property
+    def needs_posterior_mean(self) -> bool:
+        return self.source == "posterior_mean" and self.objective == "cfm"
+
+    def network_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        """What the network sees beside x_t: the clean up-sampled latent, or zeros when `concat_cond` is off."""
+        return cond if self.concat_cond else torch.zeros_like(cond)
+
+    def couple(self, cond: torch.Tensor, x1: torch.Tensor | None = None, generator: torch.Generator | None = None,
+               posterior_mean: torch.Tensor | None = None) -> CouplingBatch:
+        """x0 (B, C, H, W) from the conditioning: noise-augmented cond, R(cond) + σ_s ε, or pure noise."""
         if self.source == "noise":
             x0 = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
+        elif self.source == "posterior_mean":
+            if posterior_mean is None or posterior_mean.shape != cond.shape:
+                got = None if posterior_mean is None else tuple(posterior_mean.shape)
+                raise ValueError(f"source 'posterior_mean' needs posterior_mean of shape {tuple(cond.shape)} "
+                                 f"(R(cond), the regression model's estimate), got {got}")
+            noise = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
+            x0 = posterior_mean + self.posterior_mean_sigma * noise
         else:
             x0 = noise_augment(cond, self.alpha_bar, generator)
         return CouplingBatch(x0=x0, cond=cond, x1=x1)
 
     def loss(self, model: torch.nn.Module, x1: torch.Tensor, cond: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scalar MSE loss for a batch of targets x1 and conditionings cond, both (B, C, H, W)."""
+             generator: torch.Generator | None = None, posterior_mean: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar MSE loss for targets x1 and conditionings cond, both (B, C, H, W); `posterior_mean`
+        (B, C, H, W) = R(cond) for the posterior-mean source."""
         if x1.shape != cond.shape:
             raise ValueError(f"x1 {tuple(x1.shape)} and cond {tuple(cond.shape)} must have the same shape")
         if self.objective == "regression":
             return F.mse_loss(self.regress(model, cond).float(), x1.float())
-        batch = self.couple(cond, x1, generator)
+        batch = self.couple(cond, x1, generator, posterior_mean)
         t = sample_time(x1.shape[0], self.time_sampling, self.logit_normal_mu, self.logit_normal_std,
                         generator, x1.device).to(x1.dtype)
         x_t = interpolate(batch.x0, x1, t, self.sigma_min)
-        prediction = model(x_t, t, cond)
+        prediction = model(x_t, t, self.network_cond(cond))
         return F.mse_loss(prediction.float(), target_velocity(batch.x0, x1, self.sigma_min).float())
 
     def regress(self, model: torch.nn.Module, cond: torch.Tensor) -> torch.Tensor:
@@ -128,10 +154,39 @@ class CouplingFlowMatcher:
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, cond: torch.Tensor, generator: torch.Generator | None = None,
-               **solver_kwargs) -> SampleResult:
+               posterior_mean: torch.Tensor | None = None, detail: float = 1.0, **solver_kwargs) -> SampleResult:
         """x1 (B, C, H, W) from the conditioning; solver_kwargs go to `sample_ode` (solver, num_steps,
-        schedule, schedule_params, atol, rtol, return_intermediates). Regression: one pass, NFE 1."""
+        schedule, schedule_params, atol, rtol, return_intermediates). Regression: one pass, NFE 1.
+        The NFE reported is the flow's; the caller that computed `posterior_mean` adds R's pass.
+
+        `detail` ∈ [0, 1] is the fidelity dial of posterior-mean flows: 0 returns R(cond) itself (best
+        PSNR), 1 the flow's sample (best perception). In between, with `dial`:
+          "blend"     x̂ = R(cond) + detail · (x̂1 − R(cond)): the straight line between the MMSE estimate and
+                      the sample, which is the optimal distortion–perception trade-off when the sample is the
+                      optimal transport of the MMSE estimate (Freirich et al. 2021) — what a posterior-mean
+                      flow learns. Costs the full flow's NFE.
+          "end_time"  integrate only to τ = detail and remove the known source noise, x̂ = x_τ − (1 − τ) σ_s ε
+                      (on a straight path the same point as "blend"; the flow's curvature makes it differ).
+        """
+        if not 0.0 <= detail <= 1.0:
+            raise ValueError(f"detail must be in [0, 1], got {detail}")
         if self.objective == "regression":
             return SampleResult(self.regress(model, cond), nfe=1)
-        x0 = self.couple(cond, generator=generator).x0
-        return sample_ode(lambda x, t: model(x, t, cond), x0, **solver_kwargs)
+        if detail < 1.0 and self.source != "posterior_mean":
+            raise ValueError(f"detail < 1 needs a posterior-mean flow (source 'posterior_mean'), this one's source "
+                             f"is {self.source!r}: its t = 0 end is a noisy source, not an estimate")
+        if detail == 0.0:
+            return SampleResult(posterior_mean, nfe=0)
+        x0 = self.couple(cond, generator=generator, posterior_mean=posterior_mean).x0
+        net_cond = self.network_cond(cond)
+        if self.dial == "end_time" and detail < 1.0:
+            tau = detail  # t = τ s maps the solver's s ∈ [0, 1] onto [0, τ]: dx/ds = τ v(x, τ s)
+            result = sample_ode(lambda x, s: tau * model(x, tau * s, net_cond), x0, **solver_kwargs)
+            source_noise = x0 - posterior_mean
+            x_hat = result.x1 - (1.0 - tau) * source_noise
+            times = None if result.times is None else result.times * tau
+            return SampleResult(x_hat, result.nfe, times, result.trajectory)
+        result = sample_ode(lambda x, t: model(x, t, net_cond), x0, **solver_kwargs)
+        if detail < 1.0:
+            result.x1 = torch.lerp(posterior_mean, result.x1, detail)
+        return result

@@ -3,6 +3,8 @@
     <dir>/config.json, diffusion_pytorch_model.safetensors   the CFMUNet (diffusers save_pretrained)
     <dir>/boost_config.json                                  first stage (+ latent stats), scale,
                                                              CouplingFlowMatcher, sampler defaults
+    <dir>/posterior_mean/                                    R, for posterior-mean flows only (frozen
+                                                             regression CFMUNet + its latent stats)
 
 Training writes it; `BoostPipeline`, `fmboost upscale` and `fmboost eval-sr` load it, so inference
 uses exactly the coupling and latent normalisation the model was trained with.
@@ -18,23 +20,33 @@ import torch
 
 from .autoencoders import FirstStage, first_stage_from_config
 from .flow import CouplingFlowMatcher
+from .posterior_mean import PosteriorMean
 from .sampling import SampleResult
 
 BOOST_CONFIG_NAME = "boost_config.json"
-SAMPLER_KEYS = ("solver", "num_steps", "schedule", "schedule_params", "atol", "rtol")
+POSTERIOR_MEAN_FOLDER = "posterior_mean"
+SAMPLER_KEYS = ("solver", "num_steps", "schedule", "schedule_params", "atol", "rtol", "detail")
 
 
 @dataclass
 class Upsampler:
-    """model: v_θ; first_stage: the latent space it works in; scale: pixel up-sampling factor (e.g. 4)."""
+    """model: v_θ; first_stage: the latent space it works in; scale: pixel up-sampling factor (e.g. 4);
+    posterior_mean: R, required by (and only by) flows with source 'posterior_mean'.
+
+    sampler: the saved defaults — solver, num_steps, schedule, schedule_params, atol, rtol, and `detail`,
+    the fidelity dial of posterior-mean flows (0: R's estimate, best PSNR; 1, the default: full detail)."""
 
     model: torch.nn.Module
     first_stage: FirstStage
     flow: CouplingFlowMatcher
     scale: int
     sampler: dict = field(default_factory=lambda: {"solver": "euler", "num_steps": 4, "schedule": "linear"})
+    posterior_mean: PosteriorMean | None = None
 
     def __post_init__(self):
+        if self.flow.needs_posterior_mean and self.posterior_mean is None:
+            raise ValueError("a flow with source 'posterior_mean' needs its posterior-mean model R "
+                             "(PosteriorMean.from_upsampler(<regression Upsampler>))")
         unknown = sorted(set(self.sampler) - set(SAMPLER_KEYS))
         if unknown:
             raise ValueError(f"unknown sampler keys {unknown}; allowed: {list(SAMPLER_KEYS)}")
@@ -46,6 +58,8 @@ class Upsampler:
         self.model.save_pretrained(directory)
         config = {"first_stage": self.first_stage.config(), "scale": self.scale, "flow": self.flow.to_dict(),
                   "sampler": self.sampler}
+        if self.posterior_mean is not None:
+            self.posterior_mean.save_pretrained(directory / POSTERIOR_MEAN_FOLDER)
         (directory / BOOST_CONFIG_NAME).write_text(json.dumps(config, indent=2))
 
     @classmethod
@@ -65,15 +79,25 @@ class Upsampler:
             stats = config["first_stage"]
             first_stage.set_latent_stats(torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"]))
         model = CFMUNet.from_pretrained(directory).eval()
-        return cls(model, first_stage, CouplingFlowMatcher.from_dict(config["flow"]), config["scale"],
-                   config.get("sampler", {}))
+        flow = CouplingFlowMatcher.from_dict(config["flow"])
+        posterior_mean = PosteriorMean.from_pretrained(directory / POSTERIOR_MEAN_FOLDER) \
+            if flow.needs_posterior_mean else None
+        return cls(model, first_stage, flow, config["scale"], config.get("sampler", {}), posterior_mean)
+
+    def to(self, device: torch.device | str) -> "Upsampler":
+        """Move the networks (CFMUNet, first stage, R) to `device`; returns self."""
+        self.model.to(device)
+        self.first_stage.to(device)
+        if self.posterior_mean is not None:
+            self.posterior_mean.to(device)
+        return self
 
     @torch.no_grad()
     def upsample(self, lr_latent: torch.Tensor | None = None, lr_image: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, **sampler_overrides) -> SampleResult:
         """High-res latent (B, C, s·h, s·w) from a low-res latent (B, C, h, w) and/or image (B, 3, f·h, f·w).
 
-        `sampler_overrides` (solver, num_steps, schedule, schedule_params, atol, rtol,
+        `sampler_overrides` (solver, num_steps, schedule, schedule_params, atol, rtol, detail,
         return_intermediates) replace the saved defaults for this call.
         """
         return self.sample(self.condition(lr_latent, lr_image), generator, **sampler_overrides)
@@ -99,5 +123,14 @@ class Upsampler:
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None,
                **sampler_overrides) -> SampleResult:
-        """x1 (B, C, H, W) from a conditioning made by `condition`, with the saved sampler unless overridden."""
-        return self.flow.sample(self.model, cond, generator, **{**self.sampler, **sampler_overrides})
+        """x1 (B, C, H, W) from a conditioning made by `condition`, with the saved sampler unless overridden.
+
+        Posterior-mean flows first run R on cond (one network evaluation, counted in the NFE)."""
+        posterior_mean = None
+        if self.flow.needs_posterior_mean:
+            posterior_mean = self.posterior_mean(cond, self.first_stage.latent_mean, self.first_stage.latent_std)
+        result = self.flow.sample(self.model, cond, generator, posterior_mean=posterior_mean,
+                                  **{**self.sampler, **sampler_overrides})
+        if posterior_mean is not None:
+            result.nfe += 1
+        return result

@@ -6,8 +6,11 @@ A diffusers `DiffusionPipeline`, so `save_pretrained` / `from_pretrained`, `.to(
     text_encoder, tokenizer, unet, scheduler   the base text-to-image model (any SD-family pipeline)
     vae                                        its autoencoder (also the upsampler's, for SD-VAE upsamplers)
     upsampler                                  the CFMUNet v_θ
+    posterior_mean                             R, the frozen regression CFMUNet a posterior-mean flow
+                                               starts from (None for the paper's coupling)
     boost_config (model_index.json)            the upsampler's boost_config.json: first stage + latent
-                                               stats, scale, CouplingFlowMatcher, sampler defaults
+                                               stats, scale, CouplingFlowMatcher, sampler defaults (and R's
+                                               latent stats)
 
 The boost stage is `fmboost.models.Upsampler` (coupling + ODE), built as a view over these
 components at call time; the VAE goes through `DiffusersAutoencoder`, where the scaling factor lives.
@@ -28,6 +31,7 @@ from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from fmboost.models import CouplingFlowMatcher, DiffusersAutoencoder, FirstStage, Upsampler, first_stage_from_config
+from fmboost.models.posterior_mean import PosteriorMean
 from tqdm.auto import tqdm
 
 DIFFUSERS_KINDS = ("autoencoder_kl", "autoencoder_tiny")
@@ -85,18 +89,21 @@ def normalise_latents(first_stage: FirstStage, z: torch.Tensor) -> torch.Tensor:
 
 
 class BoostPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->unet->upsampler->vae"
-    _optional_components = ["text_encoder", "tokenizer", "unet", "scheduler", "vae"]
+    model_cpu_offload_seq = "text_encoder->unet->posterior_mean->upsampler->vae"
+    _optional_components = ["text_encoder", "tokenizer", "unet", "scheduler", "vae", "posterior_mean"]
 
     def __init__(self, upsampler, text_encoder=None, tokenizer=None, unet=None, scheduler=None, vae=None,
-                 boost_config: dict | None = None):
+                 posterior_mean=None, boost_config: dict | None = None):
         super().__init__()
         if boost_config is None:
             raise ValueError("BoostPipeline needs boost_config (an upsampler's boost_config.json); "
                              "build it with BoostPipeline.from_base(base_pipeline, Upsampler.from_pretrained(dir))")
-        CouplingFlowMatcher.from_dict(boost_config["flow"])  # validate early
+        flow = CouplingFlowMatcher.from_dict(boost_config["flow"])  # validate early
+        if flow.needs_posterior_mean and (posterior_mean is None or "posterior_mean_stats" not in boost_config):
+            raise ValueError("this upsampler is a posterior-mean flow: the pipeline needs its posterior_mean "
+                             "model (build it with BoostPipeline.from_upsampler / from_base)")
         self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              vae=vae, upsampler=upsampler)
+                              vae=vae, upsampler=upsampler, posterior_mean=posterior_mean)
         self.register_to_config(boost_config=dict(boost_config))
         self._own_first_stage: FirstStage | None = None  # TAEF2 / identity upsamplers: not the pipeline's VAE
 
@@ -110,7 +117,7 @@ class BoostPipeline(DiffusionPipeline):
         if missing:
             raise ValueError(f"base pipeline {type(base_pipeline).__name__} lacks {missing}: not an SD-family pipeline")
         pipe = cls(upsampler.model, parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["scheduler"],
-                   parts["vae"], boost_config=_boost_config(upsampler))
+                   parts["vae"], _posterior_mean_model(upsampler), boost_config=_boost_config(upsampler))
         pipe._adopt_first_stage(upsampler.first_stage)
         return pipe
 
@@ -118,7 +125,8 @@ class BoostPipeline(DiffusionPipeline):
     def from_upsampler(cls, upsampler: Upsampler) -> BoostPipeline:
         """Image-only pipeline (super-resolution with `image=`): no base model."""
         vae = upsampler.first_stage.vae if isinstance(upsampler.first_stage, DiffusersAutoencoder) else None
-        pipe = cls(upsampler.model, vae=vae, boost_config=_boost_config(upsampler))
+        pipe = cls(upsampler.model, vae=vae, posterior_mean=_posterior_mean_model(upsampler),
+                   boost_config=_boost_config(upsampler))
         pipe._adopt_first_stage(upsampler.first_stage)
         return pipe
 
@@ -148,14 +156,22 @@ class BoostPipeline(DiffusionPipeline):
         first_stage.set_latent_stats(mean, std)
         return first_stage
 
-    def upsampler_bundle(self, model: torch.nn.Module | None = None, noising_step: int | None = None) -> Upsampler:
-        """The `Upsampler` these components form (optionally with `model` wrapping v_θ, or another
-        coupling noise level than the trained one: `noising_step`, an ablation knob)."""
+    def upsampler_bundle(self, model: torch.nn.Module | None = None, noising_step: int | None = None,
+                         posterior_mean_model: torch.nn.Module | None = None) -> Upsampler:
+        """The `Upsampler` these components form (optionally with `model` wrapping v_θ and
+        `posterior_mean_model` wrapping R, or another coupling noise level than the trained one:
+        `noising_step`, an ablation knob)."""
         cfg = self.config.boost_config
         flow = self.flow if noising_step is None else dataclasses.replace(self.flow, noising_step=noising_step,
                                                                           noise_sigma=None)
+        posterior_mean = None
+        if flow.needs_posterior_mean:
+            stats = cfg["posterior_mean_stats"]
+            r_model = posterior_mean_model if posterior_mean_model is not None else self.posterior_mean
+            posterior_mean = PosteriorMean(r_model, torch.tensor(stats["latent_mean"]),
+                                           torch.tensor(stats["latent_std"]))
         return Upsampler(model if model is not None else self.upsampler, self.first_stage(), flow,
-                         cfg["scale"], dict(cfg.get("sampler", {})))
+                         cfg["scale"], dict(cfg.get("sampler", {})), posterior_mean)
 
     # ------------------------------------------------------------------ memory options
 
@@ -293,14 +309,17 @@ class BoostPipeline(DiffusionPipeline):
     def __call__(self, prompt: str | list[str] | None = None, image=None, negative_prompt=None,
                  num_inference_steps: int | None = None, guidance_scale: float = 7.5, base_size: int | tuple = 256,
                  upsample_steps: int | None = None, solver: str | None = None, schedule: str | None = None,
-                 schedule_params: dict | None = None, noising_step: int | None = None, cascade: int = 1,
+                 schedule_params: dict | None = None, detail: float | None = None,
+                 noising_step: int | None = None, cascade: int = 1,
                  preview_vae: torch.nn.Module | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None, **base_kwargs):
         """Text → image (prompt) or super-resolution (image); `cascade` CFM passes of ×scale each.
 
-        upsample_steps / solver / schedule / schedule_params (and noising_step, the coupling noise)
-        override the upsampler's saved defaults; `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes
+        upsample_steps / solver / schedule / schedule_params / detail (and noising_step, the coupling
+        noise) override the upsampler's saved defaults; `detail` ∈ [0, 1] is the fidelity dial of
+        posterior-mean upsamplers (0: the regression estimate, best PSNR; 1: the flow's full detail);
+        `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes
         instead of the VAE for a fast preview; `base_kwargs` (prompt_embeds, eta, guidance_rescale, ...)
         go to the base SD loop.
         """
@@ -314,9 +333,10 @@ class BoostPipeline(DiffusionPipeline):
         self._check_precision(device)
         timer = _Timer(device)
         overrides = {k: v for k, v in (("num_steps", upsample_steps), ("solver", solver), ("schedule", schedule),
-                                       ("schedule_params", schedule_params)) if v is not None}
+                                       ("schedule_params", schedule_params), ("detail", detail)) if v is not None}
         velocity = _HalfVelocity(self.upsampler)
-        bundle = self.upsampler_bundle(velocity, noising_step)
+        r_model = _HalfVelocity(self.posterior_mean) if self.posterior_mean is not None else None
+        bundle = self.upsampler_bundle(velocity, noising_step, r_model)
         first_stage = bundle.first_stage
         shares_vae = isinstance(first_stage, DiffusersAutoencoder)
         if not shares_vae:  # the pipeline's VAE is placed by .to() / CPU offload, not here
@@ -361,5 +381,14 @@ class BoostPipeline(DiffusionPipeline):
 
 def _boost_config(upsampler: Upsampler) -> dict:
     """The dict `Upsampler.save_pretrained` writes as boost_config.json."""
-    return {"first_stage": upsampler.first_stage.config(), "scale": upsampler.scale,
-            "flow": upsampler.flow.to_dict(), "sampler": dict(upsampler.sampler)}
+    config = {"first_stage": upsampler.first_stage.config(), "scale": upsampler.scale,
+              "flow": upsampler.flow.to_dict(), "sampler": dict(upsampler.sampler)}
+    if upsampler.posterior_mean is not None:
+        config["posterior_mean_stats"] = {"latent_mean": upsampler.posterior_mean.latent_mean.tolist(),
+                                          "latent_std": upsampler.posterior_mean.latent_std.tolist()}
+    return config
+
+
+def _posterior_mean_model(upsampler: Upsampler) -> torch.nn.Module | None:
+    """R's CFMUNet, registered as the pipeline's `posterior_mean` component (None for coupling flows)."""
+    return None if upsampler.posterior_mean is None else upsampler.posterior_mean.model

@@ -25,6 +25,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upsample-steps", type=int, default=None, help="ODE steps (default: the upsampler's)")
     parser.add_argument("--solver", default=None, help="euler, midpoint, heun, rk4, dopri5, ... (default: saved)")
     parser.add_argument("--schedule", default=None, help="time grid: linear, cosine, logit_normal, …")
+    parser.add_argument("--detail", type=float, default=None, metavar="D",
+                        help="fidelity dial of posterior-mean upsamplers, 0..1: 0 = the regression estimate (best "
+                             "PSNR, smooth), 1 = the flow's full detail (default: the upsampler's, 1)")
     parser.add_argument("--cascade", type=int, default=1, help="CFM passes (2 with a ×2 model: 512 → 1024 → 2048 px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -125,11 +128,15 @@ def load_pipeline(base: str | None, upsampler: str | None, dtype: torch.dtype):
 def cast_upsampler(upsampler, dtype: torch.dtype):
     if upsampler.model.dtype != dtype:
         upsampler.model.to(dtype)
+    if upsampler.posterior_mean is not None and upsampler.posterior_mean.model.dtype != dtype:
+        upsampler.posterior_mean.model.to(dtype)
     return upsampler
 
 
 def sampler_kwargs(args: argparse.Namespace, device: torch.device) -> dict:
-    return dict(upsample_steps=args.upsample_steps, solver=args.solver, schedule=args.schedule,
+    if args.detail is not None and not 0.0 <= args.detail <= 1.0:
+        raise UserError(f"--detail must be in [0, 1], got {args.detail}")
+    return dict(upsample_steps=args.upsample_steps, solver=args.solver, schedule=args.schedule, detail=args.detail,
                 cascade=args.cascade, generator=torch.Generator(device).manual_seed(args.seed))
 
 

@@ -2,7 +2,8 @@
 
 The same code runs as `fmboost train --config X.yaml` (single process, in-process) and unchanged on
 CPU, one GPU or many through Accelerate. One step reads images (or cached latents) → latents →
-coupling → CFM loss → optimizer step → EMA; see `train_step`.
+coupling → CFM loss → optimizer step → EMA; see `train_step`. Posterior-mean flows (`source:
+posterior_mean`) also load the frozen regression upsampler R and read R(cond) from the cache.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, load_first_stage
+from fmboost.models.posterior_mean import PosteriorMean
 from fmboost.train import checkpoint as ckpt
 from fmboost.train.config import TrainConfig, load_config
 from fmboost.train.data import EpochSampler, PairDataset, image_records, split_records, validation_pairs
-from fmboost.train.latent_cache import CachedLatentDataset, build_or_load, encode_batch, training_latent_stats
+from fmboost.train.latent_cache import (
+    CachedLatentDataset,
+    build_or_load,
+    encode_batch,
+    posterior_mean_file,
+    training_latent_stats,
+)
 from fmboost.train.validation import validate
 from tqdm.auto import tqdm
 
@@ -42,21 +50,31 @@ class StepOutput:
     grad_norm: float | None  # only on steps that update the weights
 
 
-def batch_latents(batch: dict, first_stage: FirstStage, flow: CouplingFlowMatcher) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x1, cond), each (B, C, H, W): read from the latent cache, or encoded from the image pair."""
+def batch_latents(batch: dict, first_stage: FirstStage, flow: CouplingFlowMatcher,
+                  posterior_mean: PosteriorMean | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x1, cond, R(cond) or None), each (B, C, H, W): read from the latent cache, or encoded from the image
+    pair (and R run on cond) on the fly."""
     if "hr_latent" in batch:
-        return batch["hr_latent"], batch["cond"]
-    return encode_batch(batch, first_stage, flow)
+        x1, cond = batch["hr_latent"], batch["cond"]
+    else:
+        x1, cond = encode_batch(batch, first_stage, flow)
+    if not flow.needs_posterior_mean:
+        return x1, cond, None
+    if "posterior_mean" in batch:
+        return x1, cond, batch["posterior_mean"]
+    return x1, cond, posterior_mean(cond, first_stage.latent_mean, first_stage.latent_std)
 
 
 def train_step(batch: dict, model, ema: EMAModel | None, first_stage: FirstStage, flow: CouplingFlowMatcher,
-               optimizer, lr_scheduler, accelerator: Accelerator, config: TrainConfig, step: int) -> StepOutput:
-    """One micro-batch: image → latents → coupling → loss → backward; on accumulation boundaries also
-    clip, step the optimizer and LR schedule, and update the EMA."""
-    x1, cond = batch_latents(batch, first_stage, flow)
+               optimizer, lr_scheduler, accelerator: Accelerator, config: TrainConfig, step: int,
+               posterior_mean: PosteriorMean | None = None) -> StepOutput:
+    """One micro-batch: image → latents (+ R(cond)) → coupling → loss → backward; on accumulation boundaries
+    also clip, step the optimizer and LR schedule, and update the EMA."""
+    x1, cond, estimate = batch_latents(batch, first_stage, flow, posterior_mean)
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            loss = flow.loss(model, x1, cond)  # samples t and x0 = noise-augmented cond inside
+            loss = flow.loss(model, x1, cond, posterior_mean=estimate)  # samples t and the source x0 inside
         losses = accelerator.gather(loss.detach()[None])
         if not bool(torch.isfinite(losses).all()):
             raise NonFiniteLossError(f"non-finite loss {losses.tolist()} at step {step + 1}; stopping. The last "
@@ -79,6 +97,19 @@ def build_first_stage(config: TrainConfig, device: torch.device) -> FirstStage:
         if config.first_stage in ("autoencoder_kl", "autoencoder_tiny") and device.type == "cuda" else None
     first_stage = load_first_stage(config.first_stage, config.first_stage_path, config.first_stage_subfolder, dtype)
     return first_stage.to(device).eval().requires_grad_(False)
+
+
+def load_posterior_mean(config: TrainConfig, device: torch.device) -> PosteriorMean:
+    """R from `posterior_mean_model`: a regression upsampler of the same scale and first stage, frozen."""
+    try:
+        upsampler = Upsampler.from_pretrained(config.posterior_mean_model)
+    except FileNotFoundError as err:
+        raise ValueError(f"posterior_mean_model: {err}") from None
+    if upsampler.scale != config.scale or upsampler.first_stage.spec["kind"] != config.first_stage:
+        raise ValueError(f"posterior_mean_model {config.posterior_mean_model} up-samples ×{upsampler.scale} in "
+                         f"{upsampler.first_stage.spec['kind']!r} latents; this run needs ×{config.scale} in "
+                         f"{config.first_stage!r}")
+    return PosteriorMean.from_upsampler(upsampler).to(device)
 
 
 def build_model(config: TrainConfig, latent_channels: int) -> CFMUNet:
@@ -104,8 +135,9 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module, num_processes: 
 
 
 def build_dataset(config: TrainConfig, records, first_stage: FirstStage, flow: CouplingFlowMatcher,
-                  accelerator: Accelerator):
-    """Training dataset (cached latents or on-the-fly image pairs); sets the first stage's latent stats."""
+                  accelerator: Accelerator, posterior_mean: PosteriorMean | None = None):
+    """Training dataset (cached latents, with R(cond) for posterior-mean flows, or on-the-fly image pairs);
+    sets the first stage's latent stats."""
     if config.use_latent_cache:
         cache_dir = config.latent_cache_dir or str(Path(config.output_dir) / "latent_cache")
         cache = None
@@ -116,7 +148,13 @@ def build_dataset(config: TrainConfig, records, first_stage: FirstStage, flow: C
             cache = build_or_load(records, config, first_stage, flow, cache_dir)
         status = "hit" if cache.hit else f"built, encoding {cache.encode_samples_per_second:.2f} samples/s"
         accelerator.print(f"latent cache {status}: {cache.num_samples} samples in {cache.path}")
-        return CachedLatentDataset(cache, config), cache
+        estimates = None
+        if posterior_mean is not None:
+            if accelerator.is_main_process:
+                estimates = posterior_mean_file(cache, posterior_mean, first_stage)
+            accelerator.wait_for_everyone()
+            estimates = posterior_mean_file(cache, posterior_mean, first_stage)  # a hit for every process now
+        return CachedLatentDataset(cache, config, estimates), cache
     mean, std = training_latent_stats(records, config, first_stage)
     first_stage.set_latent_stats(mean, std)
     return PairDataset(records, config), None
@@ -153,7 +191,8 @@ def train(config: TrainConfig) -> Path:
         ckpt.remove_stale_temporaries(output_dir)
     train_records, val_records = split_records(image_records(config), config)
     first_stage, flow = build_first_stage(config, accelerator.device), config.flow()
-    dataset, _ = build_dataset(config, train_records, first_stage, flow, accelerator)
+    posterior_mean = load_posterior_mean(config, accelerator.device) if flow.needs_posterior_mean else None
+    dataset, _ = build_dataset(config, train_records, first_stage, flow, accelerator, posterior_mean)
     if len(dataset) < config.train_batch_size:
         raise ValueError(f"{len(dataset)} training samples < train_batch_size {config.train_batch_size}; "
                          "raise crops_per_image or add images")
@@ -185,12 +224,12 @@ def train(config: TrainConfig) -> Path:
         accelerator.print(f"resumed from {resume} at step {state.global_step}")
     accelerator.init_trackers("fmboost", config=tracker_config(config))
     final = run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
-                     state, val_pairs)
-    return save_upsampler(config, accelerator, model, ema, first_stage, flow, final)
+                     state, val_pairs, posterior_mean)
+    return save_upsampler(config, accelerator, model, ema, first_stage, flow, final, posterior_mean)
 
 
 def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
-             state: ckpt.TrainerState, val_pairs) -> ckpt.TrainerState:
+             state: ckpt.TrainerState, val_pairs, posterior_mean: PosteriorMean | None = None) -> ckpt.TrainerState:
     """Epochs of `train_step` until `max_train_steps`, with logging, validation and checkpoints."""
     fault = os.environ.get(ckpt.FAULT_ENV, "")
     progress = tqdm(total=config.max_train_steps, initial=state.global_step, desc="train",
@@ -207,7 +246,7 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
         epoch_loader.set_epoch(state.epoch)
         for batch in epoch_loader:
             out = train_step(batch, model, ema, first_stage, flow, optimizer, lr_scheduler, accelerator, config,
-                             state.global_step)
+                             state.global_step, posterior_mean)
             state.batches_in_epoch += 1
             samples_done += samples
             if not accelerator.sync_gradients:
@@ -224,7 +263,8 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
                 ckpt.save_checkpoint(accelerator, config.output_dir, state, config.checkpoints_total_limit)
             if val_pairs is not None and (state.global_step % config.validation_steps == 0
                                           or state.global_step == config.max_train_steps):
-                run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, state.global_step)
+                run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, state.global_step,
+                               posterior_mean)
             if fault == f"{KILL_AFTER}{state.global_step}":
                 os.kill(os.getpid(), signal.SIGKILL)
             if state.global_step >= config.max_train_steps:
@@ -235,29 +275,34 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
     return state
 
 
-def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, step: int) -> None:
+def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, step: int,
+                   posterior_mean: PosteriorMean | None = None) -> None:
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:  # validate the EMA weights, then put the training weights back
         ema.store(unwrapped.parameters())
         ema.copy_to(unwrapped.parameters())
-    result = validate(unwrapped, first_stage, flow, val_pairs, config.sampler(), step, config.output_dir, config.seed)
+    result = validate(unwrapped, first_stage, flow, val_pairs, config.sampler(), step, config.output_dir, config.seed,
+                      posterior_mean)
     if ema is not None:
         ema.restore(unwrapped.parameters())
     accelerator.log({"val_psnr": result.psnr, "val_ssim": result.ssim}, step=step)
     tqdm.write(f"step {step}: validation PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f} → {result.grid}")
 
 
-def save_upsampler(config, accelerator, model, ema, first_stage, flow, state) -> Path:
-    """The (EMA) weights as an `Upsampler` folder: CFMUNet + boost_config.json (incl. latent stats)."""
+def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
+                   posterior_mean: PosteriorMean | None = None) -> Path:
+    """The (EMA) weights as an `Upsampler` folder: CFMUNet + boost_config.json (incl. latent stats), and R
+    for posterior-mean flows, so the folder runs on its own."""
     accelerator.wait_for_everyone()
     target = Path(config.output_dir) / "upsampler"
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
-        Upsampler(unwrapped, first_stage, flow, config.scale, config.sampler()).save_pretrained(target)
+        Upsampler(unwrapped, first_stage, flow, config.scale, config.sampler(),
+                  posterior_mean).save_pretrained(target)
         accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}")
     accelerator.end_training()
     return target

@@ -51,7 +51,10 @@ class TrainConfig:
     upsample: str = "psu"
     noising_step: int = 400
     noise_sigma: float | None = None
-    source: str = "coupling"
+    source: str = "coupling"  # "posterior_mean": from R(cond) + σ_s ε, R = posterior_mean_model
+    posterior_mean_model: str | None = None  # a regression upsampler folder (objective: regression), frozen
+    posterior_mean_sigma: float = 0.1  # σ_s, in normalised latent units
+    concat_cond: bool = True  # feed the clean up-sampled latent beside x_t (False: PMRF's unconditional flow)
     objective: str = "cfm"
     time_sampling: str = "uniform"
     logit_normal_mu: float = 0.0
@@ -103,10 +106,16 @@ class TrainConfig:
         if (self.train_data_dir is None) == (self.dataset_name is None):
             raise ValueError("give exactly one of train_data_dir and dataset_name")
         self.flow()  # validates upsample, noising_step, objective, time_sampling, ...
+        if self.flow().needs_posterior_mean and not self.posterior_mean_model:
+            raise ValueError("source 'posterior_mean' needs posterior_mean_model: the folder of a regression "
+                             "upsampler (train one with objective: regression)")
+        if self.posterior_mean_model and not self.flow().needs_posterior_mean:
+            raise ValueError("posterior_mean_model is only used with source 'posterior_mean' and objective 'cfm'")
 
     def flow(self) -> CouplingFlowMatcher:
         return CouplingFlowMatcher(upsample=self.upsample, noising_step=self.noising_step,
                                    noise_sigma=self.noise_sigma, source=self.source, objective=self.objective,
+                                   posterior_mean_sigma=self.posterior_mean_sigma, concat_cond=self.concat_cond,
                                    time_sampling=self.time_sampling, logit_normal_mu=self.logit_normal_mu,
                                    logit_normal_std=self.logit_normal_std)
 

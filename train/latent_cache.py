@@ -10,6 +10,10 @@ approximation for convolutional encoders, which are close to flip-equivariant.
 The folder name is a hash of everything the latents depend on (the images' bytes, the first stage, the
 resolution / crop / scale / up-sampling settings, the seed of the crop positions), so a changed
 setting is a cache miss and an unchanged one a hit. A manifest written last marks a complete entry.
+
+Posterior-mean flows also need R(cond) for every sample: `posterior_mean_file` computes it once per
+regression model (keyed by a hash of R's weights and statistics) into the same entry, so training
+reads it like the other latents instead of running R every step.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import torch
 from fmboost.models import CouplingFlowMatcher, FirstStage, compute_latent_stats
+from fmboost.models.posterior_mean import PosteriorMean
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -136,15 +141,50 @@ def build_or_load(records: list[ImageRecord], config: TrainConfig, first_stage: 
     return LatentCache(path, False, count, mean, std, rate)
 
 
-class CachedLatentDataset(torch.utils.data.Dataset):
-    """Item i → {"hr_latent", "cond"} (C, H, W) from a cache entry, randomly flipped when configured
-    (a generator seeded by (seed, epoch, i): reproducible, so resuming is exact)."""
+def _weights_fingerprint(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:20]
 
-    def __init__(self, cache: LatentCache, config: TrainConfig):
+
+@torch.no_grad()
+def posterior_mean_file(cache: LatentCache, posterior_mean: PosteriorMean, first_stage: FirstStage,
+                        batch_size: int = 32) -> Path:
+    """R(cond) (N, C, H, W) for every cached sample, in the cache's latent normalisation; computed once per R
+    and stored beside the chunks (single writer, like `build_or_load`)."""
+    path = cache.path / f"posterior_mean_{_weights_fingerprint(posterior_mean)}.pt"
+    if path.is_file():
+        return path
+    meta = json.loads((cache.path / MANIFEST).read_text())
+    device = first_stage.latent_mean.device
+    estimates = []
+    with tqdm(total=meta["num_samples"], desc="posterior mean R(cond)", unit="sample") as progress:
+        for name in meta["chunks"]:
+            cond = torch.load(cache.path / name, mmap=True, weights_only=True)["cond"]
+            for start in range(0, cond.shape[0], batch_size):
+                batch = cond[start:start + batch_size].to(device)
+                estimates.append(posterior_mean(batch, first_stage.latent_mean, first_stage.latent_std).cpu())
+                progress.update(batch.shape[0])
+    _write_atomic(path, lambda p: torch.save(torch.cat(estimates), p))
+    return path
+
+
+class CachedLatentDataset(torch.utils.data.Dataset):
+    """Item i → {"hr_latent", "cond"} (C, H, W) from a cache entry (and "posterior_mean" when that file is
+    given), randomly flipped when configured (a generator seeded by (seed, epoch, i): reproducible, so resuming
+    is exact). Flipping R(cond) stands in for R(flipped cond), the same approximation as for the latents."""
+
+    def __init__(self, cache: LatentCache, config: TrainConfig, posterior_mean: Path | None = None):
         meta = json.loads((cache.path / MANIFEST).read_text())
         chunks = [torch.load(cache.path / name, mmap=True, weights_only=True) for name in meta["chunks"]]
         self.hr_latent = torch.cat([c["hr_latent"] for c in chunks])
         self.cond = torch.cat([c["cond"] for c in chunks])
+        self.posterior_mean = None if posterior_mean is None else torch.load(posterior_mean, weights_only=True)
+        if self.posterior_mean is not None and self.posterior_mean.shape != self.cond.shape:
+            raise ValueError(f"{posterior_mean} holds {tuple(self.posterior_mean.shape)}, the cache "
+                             f"{tuple(self.cond.shape)}: rebuild it (delete the file)")
         self.config, self.epoch = config, 0
 
     def __len__(self) -> int:
@@ -155,6 +195,8 @@ class CachedLatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = {"hr_latent": self.hr_latent[index], "cond": self.cond[index]}
+        if self.posterior_mean is not None:
+            item["posterior_mean"] = self.posterior_mean[index]
         if self.config.random_flip:
             generator = torch.Generator().manual_seed(hash((self.config.seed, self.epoch, index)) % 2 ** 62)
             if bool(torch.rand(1, generator=generator) < 0.5):

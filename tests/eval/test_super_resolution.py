@@ -226,3 +226,33 @@ def test_baseline_selection_and_back_projected_variants(folders, capsys):
     assert "unknown baseline(s) ['sharpest']" in capsys.readouterr().err
     assert eval_sr(folders, "--back-project", "-1") == 2
     assert (folders / "out" / "grid.png").stat().st_size > 10_000
+
+
+def test_detail_sweep_of_a_posterior_mean_upsampler_and_the_perception_distortion_plot(folders, capsys):
+    from fmboost.models.posterior_mean import PosteriorMean
+
+    regression = Upsampler.from_pretrained(folders / "regression")
+    torch.manual_seed(3)
+    pm = Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), IdentityAutoencoder(),
+                   CouplingFlowMatcher(source="posterior_mean"), scale=4,
+                   posterior_mean=PosteriorMean.from_upsampler(regression))
+    pm.save_pretrained(folders / "pm")
+    code = main(["eval-sr", "--data", str(folders / "images"), "--upsampler", f"pm={folders / 'pm'}",
+                 "--upsampler", f"paper={folders / 'cfm'}", "--regression", str(folders / "regression"),
+                 "--sampler", "euler:linear:2", "--detail", "0,0.5,1", "--back-project", "1", "--baselines", "bicubic",
+                 "--out", str(folders / "out"), "--hr-size", "64", "--lr-size", "16", "--no-fid",
+                 "--lpips-weights", MISSING])
+    assert code == 0
+    results = json.loads((folders / "out" / "results.json").read_text())
+    dial = [f"CFM[pm] euler:linear:2 · detail {d}" for d in ("0", "0.5", "1")]
+    assert [results[m]["nfe"] for m in dial] == [1, 3, 3]  # R's pass, plus 2 Euler steps when the flow runs
+    assert results[dial[0]]["psnr"] == pytest.approx(results["regression"]["psnr"])  # detail 0 is R itself
+    assert "CFM[paper] euler:linear:2" in results and "CFM[paper] euler:linear:2 · detail 0" not in results
+    assert f"{dial[1]} + BP1" in results
+    assert (folders / "out" / "perception_distortion.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert eval_sr(folders, "--detail", "0.5") == 2
+    assert "--detail needs a posterior-mean upsampler" in capsys.readouterr().err
+    assert main(["eval-sr", "--data", str(folders / "images"), "--upsampler", str(folders / "pm"), "--detail", "2",
+                 "--out", str(folders / "out"), "--hr-size", "64", "--lr-size", "16"]) == 2
+    assert "must lie in [0, 1]" in capsys.readouterr().err

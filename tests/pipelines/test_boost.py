@@ -5,9 +5,9 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from fmboost.pipelines.random_sd import random_sd_components
 from fmboost.models import CFMUNet, CouplingFlowMatcher, DiffusersAutoencoder, IdentityAutoencoder, Upsampler
 from fmboost.pipelines import BoostPipeline, BoostPipelineOutput
+from fmboost.pipelines.random_sd import random_sd_components
 
 BASE = dict(num_inference_steps=2, base_size=64)  # 8² base latents → 16² → 128 px
 
@@ -203,3 +203,34 @@ def test_progress_bars_follow_config(pipe, capsys):
     assert "base" in err and "upsample" in err
     pipe("a cat", generator=seeded(), output_type="latent", **BASE)
     assert "upsample" not in capsys.readouterr().err
+
+
+def test_posterior_mean_pipeline_text_image_save_load_and_detail(parts, tmp_path):
+    """R is a pipeline component: text → image and image → image run it, the dial reaches it, it saves and loads."""
+    from fmboost.models.posterior_mean import PosteriorMean
+
+    base = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    first_stage = DiffusersAutoencoder(parts["vae"], {"kind": "autoencoder_kl", "path": None})
+    first_stage.set_latent_stats(torch.full((4,), 0.1), torch.full((4,), 0.9))
+    torch.manual_seed(1)
+    r = Upsampler(CFMUNet.from_preset("tiny", latent_channels=4).eval(), first_stage,
+                  CouplingFlowMatcher(objective="regression"), scale=2)
+    upsampler = make_upsampler(first_stage)
+    upsampler = Upsampler(upsampler.model, first_stage, CouplingFlowMatcher(source="posterior_mean"), scale=2,
+                          sampler=upsampler.sampler, posterior_mean=PosteriorMean.from_upsampler(r))
+    pipe = BoostPipeline.from_base(base, upsampler)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a cat", generator=seeded(), output_type="latent", **BASE)
+    assert out.nfe == 2 + 1
+    image = torch.rand(1, 3, 48, 48, generator=seeded())
+    estimate = pipe(image=image, detail=0.0, output_type="latent")
+    expected = upsampler.upsample(lr_image=image * 2 - 1, detail=0.0).x1
+    assert estimate.nfe == 1
+    torch.testing.assert_close(estimate.images, expected, atol=1e-5, rtol=1e-4)
+    pipe.save_pretrained(tmp_path)
+    loaded = BoostPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    again = loaded("a cat", generator=seeded(), output_type="latent", **BASE)
+    torch.testing.assert_close(again.images, out.images, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="needs its posterior_mean model"):
+        BoostPipeline(pipe.upsampler, boost_config=pipe.config.boost_config)

@@ -1,13 +1,14 @@
 """`fmboost generate` / `fmboost upscale` on tiny saved pipelines and upsamplers; user errors are one line."""
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from fmboost.pipelines.random_sd import random_sd_components
 from fmboost.models import CFMUNet, CouplingFlowMatcher, DiffusersAutoencoder, IdentityAutoencoder, Upsampler
 from fmboost.pipelines import BoostPipeline
 from fmboost.pipelines.cli import main
+from fmboost.pipelines.random_sd import random_sd_components
 
 FAST = ["--steps", "1", "--base-size", "64", "--upsample-steps", "2"]
 
@@ -102,3 +103,30 @@ def test_user_errors_are_one_line(saved, tmp_path, capsys):
     err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(saved / "pixel"),
                               "--dtype", "float16", "--device", "cpu"])
     assert "needs a GPU" in err
+    err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(saved / "pixel"), "--detail", "2"])
+    assert "--detail must be in [0, 1]" in err
+    err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(saved / "pixel"),
+                              "--detail", "0.5"])
+    assert "detail < 1 needs a posterior-mean flow" in err
+
+
+def test_upscale_with_a_posterior_mean_upsampler_and_the_detail_dial(tmp_path, capsys):
+    from fmboost.models.posterior_mean import PosteriorMean
+
+    torch.manual_seed(1)
+    regression = Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), IdentityAutoencoder(),
+                           CouplingFlowMatcher(upsample="bicubic", objective="regression"), scale=2)
+    pm = Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), IdentityAutoencoder(),
+                   CouplingFlowMatcher(upsample="bicubic", source="posterior_mean"), scale=2,
+                   sampler={"solver": "euler", "num_steps": 2}, posterior_mean=PosteriorMean.from_upsampler(regression))
+    pm.save_pretrained(tmp_path / "pm")
+    source = tmp_path / "in.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)
+    outputs = {}
+    for detail in ("0", "1"):
+        out = tmp_path / f"out_{detail}.png"
+        assert main(["upscale", str(source), "-o", str(out), "--upsampler", str(tmp_path / "pm"),
+                     "--detail", detail]) == 0
+        outputs[detail] = np.asarray(PIL.Image.open(out))
+        assert f"NFE {1 if detail == '0' else 3}" in capsys.readouterr().out
+    assert outputs["0"].shape == (40, 48, 3) and not np.array_equal(outputs["0"], outputs["1"])

@@ -36,7 +36,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_config,
 
 def test_main_reports_nan_as_an_error(tiny_config, monkeypatch, capsys):
     config = tiny_config()
-    monkeypatch.setattr(CouplingFlowMatcher, "loss", lambda self, model, x1, cond, generator=None:
+    monkeypatch.setattr(CouplingFlowMatcher, "loss", lambda self, model, x1, cond, **kwargs:
                         model(x1, torch.zeros(x1.shape[0]), cond).mean() * float("inf"))
     args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in config.to_dict().items()
             if v is not None]

@@ -1,0 +1,51 @@
+"""Training a posterior-mean flow: R loaded from a regression run, R(cond) cached, the folder self-contained."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fmboost.models import Upsampler
+from fmboost.train.cfm_upsampler import train
+from fmboost.train.config import load_config
+
+
+@pytest.fixture
+def regression_folder(tiny_config):
+    return train(tiny_config("reg", objective="regression", max_train_steps=2, validation_steps=100))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_folder, cached):
+    config = tiny_config("pm", source="posterior_mean", posterior_mean_model=str(regression_folder),
+                         posterior_mean_sigma=0.05, concat_cond=False, use_latent_cache=cached,
+                         latent_cache_dir=str(Path(regression_folder).parent.parent / "cache"))
+    folder = train(config)
+    if cached:
+        estimates = list((Path(config.latent_cache_dir)).glob("*/posterior_mean_*.pt"))
+        assert len(estimates) == 1 and torch.load(estimates[0]).shape[0] == 5  # 5 training images × 1 crop
+    upsampler = Upsampler.from_pretrained(folder)
+    assert upsampler.flow.source == "posterior_mean" and upsampler.posterior_mean is not None
+    regression = Upsampler.from_pretrained(regression_folder)
+    for name, tensor in regression.model.state_dict().items():  # R is the regression run's weights, frozen
+        torch.testing.assert_close(upsampler.posterior_mean.model.state_dict()[name], tensor)
+    validation = [json.loads(line) for line in (Path(config.output_dir) / "validation" / "metrics.jsonl").open()]
+    assert validation[-1]["nfe"] == config.num_inference_steps + 1
+    image = torch.zeros(1, 3, 4, 4)
+    torch.testing.assert_close(upsampler.upsample(lr_image=image, detail=0.0).x1,
+                               regression.upsample(lr_image=image).x1)
+
+
+def test_config_errors_name_the_key(tiny_config, regression_folder, tmp_path):
+    with pytest.raises(ValueError, match="needs posterior_mean_model"):
+        tiny_config(source="posterior_mean")
+    with pytest.raises(ValueError, match="only used with source 'posterior_mean'"):
+        tiny_config(posterior_mean_model=str(regression_folder))
+    with pytest.raises(ValueError, match="posterior_mean_model: no boost_config.json"):
+        train(tiny_config(source="posterior_mean", posterior_mean_model=str(tmp_path / "nothing")))
+    cfm_folder = train(tiny_config("cfm", max_train_steps=1, validation_steps=100))
+    with pytest.raises(ValueError, match="must be a regression upsampler"):
+        train(tiny_config(source="posterior_mean", posterior_mean_model=str(cfm_folder)))
+    with pytest.raises(ValueError, match="needs ×2"):
+        train(load_config(None, {**tiny_config().to_dict(), "scale": 2, "source": "posterior_mean",
+                                 "posterior_mean_model": str(regression_folder)}))
