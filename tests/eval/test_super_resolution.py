@@ -99,7 +99,7 @@ def test_samplers_start_from_the_same_noise(folders):
     upsampler = Upsampler.from_pretrained(folders / "cfm")
     spec = parse_sampler("euler:linear:2")
     methods = {"a": upsampler_method(upsampler, **spec.kwargs()), "b": upsampler_method(upsampler, **spec.kwargs()),
-               "c": upsampler_method(upsampler, **parse_sampler("euler:polynomial:2").kwargs())}
+               "c": upsampler_method(upsampler, **parse_sampler("euler:inverse_cubic:2").kwargs())}
     pairs = list(iter_pairs([folders / "images"], 64, 16))
     evaluation = evaluate(pairs, methods, 4, MetricNetworks(), seed=3, reference="a")
     for a, b in zip(evaluation.grid["a"], evaluation.grid["b"]):
