@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fmboost.models import FirstStage, Upsampler
+from fmboost.models import FirstStage, SamplerConfig, Upsampler
 from fmboost.models.consistency import back_project
 from fmboost.models.coupling import upsample_latent
 
@@ -159,8 +159,8 @@ def baseline_methods(scale: int, first_stage: FirstStage | None, memo: Condition
 
 
 def upsampler_method(upsampler: Upsampler, memo: ConditionMemo | None = None, num_samples: int = 1,
-                     **sampler_kwargs) -> Method:
-    """An Upsampler (CFM or regression) as a method; sampler_kwargs override its saved sampler.
+                     sampler: SamplerConfig | None = None) -> Method:
+    """An Upsampler (CFM or regression) as a method, sampling with `sampler` (default: its saved one).
 
     num_samples > 1 decodes the mean of that many latent samples (an estimate of the posterior mean: higher
     PSNR, blurrier); its NFE is the total over the samples, and its first sample is the single-sample method's.
@@ -170,7 +170,7 @@ def upsampler_method(upsampler: Upsampler, memo: ConditionMemo | None = None, nu
 
     def method(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> MethodOutput:
         cond, shared = memo.get(key, lr, lambda: upsampler.condition(lr_image=lr))
-        results = [upsampler.sample(cond, generator, **sampler_kwargs) for _ in range(num_samples)]
+        results = [upsampler.sample(cond, generator, sampler) for _ in range(num_samples)]
         x1 = torch.stack([r.x1 for r in results]).mean(0) if num_samples > 1 else results[0].x1
         return MethodOutput(upsampler.first_stage.decode(x1), sum(r.nfe for r in results), x1, shared)
 

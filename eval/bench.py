@@ -103,9 +103,9 @@ def decode_variants(vae, z: torch.Tensor, timer: StageTimer, names: list[str], p
     return results
 
 
-def bench_pipeline(size: str = "small", base_steps: int = 25, nfe: int = 4, upsampler_preset: str = "reference",
-                   guidance: bool = True, decode: list[str] | None = None, device: str | None = None,
-                   warmup: int | None = None, lr_latent: int = 32, hr_latent: int = 128,
+def bench_pipeline(size: str = "small", base_steps: int = 25, upsample_steps: int = 4,
+                   upsampler_preset: str = "reference", guidance: bool = True, decode: list[str] | None = None,
+                   device: str | None = None, warmup: int | None = None, lr_latent: int = 32, hr_latent: int = 128,
                    end_to_end: bool = False, dtype: str | None = None, cuda_graphs: bool = False) -> dict:
     """Per-call times (and CUDA peak memory) of every stage; extrapolated totals of boosted vs direct.
 
@@ -157,7 +157,7 @@ def bench_pipeline(size: str = "small", base_steps: int = 25, nfe: int = 4, upsa
           lambda: first_stage.encode(torch.zeros(1, 3, hr_latent * f, hr_latent * f, device=device)))
     decode_s = decode_variants(vae, z_hr, timer, decode or ["sdpa"], hr_latent * f)
     result = summarise_pipeline(dict(timer.seconds), decode_s, dict(
-        size=size, device=str(device), dtype=dtype, base_steps=base_steps, nfe=nfe,
+        size=size, device=str(device), dtype=dtype, base_steps=base_steps, upsample_steps=upsample_steps,
         upsampler_preset=upsampler_preset, guidance=guidance, warmup=warmup, lr_latent=lr_latent,
         hr_latent=hr_latent, pixels=hr_latent * f))
     if cuda_graphs:
@@ -167,21 +167,22 @@ def bench_pipeline(size: str = "small", base_steps: int = 25, nfe: int = 4, upsa
     if device.type == "cuda":
         result["memory_mib"] = {"weights": weights_mib, "peak_per_stage": timer.peak_memory_mib}
     if end_to_end:
-        result["end_to_end"] = measure_end_to_end(parts, cfm, base_steps, nfe, lr_latent, hr_latent, guidance, device)
+        result["end_to_end"] = measure_end_to_end(parts, cfm, base_steps, upsample_steps, lr_latent, hr_latent,
+                                                  guidance, device)
     return result
 
 
-def measure_end_to_end(parts: dict, cfm, base_steps: int, nfe: int, lr_latent: int, hr_latent: int,
+def measure_end_to_end(parts: dict, cfm, base_steps: int, upsample_steps: int, lr_latent: int, hr_latent: int,
                        guidance: bool, device: torch.device) -> dict:
     """Measured (not extrapolated) seconds: BoostPipeline vs the same SD pipeline at the high resolution."""
     from diffusers import StableDiffusionPipeline
-    from fmboost.models import CouplingFlowMatcher, DiffusersAutoencoder, Upsampler
+    from fmboost.models import CouplingFlowMatcher, DiffusersAutoencoder, SamplerConfig, Upsampler
     from fmboost.pipelines.boost import BoostPipeline
 
     base = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     first_stage = DiffusersAutoencoder(parts["vae"], {"kind": "autoencoder_kl", "path": None})
     upsampler = Upsampler(cfm, first_stage, CouplingFlowMatcher(upsample="psu"), scale=hr_latent // lr_latent,
-                          sampler={"solver": "euler", "num_steps": nfe, "schedule": "linear"})
+                          sampler=SamplerConfig("euler", upsample_steps, "linear"))
     pipe = BoostPipeline.from_base(base, upsampler)
     for p in (base, pipe):
         p.set_progress_bar_config(disable=True)
@@ -202,7 +203,7 @@ def summarise_pipeline(per_call: dict, decode_s: dict, setup: dict) -> dict:
     psu = per_call[f"psu_decode_{lr * f}"] + per_call[f"psu_encode_{hr * f}"]
     decode = decode_s.get("sdpa", next(iter(decode_s.values())))
     boosted = {"text_encoder": per_call["text_encoder"], "base": steps * per_call[f"unet_step_{lr}"],
-               "psu": psu, "upsample": setup["nfe"] * per_call[f"cfm_nfe_{hr}"], "decode": decode}
+               "psu": psu, "upsample": setup["upsample_steps"] * per_call[f"cfm_nfe_{hr}"], "decode": decode}
     direct = {"text_encoder": per_call["text_encoder"], "base": steps * per_call[f"unet_step_{hr}"], "decode": decode}
     boosted_total, direct_total = sum(boosted.values()), sum(direct.values())
     return {
@@ -220,7 +221,7 @@ def summarise_pipeline(per_call: dict, decode_s: dict, setup: dict) -> dict:
 def print_pipeline(result: dict) -> None:
     s = result["setup"]
     print(f"bench pipeline: size={s['size']} device={s['device']} dtype={s['dtype']} base_steps={s['base_steps']} "
-          f"nfe={s['nfe']} cfm={s['upsampler_preset']} ({result['method']})")
+          f"upsample_steps={s['upsample_steps']} cfm={s['upsampler_preset']} ({result['method']})")
     peaks = result.get("memory_mib", {}).get("peak_per_stage", {})
     for name, value in result["per_call_s"].items():
         peak = f"   peak {peaks[name] / 1024:6.2f} GiB" if name in peaks else ""
@@ -250,21 +251,13 @@ SAMPLER_CONFIGS = ("euler:linear:4", "euler:logit_normal:4", "euler:linear:8", "
                    "heun:linear:4", "rk4:linear:2", "dopri5")
 
 
-def parse_sampler_config(text: str) -> dict:
-    """'euler:linear:4' → {solver, schedule, num_steps}; 'dopri5' → adaptive."""
-    solver, *rest = text.split(":")
-    config = {"solver": solver}
-    if rest:
-        config["schedule"] = rest[0]
-    if len(rest) > 1:
-        config["num_steps"] = int(rest[1])
-    return config
-
-
 def bench_sampler(presets: list[str], configs: list[str], latent_size: int = 128, nfe_latent_size: int | None = None,
                   device: str | None = None, warmup: int = 1, upsampler: str | None = None) -> dict:
-    """NFE per sampler config (solved at `nfe_latent_size`) × measured seconds per NFE at `latent_size`."""
-    from fmboost.models import CFMUNet, CouplingFlowMatcher, Upsampler
+    """NFE per sampler (`SamplerConfig.parse` strings, solved at `nfe_latent_size`) × measured seconds per NFE at
+    `latent_size`."""
+    from fmboost.models import CFMUNet, CouplingFlowMatcher, SamplerConfig, Upsampler
+
+    configs = [SamplerConfig.parse(text) for text in configs]  # a typo fails before any model runs
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     nfe_latent_size = nfe_latent_size or latent_size
@@ -280,12 +273,12 @@ def bench_sampler(presets: list[str], configs: list[str], latent_size: int = 128
         per_nfe = seconds(lambda m=model, z=z: m(z, 0.5, z), device, warmup)
         cond = torch.randn(1, c, nfe_latent_size, nfe_latent_size, device=device, generator=generator)
         rows[name] = {"per_nfe_s": per_nfe, "params_M": model.num_parameters() / 1e6, "configs": {}}
-        for text in configs:
+        for config in configs:
             start = time.perf_counter()
-            nfe = flow.sample(model, cond, generator, **parse_sampler_config(text)).nfe
+            nfe = flow.sample(model, cond, generator, detail=config.detail, **config.solve_kwargs()).nfe
             measured = time.perf_counter() - start
-            rows[name]["configs"][text] = {"nfe": nfe, "time_s": nfe * per_nfe,
-                                           "solve_s_at_nfe_size": measured}
+            rows[name]["configs"][config.format()] = {"nfe": nfe, "time_s": nfe * per_nfe,
+                                                      "solve_s_at_nfe_size": measured}
     names = list(rows)
     ratios = {f"{a}/{b}": rows[a]["per_nfe_s"] / rows[b]["per_nfe_s"] for a in names for b in names if a != b}
     return {"setup": {"device": str(device), "latent_size": latent_size, "nfe_latent_size": nfe_latent_size,
@@ -314,7 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=list(SD_SIZES), default="small",
                    help="base/VAE architecture: real = SD1.5 sizes (slow on CPU), small = scaled down")
     p.add_argument("--base-steps", type=int, default=25)
-    p.add_argument("--nfe", type=int, default=4, help="CFM network evaluations (e.g. Euler steps)")
+    p.add_argument("--upsample-steps", type=int, default=4, help="CFM Euler steps, one NFE each")
     p.add_argument("--upsampler-preset", default="reference", help="CFMUNet preset (reference, base, small, tiny)")
     p.add_argument("--no-guidance", action="store_true", help="batch 1 UNet calls (LCM) instead of CFG's 2")
     p.add_argument("--decode", default="classic_attention,sdpa,channels_last,tiled,tiny_decoder",
@@ -332,7 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", default="bench_pipeline.json")
     s = sub.add_parser("sampler", help="NFE and time per solver/schedule for CFMUNet presets")
     s.add_argument("--presets", default="reference,small")
-    s.add_argument("--configs", default=",".join(SAMPLER_CONFIGS), help="solver[:schedule[:steps]] list")
+    s.add_argument("--configs", default=",".join(SAMPLER_CONFIGS),
+                   help="comma-separated SamplerConfig strings: solver:schedule:steps or an adaptive solver")
     s.add_argument("--latent-size", type=int, default=128)
     s.add_argument("--quick", action="store_true",
                    help="count NFE at 32² latents (time per NFE still at --latent-size)")
@@ -359,9 +353,10 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "train":
         return run_train(args.train_args)
     if args.bench == "pipeline":
-        result = bench_pipeline(args.size, args.base_steps, args.nfe, args.upsampler_preset, not args.no_guidance,
-                                [d for d in args.decode.split(",") if d], args.device, args.warmup,
-                                args.lr_latent, args.hr_latent, args.end_to_end, args.dtype, args.cuda_graphs)
+        result = bench_pipeline(args.size, args.base_steps, args.upsample_steps, args.upsampler_preset,
+                                not args.no_guidance, [d for d in args.decode.split(",") if d], args.device,
+                                args.warmup, args.lr_latent, args.hr_latent, args.end_to_end, args.dtype,
+                                args.cuda_graphs)
         print_pipeline(result)
     else:
         result = bench_sampler([p for p in args.presets.split(",") if p], [c for c in args.configs.split(",") if c],

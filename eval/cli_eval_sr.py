@@ -17,8 +17,7 @@ import platform
 from pathlib import Path
 
 import torch
-from fmboost.models import FIRST_STAGES, Upsampler, load_first_stage
-from fmboost.models.sampling import ADAPTIVE_SOLVERS
+from fmboost.models import FIRST_STAGES, SamplerConfig, Upsampler, load_first_stage
 
 from . import plots
 from .baselines import (
@@ -32,16 +31,7 @@ from .baselines import (
     upsampler_method,
 )
 from .pairs import CROPS, count_images, iter_pairs
-from .super_resolution import (
-    Evaluation,
-    MetricNetworks,
-    SamplerSpec,
-    evaluate,
-    json_safe,
-    markdown_table,
-    parse_sampler,
-    study_samplers,
-)
+from .super_resolution import Evaluation, MetricNetworks, evaluate, json_safe, markdown_table, study_samplers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
                         help="scale the shorter side to --hr-size before cropping (whole images; default)")
     parser.add_argument("--sampler", action="append", default=[], metavar="SPEC",
-                        help="CFM sampler, repeatable: euler:linear:10, 'euler:logit_normal:mu=0.5,std=1:10', dopri5 "
-                             "(default: the upsampler's saved sampler)")
+                        help="CFM sampler (SamplerConfig.parse), repeatable: euler:linear:10, "
+                             "'euler:logit_normal:mu=0.5,std=1:10', dopri5 (default: the upsampler's saved sampler)")
     parser.add_argument("--study", choices=("schedules",), help="every schedule × --study-nfe, plus dopri5")
     parser.add_argument("--study-nfe", default="2,4,8,16,32", help="comma-separated NFE for --study")
     parser.add_argument("--study-reference", default="dopri5", metavar="SPEC",
@@ -85,13 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def saved_sampler(upsampler: Upsampler) -> SamplerSpec:
-    """The upsampler's own default sampler as a SamplerSpec."""
-    s = {"solver": "euler", "num_steps": 4, "schedule": "linear", **upsampler.sampler}
-    if s["solver"] in ADAPTIVE_SOLVERS:
-        return SamplerSpec(s["solver"], tolerances=tuple((k, s[k]) for k in ("atol", "rtol") if k in s))
-    params = tuple(sorted((k, float(v)) for k, v in (s.get("schedule_params") or {}).items()))
-    return SamplerSpec(s["solver"], s["schedule"], params, int(s["num_steps"]))
+def curve_label(sampler: SamplerConfig) -> str:
+    """The NFE-curve line a setting belongs to: its string without num_steps (adaptive solvers: all of it)."""
+    name = sampler.format()
+    return name if sampler.adaptive else name.rsplit(":", 1)[0]
 
 
 def parse_upsamplers(values: list[str]) -> dict[str, str]:
@@ -108,16 +95,19 @@ def parse_upsamplers(values: list[str]) -> dict[str, str]:
     return named
 
 
-def build_samplers(args: argparse.Namespace, upsampler: Upsampler | None) -> list[SamplerSpec]:
-    specs = [parse_sampler(text) for text in args.sampler]
+def build_samplers(args: argparse.Namespace, upsampler: Upsampler | None) -> list[SamplerConfig]:
+    """--sampler and --study settings (default: the upsampler's saved one), one per method name."""
+    configs = [SamplerConfig.parse(text) for text in args.sampler]
     if args.study:
-        specs += study_samplers([int(n) for n in args.study_nfe.split(",")], args.study_reference)
+        configs += study_samplers([int(n) for n in args.study_nfe.split(",")], args.study_reference)
     if upsampler is None:
-        if specs:
+        if configs:
             raise ValueError("--sampler / --study need --upsampler")
         return []
-    specs = specs or [saved_sampler(upsampler)]
-    return list(dict.fromkeys(specs))  # drop duplicates, keep order
+    unique = {}
+    for config in configs or [upsampler.sampler]:
+        unique.setdefault(config.format(), config)  # drop duplicates, keep order
+    return list(unique.values())
 
 
 def load_models(args: argparse.Namespace, scale: int):
@@ -152,9 +142,10 @@ def parse_details(text: str | None) -> list[float | None]:
 
 
 def cfm_methods(upsamplers: dict[str, Upsampler], args: argparse.Namespace, memo: ConditionMemo
-                ) -> tuple[dict[str, Method], dict[str, SamplerSpec], dict[str, str], dict[str, list[str]]]:
+                ) -> tuple[dict[str, Method], dict[str, SamplerConfig], dict[str, str], dict[str, list[str]]]:
     """(methods, {method: sampler}, {method: NFE-curve label}, {dial sweep: its methods by detail}) for every
-    upsampler × sampler (× averaging) (× --detail values, for posterior-mean upsamplers)."""
+    upsampler × sampler (× averaging) (× --detail values, for posterior-mean upsamplers). A method is named
+    after its sampler's string; without --detail it samples at the upsampler's saved detail."""
     if args.study and len(upsamplers) > 1:
         raise ValueError("--study compares the samplers of one model: give a single --upsampler")
     if args.average_samples < 1:
@@ -164,24 +155,25 @@ def cfm_methods(upsamplers: dict[str, Upsampler], args: argparse.Namespace, memo
     details = parse_details(args.detail)
     if details != [None] and not any(u.flow.needs_posterior_mean for u in upsamplers.values()):
         raise ValueError("--detail needs a posterior-mean upsampler (trained with source: posterior_mean)")
-    methods, specs, curves, sweeps = {}, {}, {}, {}
+    methods, samplers, curves, sweeps = {}, {}, {}, {}
     for label, upsampler in upsamplers.items():
         prefix = "CFM" if len(upsamplers) == 1 else f"CFM[{label}]"
         dial = details if upsampler.flow.needs_posterior_mean else [None]
-        for spec in build_samplers(args, upsampler):
-            base = f"{prefix} {spec.name}"
+        for config in build_samplers(args, upsampler):
+            base = f"{prefix} {config.format()}"
             for detail in dial:
                 name = base if detail is None else f"{base} · detail {detail:g}"
-                kwargs = spec.kwargs() if detail is None else {**spec.kwargs(), "detail": detail}
-                methods[name], specs[name] = upsampler_method(upsampler, memo, **kwargs), spec
+                sampler = config.replace(detail=upsampler.sampler.detail if detail is None else detail)
+                methods[name], samplers[name] = upsampler_method(upsampler, memo, sampler=sampler), sampler
                 if detail is None or detail == 1.0:
-                    curves[name] = spec.curve if len(upsamplers) == 1 else f"{label} {spec.curve}"
-                if args.average_samples > 1 and not spec.adaptive:
+                    curve = curve_label(config)
+                    curves[name] = curve if len(upsamplers) == 1 else f"{label} {curve}"
+                if args.average_samples > 1 and not config.adaptive:
                     mean_name = f"{name} · mean of {args.average_samples}"
-                    methods[mean_name] = upsampler_method(upsampler, memo, args.average_samples, **kwargs)
+                    methods[mean_name] = upsampler_method(upsampler, memo, args.average_samples, sampler)
             if len(dial) > 1:
                 sweeps[f"{base} · detail {dial[0]:g}…{dial[-1]:g}"] = [f"{base} · detail {d:g}" for d in dial]
-    return methods, specs, curves, sweeps
+    return methods, samplers, curves, sweeps
 
 
 def run(args: argparse.Namespace) -> int:
@@ -195,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     methods = baseline_methods(scale, first_stage, memo, [b for b in args.baselines.split(",") if b])
     if regression is not None:
         methods["regression"] = upsampler_method(regression, memo)
-    cfm, specs, curves, sweeps = cfm_methods(upsamplers, args, memo)
+    cfm, samplers, curves, sweeps = cfm_methods(upsamplers, args, memo)
     methods.update(cfm)
     if args.back_project:
         models = [name for name in methods if name == "regression" or name in cfm]
@@ -204,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         sweeps.update({back_projected_name(label, args.back_project):
                        [back_projected_name(m, args.back_project) for m in members]
                        for label, members in sweeps.items()})
-    reference = next((name for name, spec in specs.items() if spec.solver == "dopri5"), None)
+    reference = next((name for name, sampler in samplers.items() if sampler.solver == "dopri5"), None)
 
     networks = MetricNetworks.load(args.lpips_weights, args.inception, args.device, use_fid=not args.no_fid)
     if args.no_fid:
@@ -216,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     pairs = iter_pairs(args.data, args.hr_size, args.lr_size, args.crop, args.resize, args.seed, args.max_images)
     evaluation = evaluate(pairs, methods, scale, networks, args.seed, reference, args.device, args.grid_images,
                           num_images)
-    write_outputs(Path(args.out), evaluation, specs, curves, args, sweeps)
+    write_outputs(Path(args.out), evaluation, samplers, curves, args, sweeps)
     print(markdown_table(evaluation.results))
     return 0
 
@@ -233,7 +225,7 @@ def describe(args: argparse.Namespace, evaluation: Evaluation) -> str:
             f"Device: {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads).")
 
 
-def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, SamplerSpec], curves: dict[str, str],
+def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, SamplerConfig], curves: dict[str, str],
                   args, sweeps: dict[str, list[str]] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(json_safe(evaluation.results), indent=2, allow_nan=False))
@@ -247,7 +239,7 @@ def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, Sample
     columns = ["low-res", "bicubic", "regression", *(cfm or ["PSU source"]), *fixed, "ground truth"]
     plots.comparison_grid(evaluation.grid, columns, out / "grid.png")
     if cfm_names:
-        adaptive = tuple(name for name, spec in cfm_names.items() if spec.adaptive)
+        adaptive = tuple(name for name, sampler in cfm_names.items() if sampler.adaptive)
         plots.nfe_curves(evaluation.results, curves, out / "nfe_curve.png", adaptive)
     else:
         print("nfe_curve.png skipped: no CFM samplers (give --upsampler)")

@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from fmboost.models.sampling import ADAPTIVE_SOLVERS, SCHEDULES, SOLVERS
+from fmboost.models import SamplerConfig
+from fmboost.models.sampling import SCHEDULES
 from tqdm.auto import tqdm
 
 from . import metrics as M
@@ -37,79 +38,20 @@ PATCH_CROPS, PATCH_SIZE = 4, 512
 # --------------------------------------------------------------------------- samplers
 
 
-@dataclass(frozen=True)
-class SamplerSpec:
-    """One CFM sampler setting, written `solver:schedule[:k=v,...]:num_steps` or `solver[:atol=..,rtol=..]`."""
-
-    solver: str
-    schedule: str | None = None
-    schedule_params: tuple[tuple[str, float], ...] = ()
-    num_steps: int | None = None
-    tolerances: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def adaptive(self) -> bool:
-        return self.num_steps is None
-
-    @property
-    def name(self) -> str:
-        params = lambda items: ",".join(f"{k}={v:g}" for k, v in items)
-        if self.adaptive:
-            return ":".join([self.solver] + ([params(self.tolerances)] if self.tolerances else []))
-        return ":".join([self.solver, self.schedule] + ([params(self.schedule_params)] if self.schedule_params else [])
-                        + [str(self.num_steps)])
-
-    @property
-    def curve(self) -> str:
-        """The NFE-curve line this setting belongs to: everything but num_steps."""
-        return self.name if self.adaptive else self.name.rsplit(":", 1)[0]
-
-    def kwargs(self) -> dict:
-        """Keyword arguments for `Upsampler.upsample`."""
-        if self.adaptive:
-            return {"solver": self.solver, **dict(self.tolerances)}
-        return {"solver": self.solver, "num_steps": self.num_steps, "schedule": self.schedule,
-                "schedule_params": dict(self.schedule_params)}
-
-
-def _parse_params(text: str) -> tuple[tuple[str, float], ...]:
-    try:
-        return tuple((k.strip(), float(v)) for k, v in (item.split("=") for item in text.split(",")))
-    except ValueError:
-        raise ValueError(f"bad sampler parameters {text!r}: expected k=v[,k=v]") from None
-
-
-def parse_sampler(text: str) -> SamplerSpec:
-    """'euler:linear:10', 'euler:logit_normal:mu=0.5,std=1:10', 'dopri5' or 'dopri5:atol=1e-5,rtol=1e-3'."""
-    parts = text.split(":")
-    solver = parts[0]
-    if solver not in SOLVERS:
-        raise ValueError(f"sampler {text!r}: solver must be one of {list(SOLVERS)}")
-    if solver in ADAPTIVE_SOLVERS:
-        if len(parts) > 2:
-            raise ValueError(f"sampler {text!r}: adaptive solvers take only tolerances, e.g. "
-                             "dopri5:atol=1e-6,rtol=1e-3")
-        return SamplerSpec(solver, tolerances=_parse_params(parts[1]) if len(parts) == 2 else ())
-    if len(parts) not in (3, 4) or parts[1] not in SCHEDULES or not parts[-1].isdigit():
-        raise ValueError(f"sampler {text!r}: expected solver:schedule[:k=v,...]:num_steps with a schedule in "
-                         f"{sorted(SCHEDULES)}")
-    params = _parse_params(parts[2]) if len(parts) == 4 else ()
-    return SamplerSpec(solver, parts[1], params, int(parts[-1]))
-
-
-def study_samplers(nfes: Iterable[int] = (2, 4, 8, 16, 32), reference: str = "dopri5") -> list[SamplerSpec]:
+def study_samplers(nfes: Iterable[int] = (2, 4, 8, 16, 32), reference: str = "dopri5") -> list[SamplerConfig]:
     """The schedule study: Euler with every seed schedule at every NFE (logit-normal CDF: μ ∈ {−1, 0, 1}, σ = 3)
-    + the reference (dopri5). The logit-normal quantile grid is not one of the seed's and is left out."""
+    + the reference (a `SamplerConfig.parse` string, dopri5 by default). The logit-normal quantile grid is not
+    one of the seed's and is left out."""
     variants = []
     for schedule in SCHEDULES:
         if schedule == "logit_normal_quantile":
             continue
         if schedule == "logit_normal":
-            variants += [(schedule, (("mu", float(mu)), ("std", 3.0))) for mu in (-1, 0, 1)]
+            variants += [(schedule, {"mu": float(mu), "std": 3.0}) for mu in (-1, 0, 1)]
         else:
-            variants.append((schedule, ()))
-    specs = [SamplerSpec("euler", schedule, params, n) for schedule, params in variants for n in nfes]
-    return specs + [parse_sampler(reference)]
+            variants.append((schedule, {}))
+    configs = [SamplerConfig("euler", n, schedule, params) for schedule, params in variants for n in nfes]
+    return configs + [SamplerConfig.parse(reference)]
 
 
 # --------------------------------------------------------------------------- metrics

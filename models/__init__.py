@@ -12,6 +12,7 @@ from .autoencoders import (
 )
 from .coupling import UPSAMPLE_MODES, CouplingBatch, cosine_alpha_bar, noise_augment, upsample_latent
 from .flow import CouplingFlowMatcher, interpolate, sample_time, target_velocity
+from .sampler_config import SamplerConfig
 from .sampling import SCHEDULES, SOLVERS, SampleResult, sample_ode, time_grid
 from .unet import PRESETS, CFMUNet
 from .upsampler import BOOST_CONFIG_NAME, Upsampler
@@ -29,6 +30,7 @@ __all__ = [
                            "FirstStage",
                            "IdentityAutoencoder",
                            "SampleResult",
+                           "SamplerConfig",
                            "TAEF2Autoencoder",
                            "compute_latent_stats",
                            "cosine_alpha_bar",

@@ -152,11 +152,27 @@ class CouplingFlowMatcher:
         """Regression baseline: x̂1 = cond + net(cond, t=0, cond), one network evaluation."""
         return cond + model(cond, torch.zeros(cond.shape[0], device=cond.device, dtype=cond.dtype), cond)
 
+    def draw_source(self, cond: torch.Tensor, generator: torch.Generator | None = None,
+                    posterior_mean: torch.Tensor | None = None) -> torch.Tensor | None:
+        """x0 (B, C, H, W), where sampling starts at t = 0 (see `couple`); None for the regression objective,
+        which makes one pass on cond instead of solving an ODE."""
+        if self.objective == "regression":
+            return None
+        return self.couple(cond, generator=generator, posterior_mean=posterior_mean).x0
+
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, cond: torch.Tensor, generator: torch.Generator | None = None,
                posterior_mean: torch.Tensor | None = None, detail: float = 1.0, **solver_kwargs) -> SampleResult:
-        """x1 (B, C, H, W) from the conditioning; solver_kwargs go to `sample_ode` (solver, num_steps,
-        schedule, schedule_params, atol, rtol, return_intermediates). Regression: one pass, NFE 1.
+        """x1 (B, C, H, W) from the conditioning: `draw_source` x0, then `transport` it (see there)."""
+        x0 = self.draw_source(cond, generator, posterior_mean)
+        return self.transport(model, cond, x0, posterior_mean, detail, **solver_kwargs)
+
+    @torch.no_grad()
+    def transport(self, model: torch.nn.Module, cond: torch.Tensor, x0: torch.Tensor | None,
+                  posterior_mean: torch.Tensor | None = None, detail: float = 1.0, **solver_kwargs) -> SampleResult:
+        """x1 (B, C, H, W) from the source x0 (B, C, H, W) made by `draw_source`, by integrating v_θ(·, ·, cond) from
+        t = 0 to 1; solver_kwargs go to `sample_ode` (solver, num_steps, schedule, schedule_params, atol, rtol,
+        return_intermediates; `SamplerConfig.solve_kwargs()`). Regression: one pass on cond, NFE 1.
         The NFE reported is the flow's; the caller that computed `posterior_mean` adds R's pass.
 
         `detail` ∈ [0, 1] is the fidelity dial of posterior-mean flows: 0 returns R(cond) itself (best
@@ -177,7 +193,6 @@ class CouplingFlowMatcher:
                              f"is {self.source!r}: its t = 0 end is a noisy source, not an estimate")
         if detail == 0.0:
             return SampleResult(posterior_mean, nfe=0)
-        x0 = self.couple(cond, generator=generator, posterior_mean=posterior_mean).x0
         net_cond = self.network_cond(cond)
         if self.dial == "end_time" and detail < 1.0:
             tau = detail  # t = τ s maps the solver's s ∈ [0, 1] onto [0, τ]: dx/ds = τ v(x, τ s)

@@ -2,7 +2,7 @@
 
     <dir>/config.json, diffusion_pytorch_model.safetensors   the CFMUNet (diffusers save_pretrained)
     <dir>/boost_config.json                                  first stage (+ latent stats), scale,
-                                                             CouplingFlowMatcher, sampler defaults
+                                                             CouplingFlowMatcher, SamplerConfig
     <dir>/posterior_mean/                                    R, for posterior-mean flows only (frozen
                                                              regression CFMUNet + its latent stats)
 
@@ -13,7 +13,7 @@ uses exactly the coupling and latent normalisation the model was trained with.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,11 +21,23 @@ import torch
 from .autoencoders import FirstStage, first_stage_from_config
 from .flow import CouplingFlowMatcher
 from .posterior_mean import PosteriorMean
+from .sampler_config import SamplerConfig
 from .sampling import SampleResult
 
 BOOST_CONFIG_NAME = "boost_config.json"
 POSTERIOR_MEAN_FOLDER = "posterior_mean"
-SAMPLER_KEYS = ("solver", "num_steps", "schedule", "schedule_params", "atol", "rtol", "detail")
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+@dataclass
+class FlowSource:
+    """Where sampling starts. cond: (B, C, H, W) the clean conditioning; x0: (B, C, H, W) the ODE's state at t = 0
+    (None for regression upsamplers, which make one pass on cond); posterior_mean: (B, C, H, W) R(cond) for
+    posterior-mean flows, else None."""
+
+    cond: torch.Tensor
+    x0: torch.Tensor | None
+    posterior_mean: torch.Tensor | None = None
 
 
 @dataclass
@@ -33,34 +45,37 @@ class Upsampler:
     """model: v_θ; first_stage: the latent space it works in; scale: pixel up-sampling factor (e.g. 4);
     posterior_mean: R, required by (and only by) flows with source 'posterior_mean'.
 
-    sampler: the saved defaults — solver, num_steps, schedule, schedule_params, atol, rtol, and `detail`,
-    the fidelity dial of posterior-mean flows (0: R's estimate, best PSNR; 1, the default: full detail)."""
+    sampler: the saved default `SamplerConfig` — ODE solver, steps, schedule, tolerances, and `detail`, the
+    fidelity dial of posterior-mean flows (0: R's estimate, best PSNR; 1, the default: full detail)."""
 
     model: torch.nn.Module
     first_stage: FirstStage
     flow: CouplingFlowMatcher
     scale: int
-    sampler: dict = field(default_factory=lambda: {"solver": "euler", "num_steps": 4, "schedule": "linear"})
+    sampler: SamplerConfig = SamplerConfig()
     posterior_mean: PosteriorMean | None = None
 
     def __post_init__(self):
         if self.flow.needs_posterior_mean and self.posterior_mean is None:
             raise ValueError("a flow with source 'posterior_mean' needs its posterior-mean model R "
                              "(PosteriorMean.from_upsampler(<regression Upsampler>))")
-        unknown = sorted(set(self.sampler) - set(SAMPLER_KEYS))
-        if unknown:
-            raise ValueError(f"unknown sampler keys {unknown}; allowed: {list(SAMPLER_KEYS)}")
+        if not isinstance(self.sampler, SamplerConfig):
+            raise TypeError(f"sampler must be a SamplerConfig (SamplerConfig.from_dict for a dict), "
+                            f"got {self.sampler!r}")
         if not isinstance(self.scale, int) or self.scale < 1:
             raise ValueError(f"scale must be a positive int, got {self.scale!r}")
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.model.save_pretrained(directory)
-        config = {"first_stage": self.first_stage.config(), "scale": self.scale, "flow": self.flow.to_dict(),
-                  "sampler": self.sampler}
         if self.posterior_mean is not None:
             self.posterior_mean.save_pretrained(directory / POSTERIOR_MEAN_FOLDER)
-        (directory / BOOST_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        (directory / BOOST_CONFIG_NAME).write_text(json.dumps(self.config(), indent=2))
+
+    def config(self) -> dict:
+        """What boost_config.json holds: first stage (+ latent stats), scale, flow and sampler."""
+        return {"first_stage": self.first_stage.config(), "scale": self.scale, "flow": self.flow.to_dict(),
+                "sampler": self.sampler.to_dict()}
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, first_stage: FirstStage | None = None) -> "Upsampler":
@@ -82,7 +97,8 @@ class Upsampler:
         flow = CouplingFlowMatcher.from_dict(config["flow"])
         posterior_mean = PosteriorMean.from_pretrained(directory / POSTERIOR_MEAN_FOLDER) \
             if flow.needs_posterior_mean else None
-        return cls(model, first_stage, flow, config["scale"], config.get("sampler", {}), posterior_mean)
+        sampler = SamplerConfig.from_dict(config.get("sampler", {}))  # older files: a partial dict
+        return cls(model, first_stage, flow, config["scale"], sampler, posterior_mean)
 
     def to(self, device: torch.device | str) -> "Upsampler":
         """Move the networks (CFMUNet, first stage, R) to `device`; returns self."""
@@ -92,15 +108,26 @@ class Upsampler:
             self.posterior_mean.to(device)
         return self
 
+    # ------------------------------------------------------------------ sampling, in its steps
+
     @torch.no_grad()
     def upsample(self, lr_latent: torch.Tensor | None = None, lr_image: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, **sampler_overrides) -> SampleResult:
-        """High-res latent (B, C, s·h, s·w) from a low-res latent (B, C, h, w) and/or image (B, 3, f·h, f·w).
+                 generator: Generators = None, sampler: SamplerConfig | None = None,
+                 return_intermediates: bool = False, **overrides) -> SampleResult:
+        """High-res latent (B, C, s·h, s·w) from a low-res latent (B, C, h, w) and/or image (B, 3, f·h, f·w):
+        `condition` → `draw_source` → `transport`.
 
-        `sampler_overrides` (solver, num_steps, schedule, schedule_params, atol, rtol, detail,
-        return_intermediates) replace the saved defaults for this call.
+        Samples with `sampler` (default: the saved one) changed by `overrides`, any SamplerConfig field
+        (e.g. num_steps=8, detail=0.5), for this call only.
         """
-        return self.sample(self.condition(lr_latent, lr_image), generator, **sampler_overrides)
+        return self.sample(self.condition(lr_latent, lr_image), generator, sampler, return_intermediates,
+                           **overrides)
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
+               return_intermediates: bool = False, **overrides) -> SampleResult:
+        """x1 (B, C, H, W) from a conditioning made by `condition`; arguments as in `upsample`."""
+        return self.transport(self.draw_source(cond, generator), sampler, return_intermediates, **overrides)
 
     @torch.no_grad()
     def condition(self, lr_latent: torch.Tensor | None = None, lr_image: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,16 +148,29 @@ class Upsampler:
         return self.flow.condition(lr_latent, (h * self.scale, w * self.scale), self.first_stage, lr_image)
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, generator: torch.Generator | None = None,
-               **sampler_overrides) -> SampleResult:
-        """x1 (B, C, H, W) from a conditioning made by `condition`, with the saved sampler unless overridden.
-
-        Posterior-mean flows first run R on cond (one network evaluation, counted in the NFE)."""
-        posterior_mean = None
+    def draw_source(self, cond: torch.Tensor, generator: Generators = None) -> FlowSource:
+        """The source x0 the ODE starts from — cond noise-augmented at the trained step, or R(cond) + σ_s ε
+        for posterior-mean flows (R runs here, once). `generator`: one, or a list with one per sample, so that
+        each sample is reproducible on its own whatever batch it is drawn in."""
+        estimate = None
         if self.flow.needs_posterior_mean:
-            posterior_mean = self.posterior_mean(cond, self.first_stage.latent_mean, self.first_stage.latent_std)
-        result = self.flow.sample(self.model, cond, generator, posterior_mean=posterior_mean,
-                                  **{**self.sampler, **sampler_overrides})
-        if posterior_mean is not None:
+            estimate = self.posterior_mean(cond, self.first_stage.latent_mean, self.first_stage.latent_std)
+        if not isinstance(generator, list):
+            return FlowSource(cond, self.flow.draw_source(cond, generator, estimate), estimate)
+        if len(generator) != cond.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {cond.shape[0]}")
+        rows = [self.flow.draw_source(cond[i:i + 1], g, None if estimate is None else estimate[i:i + 1])
+                for i, g in enumerate(generator)]
+        return FlowSource(cond, None if rows[0] is None else torch.cat(rows), estimate)
+
+    @torch.no_grad()
+    def transport(self, source: FlowSource, sampler: SamplerConfig | None = None, return_intermediates: bool = False,
+                  **overrides) -> SampleResult:
+        """x1 (B, C, H, W), the ODE solved from x0 with `sampler` (default: the saved one) changed by
+        `overrides`. The NFE counts R's pass for posterior-mean flows."""
+        sampler = (sampler or self.sampler).replace(**overrides)
+        result = self.flow.transport(self.model, source.cond, source.x0, source.posterior_mean, sampler.detail,
+                                     return_intermediates=return_intermediates, **sampler.solve_kwargs())
+        if source.posterior_mean is not None:
             result.nfe += 1
         return result

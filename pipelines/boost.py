@@ -9,12 +9,14 @@ A diffusers `DiffusionPipeline`, so `save_pretrained` / `from_pretrained`, `.to(
     posterior_mean                             R, the frozen regression CFMUNet a posterior-mean flow
                                                starts from (None for the paper's coupling)
     boost_config (model_index.json)            the upsampler's boost_config.json: first stage + latent
-                                               stats, scale, CouplingFlowMatcher, sampler defaults (and R's
+                                               stats, scale, CouplingFlowMatcher, SamplerConfig (and R's
                                                latent stats)
 
-The boost stage is `fmboost.models.Upsampler` (coupling + ODE), built as a view over these
-components at call time; the VAE goes through `DiffusersAutoencoder`, where the scaling factor lives.
-With `image=` the base stage is skipped: the image (or its latents) is super-resolved directly.
+The boost stage is one `fmboost.models.Upsampler` (`boost_upsampler`: coupling + ODE), a view over
+these components built once; the VAE goes through `DiffusersAutoencoder`, where the scaling factor
+lives. A call reads as the recipe: 1. base latent (or the given image) → 2. condition → 3. source x0 →
+4. ODE → 5. decode. With `image=` the base stage is skipped: the image (or its latents) is
+super-resolved directly.
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
-from fmboost.models import CouplingFlowMatcher, DiffusersAutoencoder, FirstStage, Upsampler, first_stage_from_config
+from fmboost.models import (
+    CouplingFlowMatcher,
+    DiffusersAutoencoder,
+    FirstStage,
+    SamplerConfig,
+    Upsampler,
+    first_stage_from_config,
+)
 from fmboost.models.posterior_mean import PosteriorMean
 from tqdm.auto import tqdm
 
@@ -65,6 +74,15 @@ class _HalfVelocity(torch.nn.Module):
             self.progress.update(1)
         return v.to(x_t.dtype)
 
+    @contextlib.contextmanager
+    def counting(self, **bar):
+        """A progress bar ticked once per NFE while the block runs."""
+        with tqdm(total=None, unit="nfe", **bar) as self.progress:
+            try:
+                yield
+            finally:
+                self.progress = None
+
 
 class _Timer:
     """Wall-clock seconds per stage, synchronising CUDA so asynchronous kernels are counted."""
@@ -98,7 +116,8 @@ class BoostPipeline(DiffusionPipeline):
         if boost_config is None:
             raise ValueError("BoostPipeline needs boost_config (an upsampler's boost_config.json); "
                              "build it with BoostPipeline.from_base(base_pipeline, Upsampler.from_pretrained(dir))")
-        flow = CouplingFlowMatcher.from_dict(boost_config["flow"])  # validate early
+        flow = CouplingFlowMatcher.from_dict(boost_config["flow"])  # validate early, the sampler too
+        SamplerConfig.from_dict(boost_config.get("sampler", {}))
         if flow.needs_posterior_mean and (posterior_mean is None or "posterior_mean_stats" not in boost_config):
             raise ValueError("this upsampler is a posterior-mean flow: the pipeline needs its posterior_mean "
                              "model (build it with BoostPipeline.from_upsampler / from_base)")
@@ -106,6 +125,8 @@ class BoostPipeline(DiffusionPipeline):
                               vae=vae, upsampler=upsampler, posterior_mean=posterior_mean)
         self.register_to_config(boost_config=dict(boost_config))
         self._own_first_stage: FirstStage | None = None  # TAEF2 / identity upsamplers: not the pipeline's VAE
+        self._boost_upsampler: Upsampler | None = None
+        self._boost_parts: tuple = ()  # the components _boost_upsampler wraps
 
     # ------------------------------------------------------------------ construction
 
@@ -138,11 +159,31 @@ class BoostPipeline(DiffusionPipeline):
                              f"VAE has {self.vae.config.latent_channels}")
 
     @property
-    def flow(self) -> CouplingFlowMatcher:
-        return CouplingFlowMatcher.from_dict(self.config.boost_config["flow"])
+    def boost_upsampler(self) -> Upsampler:
+        """The `fmboost.models.Upsampler` these components form: v_θ (and R) run in their own dtype while the ODE
+        state stays fp32, the first stage, the flow and the saved SamplerConfig. Built on first use and kept;
+        built anew only when a component it wraps is replaced (e.g. `pipe.vae = ...`)."""
+        parts = (self.upsampler, self.posterior_mean, self.vae)
+        if self._boost_upsampler is None or any(a is not b for a, b in zip(parts, self._boost_parts)):
+            self._boost_upsampler, self._boost_parts = self._build_upsampler(), parts
+        return self._boost_upsampler
+
+    def _build_upsampler(self) -> Upsampler:
+        config = self.config.boost_config
+        flow = CouplingFlowMatcher.from_dict(config["flow"])
+        posterior_mean = None
+        if flow.needs_posterior_mean:
+            stats = config["posterior_mean_stats"]
+            posterior_mean = PosteriorMean(_HalfVelocity(self.posterior_mean), torch.tensor(stats["latent_mean"]),
+                                           torch.tensor(stats["latent_std"]))
+        return Upsampler(_HalfVelocity(self.upsampler), self._make_first_stage(), flow, config["scale"],
+                         SamplerConfig.from_dict(config.get("sampler", {})), posterior_mean)
 
     def first_stage(self) -> FirstStage:
         """The upsampler's latent space: the pipeline's VAE (SD-VAE upsamplers) or its own (TAEF2, identity)."""
+        return self.boost_upsampler.first_stage
+
+    def _make_first_stage(self) -> FirstStage:
         spec = dict(self.config.boost_config["first_stage"])
         mean, std = torch.tensor(spec.pop("latent_mean")), torch.tensor(spec.pop("latent_std"))
         if spec["kind"] in DIFFUSERS_KINDS:
@@ -155,23 +196,6 @@ class BoostPipeline(DiffusionPipeline):
             first_stage = self._own_first_stage
         first_stage.set_latent_stats(mean, std)
         return first_stage
-
-    def upsampler_bundle(self, model: torch.nn.Module | None = None, noising_step: int | None = None,
-                         posterior_mean_model: torch.nn.Module | None = None) -> Upsampler:
-        """The `Upsampler` these components form (optionally with `model` wrapping v_θ and
-        `posterior_mean_model` wrapping R, or another coupling noise level than the trained one:
-        `noising_step`, an ablation knob)."""
-        cfg = self.config.boost_config
-        flow = self.flow if noising_step is None else dataclasses.replace(self.flow, noising_step=noising_step,
-                                                                          noise_sigma=None)
-        posterior_mean = None
-        if flow.needs_posterior_mean:
-            stats = cfg["posterior_mean_stats"]
-            r_model = posterior_mean_model if posterior_mean_model is not None else self.posterior_mean
-            posterior_mean = PosteriorMean(r_model, torch.tensor(stats["latent_mean"]),
-                                           torch.tensor(stats["latent_std"]))
-        return Upsampler(model if model is not None else self.upsampler, self.first_stage(), flow,
-                         cfg["scale"], dict(cfg.get("sampler", {})), posterior_mean)
 
     # ------------------------------------------------------------------ memory options
 
@@ -290,38 +314,40 @@ class BoostPipeline(DiffusionPipeline):
             raise ValueError(f"low-res latent {h}x{w} × scale {scale} must be divisible by {multiple} "
                              "(the upsampler's down-sampling levels): choose another size")
 
-    def _upsample(self, bundle: Upsampler, lr_latent, lr_image, generator, overrides) -> tuple[torch.Tensor, int]:
-        """One CFM pass; a list of generators gives one per sample (each sample reproducible alone)."""
-        if not isinstance(generator, list):
-            result = bundle.upsample(lr_latent=lr_latent, lr_image=lr_image, generator=generator, **overrides)
-            return result.x1, result.nfe
-        reference = lr_latent if lr_latent is not None else lr_image
-        if len(generator) != reference.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {reference.shape[0]}")
-        results = [bundle.upsample(lr_latent=None if lr_latent is None else lr_latent[i:i + 1],
-                                   lr_image=None if lr_image is None else lr_image[i:i + 1],
-                                   generator=g, **overrides) for i, g in enumerate(generator)]
-        return torch.cat([r.x1 for r in results]), max(r.nfe for r in results)
+    def _low_res(self, z: torch.Tensor | None, image, first_stage: FirstStage, device: torch.device,
+                 num_images_per_prompt: int, timer: _Timer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(lr_latent (B, C, h, w), None) or (None, lr_image (B, 3, f·h, f·w) in [-1, 1]) for the first CFM pass:
+        the base latents z in the upsampler's space, z decoded for upsamplers with their own first stage (TAEF2,
+        identity), or the given `image`."""
+        if image is not None:
+            kind, tensor = self._image_to_tensor(image, first_stage, device)
+            tensor = tensor.repeat_interleave(num_images_per_prompt, dim=0)
+            return (tensor, None) if kind == "latent" else (None, tensor)
+        if isinstance(first_stage, DiffusersAutoencoder):
+            return normalise_latents(first_stage, z), None
+        with timer("base"):
+            return None, DiffusersAutoencoder(self.vae, {"kind": "autoencoder_kl"}).decode(z)
 
     # ------------------------------------------------------------------ the recipe
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image=None, negative_prompt=None,
                  num_inference_steps: int | None = None, guidance_scale: float = 7.5, base_size: int | tuple = 256,
-                 upsample_steps: int | None = None, solver: str | None = None, schedule: str | None = None,
-                 schedule_params: dict | None = None, detail: float | None = None,
+                 sampler: SamplerConfig | None = None, upsample_steps: int | None = None, solver: str | None = None,
+                 schedule: str | None = None, schedule_params: dict | None = None, detail: float | None = None,
                  noising_step: int | None = None, cascade: int = 1,
                  preview_vae: torch.nn.Module | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None, **base_kwargs):
         """Text → image (prompt) or super-resolution (image); `cascade` CFM passes of ×scale each.
 
-        upsample_steps / solver / schedule / schedule_params / detail (and noising_step, the coupling
-        noise) override the upsampler's saved defaults; `detail` ∈ [0, 1] is the fidelity dial of
-        posterior-mean upsamplers (0: the regression estimate, best PSNR; 1: the flow's full detail);
-        `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes
-        instead of the VAE for a fast preview; `base_kwargs` (prompt_embeds, eta, guidance_rescale, ...)
-        go to the base SD loop.
+        num_inference_steps, guidance_scale, base_size: the base model's (steps default 25, LCM 4).
+        The CFM stage samples with `sampler` (a SamplerConfig; default: the upsampler's saved one) changed by
+        upsample_steps (its ODE steps, `num_steps`) / solver / schedule / schedule_params / detail; `detail`
+        ∈ [0, 1] is the fidelity dial of posterior-mean upsamplers (0: the regression estimate, best PSNR;
+        1: the flow's full detail). `noising_step` replaces the coupling's trained noise level (an ablation
+        knob); `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes instead of the VAE for a fast
+        preview; `base_kwargs` (prompt_embeds, eta, guidance_rescale, ...) go to the base SD loop.
         """
         if (prompt is not None or "prompt_embeds" in base_kwargs) == (image is not None):
             raise ValueError("give exactly one of prompt (text → image) or image (super-resolution)")
@@ -331,40 +357,42 @@ class BoostPipeline(DiffusionPipeline):
             raise ValueError(f"cascade must be a positive int (number of CFM passes), got {cascade!r}")
         device = self._execution_device
         self._check_precision(device)
-        timer = _Timer(device)
-        overrides = {k: v for k, v in (("num_steps", upsample_steps), ("solver", solver), ("schedule", schedule),
-                                       ("schedule_params", schedule_params), ("detail", detail)) if v is not None}
-        velocity = _HalfVelocity(self.upsampler)
-        r_model = _HalfVelocity(self.posterior_mean) if self.posterior_mean is not None else None
-        bundle = self.upsampler_bundle(velocity, noising_step, r_model)
-        first_stage = bundle.first_stage
-        shares_vae = isinstance(first_stage, DiffusersAutoencoder)
-        if not shares_vae:  # the pipeline's VAE is placed by .to() / CPU offload, not here
+        upsampler = self.boost_upsampler
+        if noising_step is not None:
+            flow = dataclasses.replace(upsampler.flow, noising_step=noising_step, noise_sigma=None)
+            upsampler = dataclasses.replace(upsampler, flow=flow)
+        overrides = {"num_steps": upsample_steps, "solver": solver, "schedule": schedule,
+                     "schedule_params": schedule_params, "detail": detail}
+        sampler = (sampler or upsampler.sampler).replace(**{k: v for k, v in overrides.items() if v is not None})
+        first_stage = upsampler.first_stage
+        if not isinstance(first_stage, DiffusersAutoencoder):  # the pipeline's VAE is placed by .to() / offload
             first_stage.to(device)
-        lr_latent = lr_image = None
+        timer = _Timer(device)
+        bar = {"desc": "upsample", **getattr(self, "_progress_bar_config", {})}
+        # 1. the low-res input: the base model's latent (text → image), or the given image / latents
+        z = None
         if image is None:
             with timer("base"):
                 z = self._base_latents(prompt, negative_prompt, base_size, num_inference_steps, guidance_scale,
                                        num_images_per_prompt, generator, latents, callback_on_step_end, **base_kwargs)
         with self._vae_upcast():
-            if image is None and shares_vae:
-                lr_latent = normalise_latents(first_stage, z)
-            elif image is None:  # TAEF2 / identity upsampler: hand it the base image
-                with timer("base"):
-                    lr_image = DiffusersAutoencoder(self.vae, {"kind": "autoencoder_kl"}).decode(z)
-            else:
-                kind, tensor = self._image_to_tensor(image, first_stage, device)
-                tensor = tensor.repeat_interleave(num_images_per_prompt, dim=0)
-                lr_latent, lr_image = (tensor, None) if kind == "latent" else (None, tensor)
+            lr_latent, lr_image = self._low_res(z, image, first_stage, device, num_images_per_prompt, timer)
             f = first_stage.downsample_factor
             h, w = lr_latent.shape[-2:] if lr_latent is not None else (lr_image.shape[-2] // f, lr_image.shape[-1] // f)
-            self._check_latent_size(h, w, bundle.scale)  # later passes are larger multiples
+            self._check_latent_size(h, w, upsampler.scale)  # later passes are larger multiples
             nfe = 0
-            bar = {"desc": "upsample", **getattr(self, "_progress_bar_config", {})}
-            with timer("upsample"), tqdm(total=None, unit="nfe", **bar) as velocity.progress:
-                for _ in range(cascade):  # later passes start from the previous pass's latent
-                    lr_latent, pass_nfe = self._upsample(bundle, lr_latent, lr_image, generator, overrides)
-                    lr_image, nfe = None, nfe + pass_nfe
+            with timer("upsample"), upsampler.model.counting(**bar):
+                for _ in range(cascade):  # each pass ×scale, from the previous pass's latent
+                    # 2. condition: the clean up-sampled latent (PSU: bicubic in pixels, then encode; or latent
+                    #    interpolation)
+                    cond = upsampler.condition(lr_latent, lr_image)
+                    # 3. the source x0 at t = 0: cond noise-augmented at the trained step, or R(cond) + σ_s ε for
+                    #    posterior-mean flows; one generator per sample keeps each sample reproducible on its own
+                    source = upsampler.draw_source(cond, generator)
+                    # 4. the ODE from x0 (t = 0) to the high-res latent x1 (t = 1), with the sampler
+                    result = upsampler.transport(source, sampler)
+                    lr_latent, lr_image, nfe = result.x1, None, nfe + result.nfe
+            # 5. decode (or return the upsampler's normalised latents)
             if output_type == "latent":
                 images = lr_latent
             else:
@@ -380,9 +408,9 @@ class BoostPipeline(DiffusionPipeline):
 
 
 def _boost_config(upsampler: Upsampler) -> dict:
-    """The dict `Upsampler.save_pretrained` writes as boost_config.json."""
-    config = {"first_stage": upsampler.first_stage.config(), "scale": upsampler.scale,
-              "flow": upsampler.flow.to_dict(), "sampler": dict(upsampler.sampler)}
+    """The upsampler's boost_config.json, with R's latent stats for posterior-mean flows (R's weights are the
+    pipeline's `posterior_mean` component)."""
+    config = upsampler.config()
     if upsampler.posterior_mean is not None:
         config["posterior_mean_stats"] = {"latent_mean": upsampler.posterior_mean.latent_mean.tolist(),
                                           "latent_std": upsampler.posterior_mean.latent_std.tolist()}

@@ -22,7 +22,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by generate and upscale: the CFM stage, device and output."""
     parser.add_argument("-o", "--output", required=True, help="output image path (.png, .jpg, ...)")
-    parser.add_argument("--upsample-steps", type=int, default=None, help="ODE steps (default: the upsampler's)")
+    parser.add_argument("--upsample-steps", type=int, default=None,
+                        help="CFM ODE steps (default: the upsampler's saved sampler)")
     parser.add_argument("--solver", default=None, help="euler, midpoint, heun, rk4, dopri5, ... (default: saved)")
     parser.add_argument("--schedule", default=None, help="time grid: linear, cosine, logit_normal, …")
     parser.add_argument("--detail", type=float, default=None, metavar="D",
@@ -41,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=DEFAULT_BASE, help="SD1.5 / LCM pipeline: hub id or folder, or a saved "
                                                              "BoostPipeline folder (then --upsampler is optional)")
     parser.add_argument("--upsampler", default=None, help="upsampler folder (boost_config.json + CFMUNet weights)")
-    parser.add_argument("--steps", type=int, default=None, help="base denoising steps (default 25; LCM 4)")
+    parser.add_argument("--steps", type=int, default=None, help="base-model denoising steps (default 25; LCM 4)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale of the base")
     parser.add_argument("--base-size", type=int, default=256, help="base resolution in pixels")
     add_sampler_arguments(parser)

@@ -275,6 +275,12 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
     return state
 
 
+def as_upsampler(config: TrainConfig, model: torch.nn.Module, first_stage: FirstStage, flow: CouplingFlowMatcher,
+                 posterior_mean: PosteriorMean | None = None) -> Upsampler:
+    """The network being trained as the `Upsampler` it will be saved as: validation samples exactly so."""
+    return Upsampler(model, first_stage, flow, config.scale, config.sampler(), posterior_mean)
+
+
 def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, step: int,
                    posterior_mean: PosteriorMean | None = None) -> None:
     if not accelerator.is_main_process:
@@ -283,8 +289,8 @@ def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs
     if ema is not None:  # validate the EMA weights, then put the training weights back
         ema.store(unwrapped.parameters())
         ema.copy_to(unwrapped.parameters())
-    result = validate(unwrapped, first_stage, flow, val_pairs, config.sampler(), step, config.output_dir, config.seed,
-                      posterior_mean)
+    result = validate(as_upsampler(config, unwrapped, first_stage, flow, posterior_mean), val_pairs, step,
+                      config.output_dir, config.seed)
     if ema is not None:
         ema.restore(unwrapped.parameters())
     accelerator.log({"val_psnr": result.psnr, "val_ssim": result.ssim}, step=step)
@@ -301,8 +307,7 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
         unwrapped = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
-        Upsampler(unwrapped, first_stage, flow, config.scale, config.sampler(),
-                  posterior_mean).save_pretrained(target)
+        as_upsampler(config, unwrapped, first_stage, flow, posterior_mean).save_pretrained(target)
         accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}")
     accelerator.end_training()
     return target

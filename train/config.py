@@ -1,7 +1,8 @@
 """Training configuration: one flat YAML file → one frozen dataclass, plus `--key value` overrides.
 
 Every YAML key is a `TrainConfig` field; an unknown key or a value of the wrong type is a
-`ValueError` that names the key, so a typo never silently falls back to a default.
+`ValueError` that names the key, so a typo never silently falls back to a default. A renamed key
+(`RENAMED_KEYS`) is an error naming its new name.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
-from fmboost.models import FIRST_STAGES, PRESETS, CouplingFlowMatcher
+from fmboost.models import FIRST_STAGES, PRESETS, CouplingFlowMatcher, SamplerConfig
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+#: old key → new key: the old one is refused with a message naming the new one (never read silently).
+RENAMED_KEYS = {"num_inference_steps": "upsample_steps"}  # CFM ODE steps; the base model's steps are elsewhere
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,9 @@ class TrainConfig:
     time_sampling: str = "uniform"
     logit_normal_mu: float = 0.0
     logit_normal_std: float = 1.0
-    # ---- sampler defaults (validation and the saved Upsampler)
+    # ---- the CFM sampler (`sampler()`): used by validation, saved as the Upsampler's default SamplerConfig
     solver: str = "euler"
-    num_inference_steps: int = 4
+    upsample_steps: int = 4  # CFM ODE steps (SamplerConfig.num_steps)
     schedule: str = "linear"
     # ---- optimisation
     output_dir: str = "runs/cfm_upsampler"
@@ -96,7 +99,7 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         for key in ("scale", "crop_size", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                    "checkpointing_steps", "validation_steps", "crops_per_image", "num_inference_steps"):
+                    "checkpointing_steps", "validation_steps", "crops_per_image", "upsample_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.crop_size % self.scale:
@@ -106,6 +109,7 @@ class TrainConfig:
         if (self.train_data_dir is None) == (self.dataset_name is None):
             raise ValueError("give exactly one of train_data_dir and dataset_name")
         self.flow()  # validates upsample, noising_step, objective, time_sampling, ...
+        self.sampler()  # validates solver and schedule
         if self.flow().needs_posterior_mean and not self.posterior_mean_model:
             raise ValueError("source 'posterior_mean' needs posterior_mean_model: the folder of a regression "
                              "upsampler (train one with objective: regression)")
@@ -119,8 +123,9 @@ class TrainConfig:
                                    time_sampling=self.time_sampling, logit_normal_mu=self.logit_normal_mu,
                                    logit_normal_std=self.logit_normal_std)
 
-    def sampler(self) -> dict:
-        return {"solver": self.solver, "num_steps": self.num_inference_steps, "schedule": self.schedule}
+    def sampler(self) -> SamplerConfig:
+        """How validation samples, saved with the Upsampler as its default."""
+        return SamplerConfig(solver=self.solver, num_steps=self.upsample_steps, schedule=self.schedule)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,12 +152,20 @@ def _check_types(config: TrainConfig) -> None:
             raise ValueError(f"config key {f.name!r} must be {names}, got {value!r} ({type(value).__name__})")
 
 
-def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
-    values = dict(values)
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+def check_keys(keys, source: str) -> None:
+    """Renamed keys name their new name; other unknown keys are listed."""
+    renamed = sorted(set(keys) & set(RENAMED_KEYS))
+    if renamed:
+        raise ValueError(f"config key(s) {renamed} in {source} renamed: "
+                         + ", ".join(f"{old!r} is now {RENAMED_KEYS[old]!r}" for old in renamed))
+    unknown = sorted(set(keys) - _FIELD_NAMES)
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {source}; see fmboost.train.config.TrainConfig for the keys")
+
+
+def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
+    values = dict(values)
+    check_keys(values, source)
     for key, value in values.items():  # YAML 1.1 reads "3e-4" (no dot) as a string: accept it as a float
         if isinstance(value, str) and float in _allowed_types(key):
             try:
@@ -188,6 +201,8 @@ def add_config_arguments(parser) -> None:
     group = parser.add_argument_group("config overrides (any TrainConfig key; YAML values)")
     for f in fields(TrainConfig):
         group.add_argument(f"--{f.name}", dest=f"override_{f.name}", metavar="VALUE", default=argparse.SUPPRESS)
+    for old in RENAMED_KEYS:  # accepted by the parser only so that `load_config` can name the new key
+        group.add_argument(f"--{old}", dest=f"override_{old}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def overrides_from_args(args) -> list[str]:
@@ -207,9 +222,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a flat mapping of keys to values")
-        unknown = sorted(set(loaded) - {f.name for f in fields(TrainConfig)})
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in {path}; see fmboost.train.config.TrainConfig for the keys")
+        check_keys(loaded, str(path))
         values.update(loaded)
     if overrides:
         values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)

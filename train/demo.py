@@ -45,7 +45,7 @@ DEMO_CONFIG: dict = {
     "objective": "cfm",
     "time_sampling": "uniform",  # Euler starts at t = 0, which logit-normal almost never samples
     "solver": "euler",
-    "num_inference_steps": 2,
+    "upsample_steps": 2,
     "output_dir": "runs/demo",
     "train_batch_size": 8,
     "max_train_steps": 600,
@@ -81,8 +81,7 @@ def score(pred: torch.Tensor, target: torch.Tensor, lpips_model) -> dict[str, fl
 def evaluate(upsampler: Upsampler, pairs: dict, output_dir: Path, seed: int) -> dict:
     """{method: {metric: value}} on the held-out pairs, and comparison.png (bilinear | bicubic | CFM | truth)."""
     hr, lr = pairs["hr"], pairs["lr"]
-    cfm, _ = upsample_images(upsampler.model.eval(), upsampler.first_stage, upsampler.flow, lr, tuple(hr.shape[-2:]),
-                             upsampler.sampler, seed)
+    cfm, _ = upsample_images(upsampler, lr, seed)  # from_pretrained: the model is in eval mode
     outputs = {"cfm": cfm, "bicubic": F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False),
                "bilinear": F.interpolate(lr, size=hr.shape[-2:], mode="bilinear", align_corners=False)}
     try:
@@ -115,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(upsampler, pairs, output_dir, config.seed)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
     print(f"\n4× super-resolution on {pairs['hr'].shape[0]} held-out {args.eval_crop_size}² crops "
-          f"({', '.join(r.name for r in held_out)}), CFM with {upsampler.sampler['num_steps']} "
-          f"{upsampler.sampler['solver']} steps:")
+          f"({', '.join(r.name for r in held_out)}), CFM with {upsampler.sampler.num_steps} "
+          f"{upsampler.sampler.solver} steps:")
     print(format_table(results))
     print("sharpness: high-frequency energy / ground truth's (1.0 = as sharp). Wrote "
           f"{output_dir / 'results.json'} and {output_dir / 'comparison.png'} in {time.perf_counter() - start:.0f} s.")

@@ -3,7 +3,7 @@
 Training saves only the final EMA weights as `<output_dir>/upsampler`. To evaluate an earlier step, or
 the training weights instead of their EMA (is the EMA helping?), export the checkpoint: the weights come
 from `CHECKPOINT`, everything else — the CFMUNet architecture, the first stage with its latent
-statistics, the coupling and the sampler defaults — from an upsampler folder of the same run (`--like`,
+statistics, the coupling and the default SamplerConfig — from an upsampler folder of the same run (`--like`,
 default `<output_dir>/upsampler`), because the latent statistics are a property of the run's data, not
 of the step.
 """

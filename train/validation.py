@@ -13,8 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fmboost.eval.metrics import psnr, ssim
-from fmboost.models import CouplingFlowMatcher, FirstStage
-from fmboost.models.posterior_mean import PosteriorMean
+from fmboost.models import Upsampler
 from PIL import Image, ImageDraw
 
 
@@ -28,23 +27,16 @@ class ValidationResult:
 
 
 @torch.no_grad()
-def upsample_images(model: torch.nn.Module, first_stage: FirstStage, flow: CouplingFlowMatcher, lr: torch.Tensor,
-                    hr_size: tuple[int, int], sampler: dict, seed: int = 0, batch_size: int = 8,
-                    posterior_mean: PosteriorMean | None = None) -> tuple[torch.Tensor, int]:
-    """Low-res images (N, 3, h, w) in [-1, 1] → CFM high-res images (N, 3, H, W) in [-1, 1] and NFE
-    (R's pass included for posterior-mean flows)."""
-    f = first_stage.downsample_factor
-    size = (hr_size[0] // f, hr_size[1] // f)
+def upsample_images(upsampler: Upsampler, lr: torch.Tensor, seed: int = 0, batch_size: int = 8
+                    ) -> tuple[torch.Tensor, int]:
+    """Low-res images (N, 3, h, w) in [-1, 1] → high-res images (N, 3, s·h, s·w) in [-1, 1] drawn with the
+    upsampler's own sampler, and the NFE per image (R's pass included for posterior-mean flows)."""
     generator = torch.Generator(device=lr.device).manual_seed(seed)  # same noise every validation
     outputs, nfe = [], 0
     for start in range(0, lr.shape[0], batch_size):
-        lr_batch = lr[start:start + batch_size]
-        cond = flow.condition(None, size, first_stage, lr_image=lr_batch)
-        estimate = None if posterior_mean is None else \
-            posterior_mean(cond, first_stage.latent_mean, first_stage.latent_std)
-        result = flow.sample(model, cond, generator, posterior_mean=estimate, **sampler)
-        outputs.append(first_stage.decode(result.x1.float()))
-        nfe = result.nfe + (estimate is not None)
+        result = upsampler.upsample(lr_image=lr[start:start + batch_size], generator=generator)
+        outputs.append(upsampler.first_stage.decode(result.x1.float()))
+        nfe = result.nfe
     return torch.cat(outputs), nfe
 
 
@@ -70,17 +62,15 @@ def save_grid(columns: list[torch.Tensor], labels: list[str], path: str | Path) 
     grid.save(path)
 
 
-def validate(model: torch.nn.Module, first_stage: FirstStage, flow: CouplingFlowMatcher, pairs: dict, sampler: dict,
-             step: int, output_dir: str | Path, seed: int = 0, posterior_mean: PosteriorMean | None = None
-             ) -> ValidationResult:
-    """Score `pairs` ({"hr", "lr"} in [-1, 1]) with PSNR / SSIM (RGB, [0, 1]); write the grid and a JSON line."""
-    device = first_stage.latent_mean.device
+def validate(upsampler: Upsampler, pairs: dict, step: int, output_dir: str | Path, seed: int = 0) -> ValidationResult:
+    """Score `pairs` ({"hr", "lr"} in [-1, 1], hr = scale × lr) with PSNR / SSIM (RGB, [0, 1]) using the
+    upsampler's sampler; write the grid and a JSON line."""
+    device = upsampler.first_stage.latent_mean.device
     hr, lr = pairs["hr"].to(device), pairs["lr"].to(device)
-    was_training = model.training
-    model.eval()
-    cfm, nfe = upsample_images(model, first_stage, flow, lr, tuple(hr.shape[-2:]), sampler, seed,
-                               posterior_mean=posterior_mean)
-    model.train(was_training)
+    was_training = upsampler.model.training
+    upsampler.model.eval()
+    cfm, nfe = upsample_images(upsampler, lr, seed)
+    upsampler.model.train(was_training)
     bilinear = F.interpolate(lr, size=hr.shape[-2:], mode="bilinear", align_corners=False).clamp(-1, 1)
     pred, target = (cfm + 1) / 2, (hr + 1) / 2
     grid = Path(output_dir) / "validation" / f"step_{step:07d}.png"

@@ -4,14 +4,15 @@ import json
 
 import pytest
 import torch
-from fmboost.eval.bench import bench_pipeline, parse_sampler_config
+from fmboost.eval.bench import SAMPLER_CONFIGS, bench_pipeline
+from fmboost.models import SamplerConfig
 from fmboost.pipelines.cli import main
 
 
 def test_pipeline_bench_json_and_ratios(tmp_path, capsys):
     out = tmp_path / "pipeline.json"
     argv = ["bench", "pipeline", "--size", "tiny", "--upsampler-preset", "tiny", "--lr-latent", "8", "--hr-latent",
-            "16", "--base-steps", "3", "--nfe", "2", "--decode", "sdpa,channels_last,tiled", "--warmup", "0",
+            "16", "--base-steps", "3", "--upsample-steps", "2", "--decode", "sdpa,channels_last,tiled", "--warmup", "0",
             "-o", str(out)]
     assert main(argv) == 0
     assert "direct 128² / boosted" in capsys.readouterr().out
@@ -30,12 +31,13 @@ def test_pipeline_bench_json_and_ratios(tmp_path, capsys):
     assert result["decode_speedup_vs_sdpa"]["sdpa"] == 1.0
     assert result["decode_speedup_vs_sdpa"]["tiled"] == pytest.approx(per_call["decode_128_sdpa"]
                                                                        / per_call["decode_128_tiled"])
-    assert result["setup"]["pixels"] == 128 and "multiplied" in result["method"]
+    assert result["setup"]["pixels"] == 128 and result["setup"]["upsample_steps"] == 2
+    assert "multiplied" in result["method"]
 
 
 def test_pipeline_bench_end_to_end_without_guidance():
-    result = bench_pipeline("tiny", base_steps=1, nfe=2, upsampler_preset="tiny", guidance=False, decode=["sdpa"],
-                            warmup=0, lr_latent=8, hr_latent=16, end_to_end=True)
+    result = bench_pipeline("tiny", base_steps=1, upsample_steps=2, upsampler_preset="tiny", guidance=False,
+                            decode=["sdpa"], warmup=0, lr_latent=8, hr_latent=16, end_to_end=True)
     assert result["setup"]["guidance"] is False and result["per_call_s"]["unet_step_8"] > 0
     e2e = result["end_to_end"]
     assert set(e2e["boosted_s"]) == {"base", "upsample", "decode", "total"} and e2e["nfe"] == 2
@@ -65,16 +67,17 @@ def test_sampler_bench_quick_compares_presets(tmp_path):
     assert result["setup"]["nfe_latent_size"] == 32
 
 
-def test_parse_sampler_config():
-    assert parse_sampler_config("euler:logit_normal:8") == {"solver": "euler", "schedule": "logit_normal",
-                                                            "num_steps": 8}
-    assert parse_sampler_config("dopri5") == {"solver": "dopri5"}
+def test_sampler_configs_are_sampler_config_strings(capsys):
+    assert [SamplerConfig.parse(text).format() for text in SAMPLER_CONFIGS] == list(SAMPLER_CONFIGS)
+    assert main(["bench", "sampler", "--presets", "tiny", "--configs", "euler:wiggly:4"]) == 2
+    assert "sampler 'euler:wiggly:4': SamplerConfig.schedule" in capsys.readouterr().err
 
 
 def test_pipeline_bench_runs_in_the_requested_dtype():
     """Every stage (text encoder, both UNet sizes, CFM, PSU, decode variants) runs on bfloat16 weights and inputs."""
-    result = bench_pipeline("tiny", base_steps=1, nfe=1, upsampler_preset="tiny", decode=["sdpa", "tiny_decoder"],
-                            device="cpu", warmup=0, lr_latent=8, hr_latent=16, dtype="bfloat16")
+    result = bench_pipeline("tiny", base_steps=1, upsample_steps=1, upsampler_preset="tiny",
+                            decode=["sdpa", "tiny_decoder"], device="cpu", warmup=0, lr_latent=8, hr_latent=16,
+                            dtype="bfloat16")
     assert result["setup"]["dtype"] == "bfloat16"
     assert set(result["per_call_s"]) == {"text_encoder", "unet_step_8", "unet_step_16", "cfm_nfe_16",
                                          "psu_decode_64", "psu_encode_128", "decode_128_sdpa",
@@ -89,8 +92,8 @@ def test_pipeline_bench_cuda_graphs_need_cuda():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_pipeline_bench_cuda_graph_totals_use_the_replayed_times():
-    result = bench_pipeline("tiny", base_steps=3, nfe=2, upsampler_preset="tiny", decode=["sdpa"], device="cuda",
-                            lr_latent=8, hr_latent=16, cuda_graphs=True)
+    result = bench_pipeline("tiny", base_steps=3, upsample_steps=2, upsampler_preset="tiny", decode=["sdpa"],
+                            device="cuda", lr_latent=8, hr_latent=16, cuda_graphs=True)
     per_call, graphs = result["per_call_s"], result["cuda_graphs"]
     assert graphs["boosted_s"]["base"] == pytest.approx(3 * per_call["unet_step_8_cuda_graph"])
     assert graphs["direct_s"]["base"] == pytest.approx(3 * per_call["unet_step_16_cuda_graph"])

@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 from fmboost.eval.baselines import ConditionMemo, MethodOutput, load_regression, psu_source, upsampler_method
+from fmboost.eval.cli_eval_sr import curve_label
 from fmboost.eval.pairs import iter_pairs
-from fmboost.eval.super_resolution import MetricNetworks, evaluate, markdown_table, parse_sampler, study_samplers
-from fmboost.models import CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, Upsampler
+from fmboost.eval.super_resolution import MetricNetworks, evaluate, markdown_table, study_samplers
+from fmboost.models import CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, SamplerConfig, Upsampler
 from fmboost.models.assets import shared_path
 from fmboost.pipelines.cli import main
 
@@ -97,9 +98,9 @@ def test_fid_and_patch_fid_with_a_stand_in_feature_network(folders):
 
 def test_samplers_start_from_the_same_noise(folders):
     upsampler = Upsampler.from_pretrained(folders / "cfm")
-    spec = parse_sampler("euler:linear:2")
-    methods = {"a": upsampler_method(upsampler, **spec.kwargs()), "b": upsampler_method(upsampler, **spec.kwargs()),
-               "c": upsampler_method(upsampler, **parse_sampler("euler:inverse_cubic:2").kwargs())}
+    sampler = SamplerConfig.parse("euler:linear:2")
+    methods = {"a": upsampler_method(upsampler, sampler=sampler), "b": upsampler_method(upsampler, sampler=sampler),
+               "c": upsampler_method(upsampler, sampler=SamplerConfig.parse("euler:inverse_cubic:2"))}
     pairs = list(iter_pairs([folders / "images"], 64, 16))
     evaluation = evaluate(pairs, methods, 4, MetricNetworks(), seed=3, reference="a")
     for a, b in zip(evaluation.grid["a"], evaluation.grid["b"]):
@@ -125,17 +126,13 @@ def test_schedule_study(folders):
     assert (folders / "out" / "nfe_curve.png").stat().st_size > 10_000
 
 
-def test_parse_sampler():
-    spec = parse_sampler("euler:logit_normal:mu=0.5,std=1:10")
-    assert spec.kwargs() == {"solver": "euler", "num_steps": 10, "schedule": "logit_normal",
-                             "schedule_params": {"mu": 0.5, "std": 1.0}}
-    assert spec.name == "euler:logit_normal:mu=0.5,std=1:10" and spec.curve == "euler:logit_normal:mu=0.5,std=1"
-    assert parse_sampler("dopri5").kwargs() == {"solver": "dopri5"} and parse_sampler("dopri5").adaptive
-    assert parse_sampler("dopri5:atol=1e-5,rtol=1e-3").kwargs() == {"solver": "dopri5", "atol": 1e-5, "rtol": 1e-3}
-    for bad in ("euler", "euler:linear", "euler:wiggly:4", "leapfrog:linear:4", "euler:linear:mu:4", "dopri5:a:b"):
-        with pytest.raises(ValueError):
-            parse_sampler(bad)
-    assert study_samplers([2])[-1] == parse_sampler("dopri5")
+def test_study_samplers_and_curve_labels():
+    study = study_samplers([2, 4], reference="dopri5:atol=1e-5,rtol=1e-3")
+    assert all(isinstance(s, SamplerConfig) for s in study) and len(set(study)) == len(study) == 8 * 2 + 1
+    assert SamplerConfig("euler", 4, "logit_normal", {"mu": -1.0, "std": 3.0}) in study
+    assert study[-1] == SamplerConfig("dopri5", atol=1e-5, rtol=1e-3)
+    assert curve_label(SamplerConfig.parse("euler:logit_normal:mu=0.5,std=1:10")) == "euler:logit_normal:mu=0.5,std=1"
+    assert curve_label(study[-1]) == "dopri5:atol=1e-05,rtol=0.001"
 
 
 def test_user_errors_exit_with_code_2(folders, capsys):
@@ -174,7 +171,8 @@ def test_methods_share_one_conditioning_per_image_and_are_timed_as_if_alone(fold
 def test_mean_of_k_samples_decodes_the_latent_mean(folders):
     upsampler = Upsampler.from_pretrained(folders / "cfm")
     lr = torch.rand(1, 3, 16, 16) * 2 - 1
-    averaged = upsampler_method(upsampler, num_samples=3, num_steps=2)(lr, None, torch.Generator().manual_seed(5))
+    averaged = upsampler_method(upsampler, num_samples=3, sampler=SamplerConfig(num_steps=2))(
+        lr, None, torch.Generator().manual_seed(5))
     generator = torch.Generator().manual_seed(5)
     samples = [upsampler.upsample(lr_image=lr, generator=generator, num_steps=2).x1 for _ in range(3)]
     assert averaged.nfe == 6

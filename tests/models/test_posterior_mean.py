@@ -4,7 +4,14 @@ import json
 
 import pytest
 import torch
-from fmboost.models import BOOST_CONFIG_NAME, CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, Upsampler
+from fmboost.models import (
+    BOOST_CONFIG_NAME,
+    CFMUNet,
+    CouplingFlowMatcher,
+    IdentityAutoencoder,
+    SamplerConfig,
+    Upsampler,
+)
 from fmboost.models.posterior_mean import PosteriorMean
 
 
@@ -88,7 +95,7 @@ def pm_upsampler(r: Upsampler, mean=(0.1, 0.0, -0.1), std=(0.5, 0.6, 0.7), **flo
     first_stage = IdentityAutoencoder()
     first_stage.set_latent_stats(torch.tensor(mean), torch.tensor(std))
     return Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), first_stage, pm_flow(**flow), scale=2,
-                     sampler={"solver": "euler", "num_steps": 3}, posterior_mean=PosteriorMean.from_upsampler(r))
+                     sampler=SamplerConfig(num_steps=3), posterior_mean=PosteriorMean.from_upsampler(r))
 
 
 def test_estimate_is_r_in_the_raw_latent_space_whatever_the_normalisations(generator):

@@ -5,7 +5,14 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from fmboost.models import CFMUNet, CouplingFlowMatcher, DiffusersAutoencoder, IdentityAutoencoder, Upsampler
+from fmboost.models import (
+    CFMUNet,
+    CouplingFlowMatcher,
+    DiffusersAutoencoder,
+    IdentityAutoencoder,
+    SamplerConfig,
+    Upsampler,
+)
 from fmboost.pipelines import BoostPipeline, BoostPipelineOutput
 from fmboost.pipelines.random_sd import random_sd_components
 
@@ -16,7 +23,7 @@ def make_upsampler(first_stage, upsample="psu", scale=2):
     torch.manual_seed(0)
     model = CFMUNet.from_preset("tiny", latent_channels=first_stage.latent_channels).eval()
     return Upsampler(model, first_stage, CouplingFlowMatcher(upsample=upsample, noising_step=400), scale=scale,
-                     sampler={"solver": "euler", "num_steps": 2, "schedule": "linear"})
+                     sampler=SamplerConfig(num_steps=2))
 
 
 def boost(parts, upsample="psu"):
@@ -71,8 +78,36 @@ def test_batch_num_images_and_generator_list(pipe):
                schedule_params={"mu": 0.0, "std": 1.0}, **BASE)
     assert out.images.shape == (4, 3, 128, 128) and out.nfe == 6  # midpoint: 2 NFE per step
     single = pipe("a dog", num_images_per_prompt=2, generator=[seeded(2), seeded(3)], output_type="pt",
-                  upsample_steps=3, solver="midpoint", schedule="logit_normal", **BASE).images
+                  upsample_steps=3, solver="midpoint", schedule="logit_normal", schedule_params={"mu": 0.0, "std": 1.0},
+                  **BASE).images
     torch.testing.assert_close(single, out.images[2:], atol=1e-4, rtol=1e-4)  # each sample seeded by its generator
+
+
+def test_sampler_config_and_its_overrides(pipe):
+    midpoint = SamplerConfig("midpoint", 3, "logit_normal", {"std": 1.0})
+    out = pipe("a cat", sampler=midpoint, generator=seeded(), output_type="latent", **BASE)
+    assert out.nfe == 6 and pipe.boost_upsampler.sampler == SamplerConfig(num_steps=2)  # the saved one is kept
+    same = pipe("a cat", upsample_steps=3, solver="midpoint", schedule="logit_normal", schedule_params={"std": 1.0},
+                generator=seeded(), output_type="latent", **BASE)
+    torch.testing.assert_close(same.images, out.images)
+    assert pipe("a cat", sampler=midpoint, upsample_steps=1, output_type="latent", **BASE).nfe == 2  # kwarg wins
+    with pytest.raises(ValueError, match="SamplerConfig.num_steps"):
+        pipe("a cat", upsample_steps=0, **BASE)
+
+
+def test_upsampler_is_built_once(parts, monkeypatch):
+    pipe = boost(parts)
+    builds = []
+    build = BoostPipeline._build_upsampler
+    monkeypatch.setattr(BoostPipeline, "_build_upsampler", lambda self: builds.append(self) or build(self))
+    held = pipe.boost_upsampler
+    pipe("a cat", generator=seeded(), output_type="latent", noising_step=100, **BASE)
+    pipe(image=torch.rand(1, 3, 32, 32), output_type="latent")
+    assert pipe.boost_upsampler is held and len(builds) == 1
+    assert held.flow.noising_step == 400  # a per-call override does not stick
+    assert pipe.first_stage() is held.first_stage and held.first_stage.vae is pipe.vae
+    pipe.vae = random_sd_components("tiny", tokenizer=parts["tokenizer"])["vae"]  # a replaced component is picked up
+    assert pipe.boost_upsampler is not held and pipe.boost_upsampler.first_stage.vae is pipe.vae
 
 
 def test_lcm_base_and_latent_coupling(parts):

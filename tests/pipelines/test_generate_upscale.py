@@ -5,7 +5,14 @@ import PIL.Image
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from fmboost.models import CFMUNet, CouplingFlowMatcher, DiffusersAutoencoder, IdentityAutoencoder, Upsampler
+from fmboost.models import (
+    CFMUNet,
+    CouplingFlowMatcher,
+    DiffusersAutoencoder,
+    IdentityAutoencoder,
+    SamplerConfig,
+    Upsampler,
+)
 from fmboost.pipelines import BoostPipeline
 from fmboost.pipelines.cli import main
 from fmboost.pipelines.random_sd import random_sd_components
@@ -16,7 +23,7 @@ FAST = ["--steps", "1", "--base-size", "64", "--upsample-steps", "2"]
 def tiny_upsampler(first_stage, upsample="psu"):
     torch.manual_seed(0)
     return Upsampler(CFMUNet.from_preset("tiny", latent_channels=first_stage.latent_channels).eval(), first_stage,
-                     CouplingFlowMatcher(upsample=upsample), scale=2, sampler={"solver": "euler", "num_steps": 2})
+                     CouplingFlowMatcher(upsample=upsample), scale=2, sampler=SamplerConfig(num_steps=2))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +125,7 @@ def test_upscale_with_a_posterior_mean_upsampler_and_the_detail_dial(tmp_path, c
                            CouplingFlowMatcher(upsample="bicubic", objective="regression"), scale=2)
     pm = Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), IdentityAutoencoder(),
                    CouplingFlowMatcher(upsample="bicubic", source="posterior_mean"), scale=2,
-                   sampler={"solver": "euler", "num_steps": 2}, posterior_mean=PosteriorMean.from_upsampler(regression))
+                   sampler=SamplerConfig(num_steps=2), posterior_mean=PosteriorMean.from_upsampler(regression))
     pm.save_pretrained(tmp_path / "pm")
     source = tmp_path / "in.png"
     PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(source)

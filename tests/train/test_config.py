@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fmboost.models import SamplerConfig
 from fmboost.train.config import TrainConfig, load_config, parse_overrides
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
@@ -56,3 +57,22 @@ def test_cli_overrides_win_and_are_typed(tmp_path):
 def test_exactly_one_data_source():
     with pytest.raises(ValueError, match="train_data_dir"):
         load_config(None, {})
+
+
+def test_upsample_steps_are_the_cfm_sampler_steps():
+    config = load_config(None, {"dataset_name": "sample_photos", "solver": "midpoint", "upsample_steps": 6,
+                                "schedule": "cosine"})
+    assert config.sampler() == SamplerConfig("midpoint", 6, "cosine")
+    with pytest.raises(ValueError, match="upsample_steps must be >= 1"):
+        load_config(None, {"dataset_name": "sample_photos", "upsample_steps": 0})
+    with pytest.raises(ValueError, match="SamplerConfig.schedule"):
+        load_config(None, {"dataset_name": "sample_photos", "schedule": "wiggly"})
+
+
+def test_renamed_key_names_its_new_name(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("dataset_name: sample_photos\nnum_inference_steps: 4\n")
+    for source in ((path, None), (None, {"dataset_name": "sample_photos", "num_inference_steps": 4}),
+                   (None, ["--dataset_name", "sample_photos", "--num_inference_steps", "4"])):
+        with pytest.raises(ValueError, match="'num_inference_steps' is now 'upsample_steps'"):
+            load_config(*source)

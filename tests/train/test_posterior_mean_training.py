@@ -30,7 +30,7 @@ def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_f
     for name, tensor in regression.model.state_dict().items():  # R is the regression run's weights, frozen
         torch.testing.assert_close(upsampler.posterior_mean.model.state_dict()[name], tensor)
     validation = [json.loads(line) for line in (Path(config.output_dir) / "validation" / "metrics.jsonl").open()]
-    assert validation[-1]["nfe"] == config.num_inference_steps + 1
+    assert validation[-1]["nfe"] == config.upsample_steps + 1
     image = torch.zeros(1, 3, 4, 4)
     torch.testing.assert_close(upsampler.upsample(lr_image=image, detail=0.0).x1,
                                regression.upsample(lr_image=image).x1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from fmboost.models import CouplingFlowMatcher, Upsampler
+from fmboost.models import CouplingFlowMatcher, SamplerConfig, Upsampler
 from fmboost.train import checkpoint as ckpt
 from fmboost.train import demo
 from fmboost.train.cfm_upsampler import NonFiniteLossError, main, train
@@ -64,7 +64,7 @@ def test_saved_upsampler_has_latent_stats_and_ema_weights(tiny_config):
     saved = json.loads((folder / "boost_config.json").read_text())
     assert saved["scale"] == 4 and saved["flow"]["upsample"] == "psu"
     assert saved["first_stage"]["latent_std"] != [1.0, 1.0, 1.0]  # computed on the training data
-    assert saved["sampler"] == {"solver": "euler", "num_steps": 4, "schedule": "linear"}
+    assert saved["sampler"] == SamplerConfig(solver="euler", num_steps=4, schedule="linear").to_dict()
     training = Upsampler.from_pretrained(folder).model.state_dict()
     from safetensors.torch import load_file
     last = load_file(Path(config.output_dir) / "checkpoint-4" / "model.safetensors")
@@ -95,7 +95,7 @@ def test_demo_smoke(tmp_path, capsys):
     assert "bicubic" in printed and ("LPIPS skipped" in printed) == (results["cfm"]["lpips"] is None)
 
 
-def test_fmboost_train_command_runs_the_same_loop(tiny_config):
+def test_fmboost_train_command_runs_the_same_loop(tiny_config, capsys):
     from fmboost.pipelines.cli import main as cli_main
 
     config = tiny_config(max_train_steps=2, validation_steps=100)
@@ -105,3 +105,5 @@ def test_fmboost_train_command_runs_the_same_loop(tiny_config):
     assert (Path(config.output_dir) / "upsampler" / "boost_config.json").is_file()
     with pytest.raises(SystemExit):  # an unknown key is refused by the parser, naming it
         cli_main(["train", *args, "--learning_rte=1"])
+    assert cli_main(["train", *args, "--num_inference_steps=2"]) == 2  # renamed: the error names the new key
+    assert "'num_inference_steps' is now 'upsample_steps'" in capsys.readouterr().err

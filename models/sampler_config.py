@@ -1,0 +1,172 @@
+"""SamplerConfig: how a CFM upsampler draws a sample — the ODE solve and the detail dial — as one typed value.
+
+One frozen, validated, hashable setting travels everywhere the sampler does: `Upsampler.sampler` and
+boost_config.json ("sampler": `to_dict()`), `BoostPipeline`, training validation, `fmboost eval-sr` and
+`fmboost bench`. Command lines write it as a string, read by `parse` and written by `format`:
+
+    euler:linear:10                        fixed-step solver : schedule : num_steps
+    euler:logit_normal:mu=0.5,std=3:10     … with schedule parameters
+    dopri5    dopri5:atol=1e-5,rtol=1e-3   adaptive solver [: tolerances]
+
+The string names the ODE solve only (what eval-sr results are keyed by); `detail`, the fidelity dial of
+posterior-mean flows, has its own option (`--detail`) wherever a command line offers it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from .sampling import ADAPTIVE_SOLVERS, SCHEDULES, SOLVERS, time_grid
+
+ScheduleParams = tuple[tuple[str, float], ...]
+TOLERANCES = ("atol", "rtol")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """solver: one of `SOLVERS`; fixed-step solvers take `num_steps` steps on the time grid `schedule`
+    (a `SCHEDULES` name) with `schedule_params`, adaptive ones (dopri5, …) choose their steps to meet
+    `atol` / `rtol`. detail ∈ [0, 1]: the fidelity dial of posterior-mean flows (0: the regression
+    estimate R(cond), best PSNR; 1: the flow's full detail; see `CouplingFlowMatcher.sample`).
+
+    `schedule_params` may be given as a dict; it is stored as a sorted tuple of (name, float) pairs so
+    that equal settings are equal and hash alike (eval-sr keys methods by setting).
+    """
+
+    solver: str = "euler"
+    num_steps: int = 4
+    schedule: str = "linear"
+    schedule_params: ScheduleParams = ()
+    atol: float = 1e-6
+    rtol: float = 1e-3
+    detail: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "schedule_params", _schedule_params(self.schedule_params))
+        if self.solver not in SOLVERS:
+            raise ValueError(f"SamplerConfig.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"SamplerConfig.num_steps must be a positive int, got {self.num_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"SamplerConfig.schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+        for name in TOLERANCES:
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 < value < math.inf:
+                raise ValueError(f"SamplerConfig.{name} must be a positive number, got {value!r}")
+        if not _is_number(self.detail) or not 0.0 <= self.detail <= 1.0:
+            raise ValueError(f"SamplerConfig.detail must be in [0, 1], got {self.detail!r}")
+        try:  # the grid itself checks parameter names, ranges and that it increases
+            time_grid(self.schedule, self.num_steps, **dict(self.schedule_params))
+        except ValueError as err:
+            raise ValueError(f"SamplerConfig.schedule_params: {err}") from None
+
+    @property
+    def adaptive(self) -> bool:
+        """True for step-size-controlled solvers, which ignore num_steps / schedule and use atol / rtol."""
+        return self.solver in ADAPTIVE_SOLVERS
+
+    def replace(self, **changes) -> SamplerConfig:
+        """A copy with `changes` (any field; schedule_params may be a dict), validated like the constructor."""
+        unknown = sorted(set(changes) - FIELDS)
+        if unknown:
+            raise ValueError(f"unknown sampler keys {unknown}; allowed: {sorted(FIELDS)}")
+        return dataclasses.replace(self, **changes)
+
+    def solve_kwargs(self) -> dict:
+        """Keyword arguments of `sample_ode` (and of `CouplingFlowMatcher.sample`, which adds `detail`)."""
+        return {"solver": self.solver, "num_steps": self.num_steps, "schedule": self.schedule,
+                "schedule_params": dict(self.schedule_params), "atol": self.atol, "rtol": self.rtol}
+
+    # ------------------------------------------------------------------ JSON (boost_config.json)
+
+    def to_dict(self) -> dict:
+        """Every field, schedule_params as a {name: value} dict: what boost_config.json stores."""
+        return {**dataclasses.asdict(self), "schedule_params": dict(self.schedule_params)}
+
+    @classmethod
+    def from_dict(cls, config: Mapping) -> SamplerConfig:
+        """From `to_dict()` or an older boost_config.json "sampler" dict: missing keys take their defaults,
+        schedule_params may be a dict, a list of pairs or null; an unknown key is an error naming it."""
+        return cls().replace(**config)
+
+    # ------------------------------------------------------------------ the command-line string
+
+    @classmethod
+    def parse(cls, text: str) -> SamplerConfig:
+        """'euler:linear:10', 'euler:logit_normal:mu=0.5,std=3:10', 'dopri5' or 'dopri5:atol=1e-5,rtol=1e-3'."""
+        solver, *parts = text.split(":")
+        if solver not in SOLVERS:
+            raise ValueError(f"sampler {text!r}: solver must be one of {list(SOLVERS)}, got {solver!r}")
+        if solver in ADAPTIVE_SOLVERS:
+            if len(parts) > 1:
+                raise ValueError(f"sampler {text!r}: adaptive solvers take only tolerances, e.g. "
+                                 f"{solver}:atol=1e-6,rtol=1e-3")
+            tolerances = dict(_parse_params(text, parts[0])) if parts else {}
+            unknown = sorted(set(tolerances) - set(TOLERANCES))
+            if unknown:
+                raise ValueError(f"sampler {text!r}: unknown tolerance(s) {unknown}; allowed: {list(TOLERANCES)}")
+            fields = {"solver": solver, **tolerances}
+        else:
+            if len(parts) not in (2, 3) or not parts[-1].isdigit():
+                raise ValueError(f"sampler {text!r}: expected solver:schedule[:k=v,...]:num_steps, "
+                                 f"e.g. {solver}:linear:4")
+            fields = {"solver": solver, "num_steps": int(parts[-1]), "schedule": parts[0],
+                      "schedule_params": _parse_params(text, parts[1]) if len(parts) == 3 else ()}
+        try:
+            return cls(**fields)
+        except ValueError as err:
+            raise ValueError(f"sampler {text!r}: {err}") from None
+
+    def format(self) -> str:
+        """The `parse` string of this setting: solver:schedule[:params]:num_steps, or solver[:atol=…,rtol=…]
+        (tolerances written only when they differ from the defaults). `detail` is not part of it."""
+        if self.adaptive:
+            tolerances = tuple((name, getattr(self, name)) for name in TOLERANCES)
+            if all(value == DEFAULTS[name] for name, value in tolerances):
+                return self.solver
+            return f"{self.solver}:{_format_params(tolerances)}"
+        params = [_format_params(self.schedule_params)] if self.schedule_params else []
+        return ":".join([self.solver, self.schedule, *params, str(self.num_steps)])
+
+
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(SamplerConfig)}
+FIELDS = frozenset(DEFAULTS)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _schedule_params(params: Mapping | Iterable | None) -> ScheduleParams:
+    """dict, pairs or None → sorted ((name, float), ...); a non-numeric value is an error naming it."""
+    params = {} if params is None else params
+    items = params.items() if isinstance(params, Mapping) else params
+    try:
+        pairs = [(name, value) for name, value in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"SamplerConfig.schedule_params must be a dict or (name, value) pairs, got {params!r}") \
+            from None
+    for name, value in pairs:
+        if not isinstance(name, str) or not _is_number(value):
+            raise ValueError(f"SamplerConfig.schedule_params must map names to numbers, got {name!r}: {value!r}")
+    return tuple(sorted((name, float(value)) for name, value in pairs))
+
+
+def _parse_params(text: str, part: str) -> ScheduleParams:
+    try:
+        return tuple((k.strip(), float(v)) for k, v in (item.split("=") for item in part.split(",")))
+    except ValueError:
+        raise ValueError(f"sampler {text!r}: bad parameters {part!r}, expected k=v[,k=v]") from None
+
+
+def _format_number(value: float) -> str:
+    """Short ('3', '1e-05') where that reads back exactly, else the full repr."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def _format_params(params: Iterable[tuple[str, float]]) -> str:
+    return ",".join(f"{name}={_format_number(value)}" for name, value in params)
