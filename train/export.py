@@ -18,7 +18,7 @@ import torch
 from accelerate.utils.constants import SAFE_WEIGHTS_NAME
 from diffusers.training_utils import EMAModel
 from fmboost.models.unet import CFMUNet
-from fmboost.models.upsampler import BOOST_CONFIG_NAME
+from fmboost.models.upsampler import BOOST_CONFIG_NAME, POSTERIOR_MEAN_FOLDER
 from fmboost.train.checkpoint import read_trainer_state
 from safetensors.torch import load_file
 
@@ -58,6 +58,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "e
         ema.load_state_dict(torch.load(ema_path, map_location="cpu", weights_only=True))
         ema.copy_to(model.parameters())
     model.save_pretrained(out)
+    if (like / POSTERIOR_MEAN_FOLDER).is_dir():  # a posterior-mean flow: its frozen R goes along unchanged
+        shutil.copytree(like / POSTERIOR_MEAN_FOLDER, out / POSTERIOR_MEAN_FOLDER, dirs_exist_ok=True)
     shutil.copyfile(like / BOOST_CONFIG_NAME, out / BOOST_CONFIG_NAME)
     return step
 

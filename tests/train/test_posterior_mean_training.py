@@ -49,3 +49,16 @@ def test_config_errors_name_the_key(tiny_config, regression_folder, tmp_path):
     with pytest.raises(ValueError, match="needs ×2"):
         train(load_config(None, {**tiny_config().to_dict(), "scale": 2, "source": "posterior_mean",
                                  "posterior_mean_model": str(regression_folder)}))
+
+
+def test_export_of_a_posterior_mean_checkpoint_carries_r(tiny_config, regression_folder, tmp_path):
+    from fmboost.train.export import export_checkpoint
+
+    config = tiny_config("pm", source="posterior_mean", posterior_mean_model=str(regression_folder),
+                         checkpointing_steps=2, max_train_steps=4)
+    folder = train(config)
+    export_checkpoint(str(Path(config.output_dir) / "checkpoint-2"), str(tmp_path / "exported"))
+    exported = Upsampler.from_pretrained(tmp_path / "exported")
+    trained = Upsampler.from_pretrained(folder)
+    for name, tensor in trained.posterior_mean.model.state_dict().items():
+        torch.testing.assert_close(exported.posterior_mean.model.state_dict()[name], tensor)
