@@ -148,8 +148,10 @@ class CouplingFlowMatcher:
         prediction = model(x_t, t, self.network_cond(cond))
         return F.mse_loss(prediction.float(), target_velocity(batch.x0, x1, self.sigma_min).float())
 
-    def regress(self, model: torch.nn.Module, cond: torch.Tensor) -> torch.Tensor:
-        """Regression baseline: x̂1 = cond + net(cond, t=0, cond), one network evaluation."""
+    @staticmethod
+    def regress(model: torch.nn.Module, cond: torch.Tensor) -> torch.Tensor:
+        """Regression baseline: x̂1 = cond + net(cond, t=0, cond), one network evaluation (static: R, the frozen
+        regression model of posterior-mean flows, runs it too)."""
         return cond + model(cond, torch.zeros(cond.shape[0], device=cond.device, dtype=cond.dtype), cond)
 
     def draw_source(self, cond: torch.Tensor, generator: torch.Generator | None = None,

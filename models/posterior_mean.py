@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .flow import CouplingFlowMatcher
 from .unet import CFMUNet
 
 STATS_NAME = "posterior_mean_stats.json"
@@ -51,8 +52,7 @@ class PosteriorMean(torch.nn.Module):
         ours_mean, ours_std = latent_mean.to(cond).view(shape), latent_std.to(cond).view(shape)
         r_mean, r_std = self.latent_mean.to(cond).view(shape), self.latent_std.to(cond).view(shape)
         cond_r = (cond * ours_std + ours_mean - r_mean) / r_std
-        t = torch.zeros(cond.shape[0], device=cond.device, dtype=cond.dtype)
-        estimate_r = cond_r + self.model(cond_r, t, cond_r)
+        estimate_r = CouplingFlowMatcher.regress(self.model, cond_r)
         return (estimate_r * r_std + r_mean - ours_mean) / ours_std
 
     def save_pretrained(self, directory: str | Path) -> None:
