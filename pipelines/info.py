@@ -10,7 +10,7 @@ import torch
 from fmboost.models.assets import LPIPS_SHARED_PATH, shared_dir, shared_path
 
 PACKAGES = ("fmboost", "torch", "diffusers", "transformers", "accelerate", "torchdiffeq", "kornia", "torchmetrics",
-            "datasets")
+            "datasets", "gradio")
 ASSETS = {
     "TAEF2 autoencoder": "weights/taef2/taef2_encoder.pth",
     "LPIPS (AlexNet) weights": LPIPS_SHARED_PATH,
