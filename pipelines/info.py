@@ -1,4 +1,4 @@
-"""`fmboost info`: versions, compute device, and which optional offline assets this machine has."""
+"""`fmboost info`: versions, compute device, and which optional offline assets ($FMBOOST_SHARED) are found."""
 
 from __future__ import annotations
 
