@@ -134,13 +134,15 @@ def test_generate_tab_is_disabled_with_the_reason_without_a_base_model(upsampler
 
 
 @needs_gradio
-def test_generate_event_with_a_base_model(upsampler_dir, base_dir):
+def test_generate_event_with_a_base_model(upsampler_dir, base_dir, tmp_path):
     from fmboost.pipelines.serve import build_app
 
     service = BoostService.load(str(upsampler_dir), base_model=str(base_dir))
     assert service.generate_unavailable is None
     image, summary = event(build_app(service), "generate")("a cat", "", 1, 7.5, 64, "euler", 2, 1.0, 0)
     assert image.size == (64 * SCALE, 64 * SCALE) and summary.startswith("256x256, sampler euler:linear:2")
+    service.pipe.save_pretrained(tmp_path / "boost")  # a saved BoostPipeline as --upsampler brings its base along
+    assert BoostService.load(str(tmp_path / "boost")).generate_unavailable is None
 
 
 def test_large_inputs_and_bad_settings_are_user_errors(upsampler_dir):
