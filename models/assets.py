@@ -1,4 +1,9 @@
-"""Where optional offline assets live: `$FMBOOST_SHARED`, else `../shared` beside the checkout."""
+"""Where optional offline assets live: the folder `$FMBOOST_SHARED` names, else `../shared` beside the checkout.
+
+They are what a machine without network access needs for real experiments and full tests: real photos, the
+pretrained TAEF2 and LPIPS weights, the CLIP tokenizer. None of it is required: code that uses an asset takes an
+explicit path too, and tests that need one skip, naming it, where it is absent.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ LPIPS_SHARED_PATH = "weights/lpips/lpips_alex_v0.1_full_state_dict.pth"
 
 
 def shared_dir() -> Path | None:
-    """The shared-assets folder, or None when this machine has none (a user's fresh clone)."""
+    """The shared-assets folder, or None when there is none (e.g. a fresh clone with $FMBOOST_SHARED unset)."""
     candidate = Path(os.environ.get(SHARED_ENV, REPO_ROOT.parent / "shared"))
     return candidate if candidate.is_dir() else None
 

@@ -105,8 +105,8 @@ class TAEF2Autoencoder(FirstStage):
         resolved = weights_dir or shared_path("weights/taef2")
         if resolved is None:
             raise FileNotFoundError(
-                "TAEF2 weights not found: pass the folder with taef2_{encoder,decoder}.pth, set "
-                "FMBOOST_SHARED, or place them in ../shared/weights/taef2"
+                "TAEF2 weights not found: pass the folder with taef2_{encoder,decoder}.pth (released by "
+                "madebyollin/taesd), or set $FMBOOST_SHARED to an assets folder holding weights/taef2"
             )
         super().__init__(TAEF2_CHANNELS, 8, {"kind": "taef2", "path": str(weights_dir) if weights_dir else None})
         self.encoder, self.decoder = load_taef2(resolved)
@@ -134,7 +134,7 @@ class IdentityAutoencoder(FirstStage):
 def load_first_stage(kind: str, path: str | None = None, subfolder: str | None = None,
                      torch_dtype: torch.dtype | None = None) -> FirstStage:
     """Build a first stage by kind. `path` is a hub id or local folder for the diffusers kinds,
-    the weights folder for `taef2` (default: ../shared/weights/taef2), unused for `identity`."""
+    the weights folder for `taef2` (default: $FMBOOST_SHARED/weights/taef2), unused for `identity`."""
     if kind == "identity":
         return IdentityAutoencoder()
     if kind == "taef2":

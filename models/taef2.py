@@ -84,7 +84,7 @@ def load_taef2(weights_dir: str | Path) -> tuple[nn.Sequential, nn.Sequential]:
         if not path.is_file():
             raise FileNotFoundError(
                 f"TAEF2 weights not found: {path}. Pass the folder holding taef2_encoder.pth and "
-                f"taef2_decoder.pth (in this workplace: ../shared/weights/taef2)."
+                f"taef2_decoder.pth (released by madebyollin/taesd; offline: $FMBOOST_SHARED/weights/taef2)."
             )
         module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return encoder.eval(), decoder.eval()

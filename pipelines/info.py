@@ -1,4 +1,4 @@
-"""`fmboost info`: versions, compute device, and which optional offline assets this machine has."""
+"""`fmboost info`: versions, compute device, and which optional offline assets ($FMBOOST_SHARED) are found."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from fmboost.models.assets import LPIPS_SHARED_PATH, shared_dir, shared_path
 
 PACKAGES = ("fmboost", "torch", "diffusers", "transformers", "accelerate", "torchdiffeq", "kornia", "torchmetrics",
-            "datasets")
+            "datasets", "gradio")
 ASSETS = {
     "TAEF2 autoencoder": "weights/taef2/taef2_encoder.pth",
     "LPIPS (AlexNet) weights": LPIPS_SHARED_PATH,

@@ -32,7 +32,8 @@ SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear
 
 
 def load_tokenizer(directory: str | Path | None = None):
-    """The real CLIP tokenizer (../shared/tokenizers/clip), else a toy byte-level vocabulary."""
+    """The real CLIP tokenizer (`directory`, else $FMBOOST_SHARED/tokenizers/clip), else a toy byte-level
+    vocabulary."""
     from fmboost.models.assets import shared_path
     from transformers import CLIPTokenizer
 

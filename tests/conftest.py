@@ -1,8 +1,8 @@
-"""Shared fixtures: seeded generators and the optional ../shared assets (skipped with a reason)."""
+"""Shared fixtures: seeded generators and the optional offline assets of $FMBOOST_SHARED (skipped with a reason)."""
 
 import pytest
 import torch
-from fmboost.models.assets import shared_path
+from fmboost.models.assets import LPIPS_SHARED_PATH, shared_path
 
 
 @pytest.fixture
@@ -11,10 +11,10 @@ def generator():
 
 
 def require_shared(relative: str):
-    """Path to a ../shared asset, or skip the test saying what is missing."""
+    """Path to an optional offline asset, or skip the test saying what is missing."""
     path = shared_path(relative)
     if path is None:
-        pytest.skip(f"needs ../shared/{relative} (workplace asset; absent on this machine)")
+        pytest.skip(f"needs the optional offline asset {relative} in $FMBOOST_SHARED (default ../shared): absent")
     return path
 
 
@@ -26,3 +26,8 @@ def taef2_dir():
 @pytest.fixture
 def faces_dir():
     return require_shared("data/faces")
+
+
+@pytest.fixture
+def lpips_file():
+    return require_shared(LPIPS_SHARED_PATH)

