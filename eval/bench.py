@@ -8,6 +8,7 @@ pipeline  per-stage time of boosted 1024² generation (SD base at 256² = 32² l
           extrapolations from measured per-call times, which the output says.
 sampler   NFE and time per solver/schedule for CFMUNet presets at 128² latents.
 train     delegates to `fmboost.train.bench_train` (imported only when asked for).
+cache     delegates to `fmboost.train.bench_cache`: parallel build, memory while reading, storage dtype.
 """
 
 from __future__ import annotations
@@ -338,6 +339,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t = sub.add_parser("train", help="training throughput (fmboost.train.bench_train)", add_help=False,
                        prefix_chars="\x01")
     t.add_argument("train_args", nargs=argparse.REMAINDER)
+    c = sub.add_parser("cache", help="latent cache: 1 vs 2 process build, RSS while reading (train.bench_cache)",
+                       add_help=False, prefix_chars="\x01")
+    c.add_argument("cache_args", nargs=argparse.REMAINDER)
 
 
 def run_train(argv: list[str]) -> int:
@@ -349,9 +353,20 @@ def run_train(argv: list[str]) -> int:
     return bench_train.run(parser.parse_args(argv)) or 0
 
 
+def run_cache(argv: list[str]) -> int:
+    """`fmboost bench cache` is the latent cache benchmark of fmboost.train.bench_cache, with its own options."""
+    from fmboost.train import bench_cache
+
+    parser = argparse.ArgumentParser(prog="fmboost bench cache")
+    bench_cache.add_arguments(parser)
+    return bench_cache.run(parser.parse_args(argv)) or 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.bench == "train":
         return run_train(args.train_args)
+    if args.bench == "cache":
+        return run_cache(args.cache_args)
     if args.bench == "pipeline":
         result = bench_pipeline(args.size, args.base_steps, args.upsample_steps, args.upsampler_preset,
                                 not args.no_guidance, [d for d in args.decode.split(",") if d], args.device,

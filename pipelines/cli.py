@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("fmboost.pipelines.generate", "text → 256² base image → CFM upsampler → high-resolution image"),
     "upscale": ("fmboost.pipelines.upscale", "super-resolve an image with a CFM upsampler (--compare: vs bicubic)"),
     "export": ("fmboost.train.export", "write a training checkpoint (EMA or training weights) as an upsampler folder"),
-    "bench": ("fmboost.eval.bench", "time boosted vs direct generation (pipeline), samplers (sampler), training"),
+    "bench": ("fmboost.eval.bench", "time boosted vs direct generation (pipeline), samplers, training, latent cache"),
     "eval-sr": ("fmboost.eval.cli_eval_sr", "evaluate super-resolution: baselines, regression and CFM samplers"),
     "serve": ("fmboost.pipelines.serve", "web app (Gradio): upscale photos vs bicubic, generate with a base model"),
 }

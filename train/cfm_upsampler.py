@@ -140,20 +140,12 @@ def build_dataset(config: TrainConfig, records, first_stage: FirstStage, flow: C
     sets the first stage's latent stats."""
     if config.use_latent_cache:
         cache_dir = config.latent_cache_dir or str(Path(config.output_dir) / "latent_cache")
-        cache = None
-        if accelerator.is_main_process:
-            cache = build_or_load(records, config, first_stage, flow, cache_dir)
-        accelerator.wait_for_everyone()
-        if not accelerator.is_main_process:  # the main process wrote it: this is a hit now
-            cache = build_or_load(records, config, first_stage, flow, cache_dir)
+        cache = build_or_load(records, config, first_stage, flow, cache_dir, accelerator)  # every process its share
         status = "hit" if cache.hit else f"built, encoding {cache.encode_samples_per_second:.2f} samples/s"
         accelerator.print(f"latent cache {status}: {cache.num_samples} samples in {cache.path}")
         estimates = None
         if posterior_mean is not None:
-            if accelerator.is_main_process:
-                estimates = posterior_mean_file(cache, posterior_mean, first_stage)
-            accelerator.wait_for_everyone()
-            estimates = posterior_mean_file(cache, posterior_mean, first_stage)  # a hit for every process now
+            estimates = posterior_mean_file(cache, posterior_mean, first_stage, state=accelerator)
         return CachedLatentDataset(cache, config, estimates), cache
     mean, std = training_latent_stats(records, config, first_stage)
     first_stage.set_latent_stats(mean, std)

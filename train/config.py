@@ -13,10 +13,13 @@ import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
+import torch
 import yaml
 from fmboost.models import FIRST_STAGES, PRESETS, CouplingFlowMatcher, SamplerConfig
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+#: storage dtypes of the latent cache (`latent_cache_dtype`)
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: old key → new key: the old one is refused with a message naming the new one (never read silently).
 RENAMED_KEYS = {"num_inference_steps": "upsample_steps"}  # CFM ODE steps; the base model's steps are elsewhere
 
@@ -40,6 +43,8 @@ class TrainConfig:
     use_latent_cache: bool = False
     latent_cache_dir: str | None = None  # default: <output_dir>/latent_cache
     crops_per_image: int = 8  # how many patches of each image the cache holds
+    latent_cache_dtype: str = "float16"  # storage dtype (float16 | bfloat16 | float32); training reads float32
+    latent_cache_shard_images: int = 64  # images per cache shard: the unit of parallel work and of resuming
     latent_stats_images: int = 32  # training patches used for the per-channel latent statistics
     # ---- first stage and network
     first_stage: str = "identity"
@@ -94,12 +99,14 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self)
-        choices = {"first_stage": FIRST_STAGES, "model_preset": tuple(PRESETS), "mixed_precision": MIXED_PRECISIONS}
+        choices = {"first_stage": FIRST_STAGES, "model_preset": tuple(PRESETS), "mixed_precision": MIXED_PRECISIONS,
+                   "latent_cache_dtype": tuple(CACHE_DTYPES)}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         for key in ("scale", "crop_size", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                    "checkpointing_steps", "validation_steps", "crops_per_image", "upsample_steps"):
+                    "checkpointing_steps", "validation_steps", "crops_per_image", "upsample_steps",
+                    "latent_cache_shard_images"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.crop_size % self.scale:

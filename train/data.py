@@ -5,18 +5,17 @@ Patch training: both are cropped at aligned positions (a `crop_size`² high-res 
 of the full-resolution regime. The low-res patch is cut from the down-sampled *whole* image, exactly
 as a low-res generator's output would be, rather than down-sampling the patch.
 
-Images come from an image folder (`train_data_dir`, loaded with `datasets`' imagefolder), a
-`datasets` dataset (`dataset_name` + `image_column`) or the photos shipped in installed wheels
-(`dataset_name: sample_photos`). Unreadable, corrupt or too-small images are skipped and counted in
-one warning; an empty result is an error.
+Images come from `train_data_dir` or `dataset_name`: a local image folder, `datasets` arrow folder or files,
+parquet files or webdataset tar shards (opened lazily by `image_sources`), a Hugging Face hub id
+(`dataset_name` + `image_column`) or the photos shipped in installed wheels (`dataset_name: sample_photos`).
+Unreadable, corrupt or too-small images are skipped where they are decoded and counted in one warning;
+no training image at all is an error.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,53 +24,28 @@ from fmboost.models import consistency
 from PIL import Image
 
 from .config import TrainConfig
+from .image_sources import ArrowDataset, ConcatSource, ImageRecord, ImageSource, ListSource, open_local
 from .sample_photos import SAMPLE_PHOTOS, sample_photo_path
 
 SAMPLE_PHOTOS_NAME = "sample_photos"
 
 
-@dataclass
-class ImageRecord:
-    """One usable image: a stable name (for cache keys) and a loader returning an RGB PIL image."""
-
-    name: str
-    data: bytes | str  # encoded bytes or a file path
-
-    def open(self) -> Image.Image:
-        source = io.BytesIO(self.data) if isinstance(self.data, bytes) else self.data
-        with Image.open(source) as image:
-            return image.convert("RGB")  # grey, palette, RGBA, CMYK → RGB
-
-
-def _records_from_dataset(config: TrainConfig) -> list[ImageRecord]:
-    import datasets
-
+def image_records(config: TrainConfig) -> ImageSource:
+    """All images of the configured source, in a fixed order, opened lazily (see `image_sources`)."""
+    if config.dataset_name == SAMPLE_PHOTOS_NAME:
+        return ListSource([ImageRecord(name, str(sample_photo_path(name))) for name in SAMPLE_PHOTOS])
     if config.train_data_dir is not None:
         folders = [config.train_data_dir] if isinstance(config.train_data_dir, str) else config.train_data_dir
         for folder in folders:
-            if not Path(folder).is_dir():
-                raise FileNotFoundError(f"train_data_dir {folder!r} is not a folder")
-        # data_files names the split: `data_dir` alone infers splits from file names ("..._test_...")
-        parts = [datasets.load_dataset("imagefolder", data_files={"train": str(Path(folder) / "**")}, split="train")
-                 for folder in folders]
-        dataset, column = datasets.concatenate_datasets(parts), "image"
-    else:
-        dataset, column = datasets.load_dataset(config.dataset_name, split="train"), config.image_column
-    if column not in dataset.column_names:
-        raise ValueError(f"image_column {column!r} not in the dataset's columns {dataset.column_names}")
-    dataset = dataset.cast_column(column, datasets.Image(decode=False))  # decode ourselves: skip bad files
-    records = []
-    for i, item in enumerate(dataset[column]):
-        data = item["bytes"] if item.get("bytes") else item["path"]
-        records.append(ImageRecord(Path(item["path"]).name if item.get("path") else f"{i:08d}", data))
-    return records
+            if not Path(folder).exists():
+                raise FileNotFoundError(f"train_data_dir {folder!r} does not exist")
+        sources = [open_local(folder, config.image_column) for folder in folders]
+        return sources[0] if len(sources) == 1 else ConcatSource(sources)
+    if Path(config.dataset_name).exists():
+        return open_local(config.dataset_name, config.image_column)
+    import datasets  # a hub id: downloaded and converted to arrow by `datasets`, then memory-mapped
 
-
-def image_records(config: TrainConfig) -> list[ImageRecord]:
-    """All images of the configured source, in a fixed order."""
-    if config.dataset_name == SAMPLE_PHOTOS_NAME:
-        return [ImageRecord(name, str(sample_photo_path(name))) for name in SAMPLE_PHOTOS]
-    return _records_from_dataset(config)
+    return ArrowDataset(datasets.load_dataset(config.dataset_name, split="train"), config.image_column)
 
 
 def prepare_image(image: Image.Image, config: TrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -124,30 +98,46 @@ def make_pair(hr_image: torch.Tensor, config: TrainConfig, generator: torch.Gene
     return {"hr": hr, "lr": lr}
 
 
-def split_records(records: list[ImageRecord], config: TrainConfig) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """Usable images → (train, validation): bad ones skipped with a warning, the last N held out."""
-    usable, skipped = [], []
-    for record in records:
-        try:
-            image = record.open()
-            image.load()
-        except Exception as err:  # PIL raises many types for truncated / corrupt files
-            skipped.append(f"{record.name} (unreadable: {type(err).__name__})")
-            continue
-        if min(image.size) < (config.resolution or config.crop_size):
-            skipped.append(f"{record.name} (too small: {image.size[0]}x{image.size[1]})")
-            continue
-        usable.append(record)
+def open_usable(record: ImageRecord, config: TrainConfig) -> tuple[Image.Image | None, str | None]:
+    """(the RGB image, None), or (None, why it cannot be used: "unreadable: ...", "too small: WxH")."""
+    try:
+        image = record.open()
+    except Exception as err:  # PIL raises many types for truncated / corrupt files
+        return None, f"unreadable: {type(err).__name__}"
+    if min(image.size) < (config.resolution or config.crop_size):
+        return None, f"too small: {image.size[0]}x{image.size[1]}"
+    return image, None
+
+
+def warn_skipped(skipped: list[str], total: int, where: str) -> None:
+    """One warning for all skipped images: "<where> skipped k of N images: name (why), ..."."""
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} of {len(records)} images: " + ", ".join(skipped[:10])
-                      + (" ..." if len(skipped) > 10 else ""), stacklevel=2)
-    n_val = config.num_validation_images
-    if len(usable) <= n_val:
-        raise ValueError(f"no training images: {len(usable)} usable of {len(records)} "
+        warnings.warn(f"{where} skipped {len(skipped)} of {total} images: " + ", ".join(skipped[:10])
+                      + (" ..." if len(skipped) > 10 else ""), stacklevel=3)
+
+
+def split_records(records: ImageSource, config: TrainConfig) -> tuple[ImageSource, list[ImageRecord]]:
+    """Images → (train, validation): the last `num_validation_images` usable images are held out.
+
+    Only the validation images (and bad ones met while looking for them, from the end) are opened here:
+    the training images are decoded where they are used — the latent cache build and `PairDataset` skip
+    bad ones with a warning — so start-up costs no pass over 10⁵ images."""
+    n_val, end, validation, skipped = config.num_validation_images, len(records), [], []
+    while len(validation) < n_val and end > 0:
+        end -= 1
+        record = records[end]
+        image, problem = open_usable(record, config)
+        if image is None:
+            skipped.append(f"{record.name} ({problem})")
+        else:
+            validation.insert(0, record)
+    warn_skipped(skipped, len(records), "choosing the validation images")
+    if end == 0:
+        raise ValueError(f"no training images: {len(records)} images, {len(validation)} usable ones held out "
                          f"(need more than num_validation_images={n_val}; images must be readable and at least "
                          f"{config.resolution or config.crop_size} px on the short side)")
-    train = usable[:len(usable) - n_val][:config.max_train_samples]
-    return train, usable[len(usable) - n_val:]
+    train = records[:end]
+    return (train if config.max_train_samples is None else train[:config.max_train_samples]), validation
 
 
 def validation_pairs(records: list[ImageRecord], config: TrainConfig, crop_size: int, crops_per_image: int
@@ -172,7 +162,7 @@ def validation_pairs(records: list[ImageRecord], config: TrainConfig, crop_size:
     return {"hr": torch.stack(hr), "lr": torch.stack(lr)}
 
 
-def records_fingerprint(records: list[ImageRecord]) -> str:
+def records_fingerprint(records: ImageSource) -> str:
     """Hash of the images' names and bytes, for cache keys.
 
     Contents, not modification times: a copy of the same photos (a re-provisioned or rsynced data
@@ -195,10 +185,11 @@ def records_fingerprint(records: list[ImageRecord]) -> str:
 class PairDataset(torch.utils.data.Dataset):
     """Item i → {"hr", "lr"} patches of image i mod N (`crops_per_image` items per image and epoch).
     Random crops/flips come from a generator seeded by (seed, epoch, i), so the data of any step is
-    reproducible (exact resume) whatever the number of workers."""
+    reproducible (exact resume) whatever the number of workers. An unusable image is replaced by the next
+    usable one (deterministically) and reported once per process."""
 
-    def __init__(self, records: list[ImageRecord], config: TrainConfig):
-        self.records, self.config, self.epoch = records, config, 0
+    def __init__(self, records: ImageSource, config: TrainConfig):
+        self.records, self.config, self.epoch, self.bad = records, config, 0, {}
 
     def __len__(self) -> int:
         return len(self.records) * self.config.crops_per_image
@@ -208,9 +199,22 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(hash((self.config.seed, self.epoch, index)) % 2 ** 62)
-        image = self.records[index % len(self.records)].open()
+        image = self._image(index % len(self.records))
         hr_image = prepare_image(image, self.config, None if self.config.center_crop else generator)
         return make_pair(hr_image, self.config, generator)
+
+    def _image(self, index: int):
+        for offset in range(len(self.records)):
+            position = (index + offset) % len(self.records)
+            if position in self.bad:
+                continue
+            record = self.records[position]
+            image, problem = open_usable(record, self.config)
+            if image is not None:
+                return image
+            self.bad[position] = f"{record.name} ({problem})"
+            warn_skipped([self.bad[position]], len(self.records), "the training data")
+        raise ValueError(f"none of the {len(self.records)} training images is usable: {list(self.bad.values())[:10]}")
 
 
 class EpochSampler(torch.utils.data.Sampler):

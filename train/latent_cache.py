@@ -8,12 +8,24 @@ encoded). Random flips are applied to the cached latents at load time — exact 
 approximation for convolutional encoders, which are close to flip-equivariant.
 
 The folder name is a hash of everything the latents depend on (the images' bytes, the first stage, the
-resolution / crop / scale / up-sampling settings, the seed of the crop positions), so a changed
-setting is a cache miss and an unchanged one a hit. A manifest written last marks a complete entry.
+resolution / crop / scale / up-sampling settings, the seed of the crop positions, the storage dtype), so
+a changed setting is a cache miss and an unchanged one a hit. Inside it:
+
+    latent_stats.json          per-channel latent mean/std, computed first (by the main process): every
+                               shard is normalised with them, also when a killed build resumes
+    shard_000123.safetensors   the patches of images [123·S, 124·S) (S = latent_cache_shard_images):
+                               "hr_latent" and "cond" (n, C, H, W) in `latent_cache_dtype`
+    manifest.json              written last: the shards, their sizes, shapes, dtype → the entry is complete
+
+Built in parallel: with P processes (`accelerate launch`, `torchrun`), process r encodes shards r, r + P,
+... Each shard is written to a temporary file and renamed (atomic), so a build killed at any point
+resumes with the shards that are missing. Shards are read by offset (`ShardReader`), one sample at a
+time, so a cache of any size trains in the memory of a batch.
 
 Posterior-mean flows also need R(cond) for every sample: `posterior_mean_file` computes it once per
-regression model (keyed by a hash of R's weights and statistics) into the same entry, so training
-reads it like the other latents instead of running R every step.
+regression model (keyed by a hash of R's weights and statistics) into `posterior_mean_<hash>/`, one
+shard per cache shard, built the same way, so training reads it like the other latents instead of
+running R every step.
 """
 
 from __future__ import annotations
@@ -21,20 +33,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from accelerate import PartialState
 from fmboost.models import CouplingFlowMatcher, FirstStage, compute_latent_stats
 from fmboost.models.posterior_mean import PosteriorMean
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
-from .data import ImageRecord, downsample, make_pair, prepare_image, records_fingerprint
+from .config import CACHE_DTYPES, TrainConfig
+from .data import downsample, make_pair, open_usable, prepare_image, records_fingerprint, warn_skipped
+from .image_sources import ImageSource
 
 MANIFEST = "manifest.json"
-CACHE_VERSION = 1
+STATS = "latent_stats.json"
+COMPLETE = "complete"  # marks a finished posterior-mean folder
+CACHE_VERSION = 2  # 1: one process, torch.save chunks concatenated in RAM at load time
 
 
 @dataclass
@@ -46,26 +66,37 @@ class LatentCache:
     num_samples: int
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
-    encode_samples_per_second: float | None = None  # measured while building (a miss)
+    encode_samples_per_second: float | None = None  # all processes together, measured while building (a miss)
 
 
-def cache_key(config: TrainConfig, records: list[ImageRecord], first_stage: FirstStage) -> str:
+def cache_key(config: TrainConfig, records: ImageSource, first_stage: FirstStage) -> str:
     settings = {name: getattr(config, name) for name in (
         "resolution", "crop_size", "scale", "center_crop", "crops_per_image", "latent_stats_images", "upsample",
-        "seed")}
+        "seed", "latent_cache_dtype", "latent_cache_shard_images")}
     spec = {k: v for k, v in first_stage.spec.items()}
     key = json.dumps({"version": CACHE_VERSION, "data": records_fingerprint(records), "first_stage": spec,
                       **settings}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-def cache_patches(records: list[ImageRecord], config: TrainConfig):
-    """Yield {"hr", "lr"} patches, `crops_per_image` per image, positions seeded by (seed, image index).
+def shard_name(index: int) -> str:
+    return f"shard_{index:06d}.safetensors"
 
-    Each image is decoded, resized and down-sampled once for all its patches."""
-    for i, record in enumerate(records):
+
+def cache_patches(records: ImageSource, config: TrainConfig, indices: range | None = None,
+                  skipped: list[str] | None = None):
+    """Yield {"hr", "lr"} patches, `crops_per_image` per image, positions seeded by (seed, image index), so a
+    patch does not depend on which process or shard encodes it. Unusable images yield none (listed in
+    `skipped`). Each image is decoded, resized and down-sampled once for all its patches."""
+    for i in range(len(records)) if indices is None else indices:
+        record = records[i]
+        image, problem = open_usable(record, config)
+        if image is None:
+            if skipped is not None:
+                skipped.append(f"{record.name} ({problem})")
+            continue
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + i)
-        hr_image = prepare_image(record.open(), config, None if config.center_crop else generator)
+        hr_image = prepare_image(image, config, None if config.center_crop else generator)
         lr_image = downsample(hr_image[None], config.scale)[0]
         for _ in range(config.crops_per_image):
             yield make_pair(hr_image, config, generator, lr_image, flip=False)
@@ -90,7 +121,7 @@ def encode_batch(batch: dict[str, torch.Tensor], first_stage: FirstStage, flow: 
     return x1, flow.condition(None, x1.shape[-2:], first_stage, lr_image=batch["lr"])
 
 
-def training_latent_stats(records: list[ImageRecord], config: TrainConfig, first_stage: FirstStage
+def training_latent_stats(records: ImageSource, config: TrainConfig, first_stage: FirstStage
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean/std (C,) of the high-res latents of the first `latent_stats_images` patches."""
     def hr_batches():
@@ -109,36 +140,105 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def build_or_load(records: list[ImageRecord], config: TrainConfig, first_stage: FirstStage,
-                  flow: CouplingFlowMatcher, cache_dir: str | Path) -> LatentCache:
-    """Return the cache entry for these settings, encoding it first when absent (sets the first stage's
-    latent stats either way). Single writer: call on the main process, then wait for the others."""
-    path = Path(cache_dir) / cache_key(config, records, first_stage)
-    manifest = path / MANIFEST
-    if manifest.is_file():
-        meta = json.loads(manifest.read_text())
-        mean, std = torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"])
-        first_stage.set_latent_stats(mean, std)
-        return LatentCache(path, True, meta["num_samples"], mean, std)
-    path.mkdir(parents=True, exist_ok=True)
-    mean, std = training_latent_stats(records, config, first_stage)
-    first_stage.set_latent_stats(mean, std)
-    device, start, count, chunks = first_stage.latent_mean.device, time.perf_counter(), 0, []
-    progress = tqdm(total=len(records) * config.crops_per_image, desc="latent cache", unit="patch")
-    for index, batch in enumerate(_batches(cache_patches(records, config), config.train_batch_size)):
+def _remove_temporaries(folder: Path) -> None:
+    """Half-written files of a killed build (`_write_atomic` names them .<name>.tmp<pid>)."""
+    for tmp in folder.glob(".*.tmp*"):
+        tmp.unlink(missing_ok=True)
+
+
+def _note_old_entries(cache_dir: Path) -> None:
+    old = [p.parent.name for p in cache_dir.glob(f"*/{MANIFEST}")
+           if json.loads(p.read_text()).get("version", 1) < CACHE_VERSION]
+    if old:
+        warnings.warn(f"{len(old)} latent cache entries in {cache_dir} have an older format (version 1: chunk_*.pt) "
+                      f"and are not used (this run builds its own); delete them to free the disk: {old[:5]}",
+                      stacklevel=3)
+
+
+def _encode_shard(records: ImageSource, indices: range, config: TrainConfig, first_stage: FirstStage,
+                  flow: CouplingFlowMatcher, path: Path, rank: int, progress) -> None:
+    """Encode the patches of images `indices` and write them as one shard (atomically)."""
+    device, dtype, start = first_stage.latent_mean.device, CACHE_DTYPES[config.latent_cache_dtype], time.perf_counter()
+    side = config.crop_size // first_stage.downsample_factor
+    x1s, conds, skipped = [], [], []
+    for batch in _batches(cache_patches(records, config, indices, skipped), config.train_batch_size):
         x1, cond = encode_batch({k: v.to(device) for k, v in batch.items()}, first_stage, flow)
+        x1s.append(x1.to("cpu", dtype))
+        conds.append(cond.to("cpu", dtype))
         progress.update(x1.shape[0])
-        name = f"chunk_{index:06d}.pt"
-        chunk = {"hr_latent": x1.cpu(), "cond": cond.cpu()}
-        _write_atomic(path / name, lambda p, chunk=chunk: torch.save(chunk, p))
-        chunks.append(name)
-        count += x1.shape[0]
-    progress.close()
-    rate = count / (time.perf_counter() - start)
-    meta = {"num_samples": count, "chunks": chunks, "latent_mean": mean.tolist(), "latent_std": std.tolist(),
-            "encode_samples_per_second": rate, "settings": config.to_dict()}
-    _write_atomic(manifest, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return LatentCache(path, False, count, mean, std, rate)
+    empty = torch.empty(0, first_stage.latent_channels, side, side, dtype=dtype)
+    tensors = {"hr_latent": torch.cat(x1s) if x1s else empty, "cond": torch.cat(conds) if conds else empty}
+    metadata = {"images": f"{indices.start}:{indices.stop}", "rank": str(rank), "skipped": json.dumps(skipped),
+                "seconds": f"{time.perf_counter() - start:.3f}"}
+    _write_atomic(path, lambda p: save_file(tensors, p, metadata=metadata))
+
+
+def _shard_ranges(num_images: int, shard_images: int) -> list[range]:
+    return [range(start, min(start + shard_images, num_images)) for start in range(0, num_images, shard_images)]
+
+
+def build_or_load(records: ImageSource, config: TrainConfig, first_stage: FirstStage, flow: CouplingFlowMatcher,
+                  cache_dir: str | Path, state: PartialState | None = None) -> LatentCache:
+    """Return the cache entry for these settings, encoding what is missing first (sets the first stage's latent
+    stats either way). Call it on every process (`state`: the Accelerator or PartialState; default the current
+    one): each encodes its share of the shards; it returns on all of them once the entry is complete."""
+    state = state or PartialState()
+    path = Path(cache_dir) / cache_key(config, records, first_stage)
+    hit = (path / MANIFEST).is_file()
+    if not hit:
+        _build(records, config, first_stage, flow, path, state)
+    meta = json.loads((path / MANIFEST).read_text())
+    mean, std = torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"])
+    first_stage.set_latent_stats(mean, std)
+    return LatentCache(path, hit, meta["num_samples"], mean, std,
+                       None if hit else meta["encode_samples_per_second"])
+
+
+def _build(records: ImageSource, config: TrainConfig, first_stage: FirstStage, flow: CouplingFlowMatcher,
+           path: Path, state: PartialState) -> None:
+    if state.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+        _note_old_entries(path.parent)
+        _remove_temporaries(path)
+        if not (path / STATS).is_file():  # a resumed build keeps the stats its shards were normalised with
+            mean, std = training_latent_stats(records, config, first_stage)
+            _write_atomic(path / STATS, lambda p: p.write_text(json.dumps(
+                {"latent_mean": mean.tolist(), "latent_std": std.tolist()})))
+    state.wait_for_everyone()
+    stats = json.loads((path / STATS).read_text())
+    first_stage.set_latent_stats(torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"]))
+    shards = _shard_ranges(len(records), config.latent_cache_shard_images)
+    mine = [s for s in range(state.process_index, len(shards), state.num_processes)
+            if not (path / shard_name(s)).is_file()]
+    start = time.perf_counter()
+    with tqdm(total=sum(len(shards[s]) for s in mine) * config.crops_per_image, unit="patch",
+              desc=f"latent cache ({state.num_processes} processes)", disable=not state.is_main_process) as progress:
+        for s in mine:
+            _encode_shard(records, shards[s], config, first_stage, flow, path / shard_name(s), state.process_index,
+                          progress)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _write_manifest(path, shards, config, first_stage, stats, time.perf_counter() - start)
+    state.wait_for_everyone()
+
+
+def _write_manifest(path: Path, shards: list[range], config: TrainConfig, first_stage: FirstStage, stats: dict,
+                    seconds: float) -> None:
+    entries, skipped = [], []
+    for s in range(len(shards)):
+        reader = ShardReader(path / shard_name(s))
+        entries.append({"file": shard_name(s), "num_samples": reader.num_samples})
+        skipped += json.loads(reader.metadata["skipped"])
+    num_images = shards[-1].stop if shards else 0
+    warn_skipped(skipped, num_images, "the latent cache")
+    count = sum(e["num_samples"] for e in entries)
+    if count == 0:
+        raise ValueError(f"the latent cache holds no samples: all {num_images} training images were skipped")
+    side = config.crop_size // first_stage.downsample_factor
+    meta = {"version": CACHE_VERSION, "num_samples": count, "shards": entries, "dtype": config.latent_cache_dtype,
+            "shape": [first_stage.latent_channels, side, side], "skipped_images": len(skipped), **stats,
+            "encode_samples_per_second": count / seconds, "settings": config.to_dict()}
+    _write_atomic(path / MANIFEST, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
 
 def _weights_fingerprint(module: torch.nn.Module) -> str:
@@ -151,52 +251,112 @@ def _weights_fingerprint(module: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def posterior_mean_file(cache: LatentCache, posterior_mean: PosteriorMean, first_stage: FirstStage,
-                        batch_size: int = 32) -> Path:
-    """R(cond) (N, C, H, W) for every cached sample, in the cache's latent normalisation; computed once per R
-    and stored beside the chunks (single writer, like `build_or_load`)."""
-    path = cache.path / f"posterior_mean_{_weights_fingerprint(posterior_mean)}.pt"
-    if path.is_file():
-        return path
+                        batch_size: int = 32, state: PartialState | None = None) -> Path:
+    """The folder of R(cond) (n, C, H, W) per cache shard, in the cache's latent normalisation and dtype; computed
+    once per R, every process its share of the shards (call it on all of them, like `build_or_load`)."""
+    state = state or PartialState()
+    folder = cache.path / f"posterior_mean_{_weights_fingerprint(posterior_mean)}"
+    if (folder / COMPLETE).is_file():
+        return folder
+    if state.is_main_process:
+        folder.mkdir(exist_ok=True)
+        _remove_temporaries(folder)
+    state.wait_for_everyone()
     meta = json.loads((cache.path / MANIFEST).read_text())
-    device = first_stage.latent_mean.device
-    estimates = []
-    with tqdm(total=meta["num_samples"], desc="posterior mean R(cond)", unit="sample") as progress:
-        for name in meta["chunks"]:
-            cond = torch.load(cache.path / name, mmap=True, weights_only=True)["cond"]
-            for start in range(0, cond.shape[0], batch_size):
-                batch = cond[start:start + batch_size].to(device)
-                estimates.append(posterior_mean(batch, first_stage.latent_mean, first_stage.latent_std).cpu())
-                progress.update(batch.shape[0])
-    _write_atomic(path, lambda p: torch.save(torch.cat(estimates), p))
-    return path
+    device, dtype = first_stage.latent_mean.device, CACHE_DTYPES[meta["dtype"]]
+    mine = [e for e in meta["shards"][state.process_index::state.num_processes] if not (folder / e["file"]).is_file()]
+    with tqdm(total=sum(e["num_samples"] for e in mine), desc="posterior mean R(cond)", unit="sample",
+              disable=not state.is_main_process) as progress:
+        for entry in mine:
+            reader, estimates = ShardReader(cache.path / entry["file"]), []
+            for start in range(0, reader.num_samples, batch_size):
+                cond = reader.rows("cond", start, min(start + batch_size, reader.num_samples)).to(device, torch.float32)
+                estimates.append(posterior_mean(cond, first_stage.latent_mean, first_stage.latent_std).to("cpu", dtype))
+                progress.update(cond.shape[0])
+            tensor = torch.cat(estimates) if estimates else torch.empty(0, *meta["shape"], dtype=dtype)
+            _write_atomic(folder / entry["file"], lambda p, t=tensor: save_file({"posterior_mean": t}, p))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _write_atomic(folder / COMPLETE, lambda p: p.write_text(""))
+    state.wait_for_everyone()
+    return folder
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+class ShardReader:
+    """Rows of the tensors of one safetensors file, read by offset (`os.pread`) when asked.
+
+    Not a memory map on purpose: mapped pages that a process has touched count in its resident memory
+    (RSS) until the kernel reclaims them, so random reads over a large cache would show (and be budgeted)
+    as a cache-sized RSS in every data loader worker. `pread` goes through the page cache, shared by all
+    processes and dropped under memory pressure. The file is opened lazily, once per process."""
+
+    def __init__(self, path: Path):
+        self.path, self._fd = path, None
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length))
+        self.metadata = header.pop("__metadata__", {})
+        self.tensors, self.data_start = header, 8 + length
+        self.num_samples = next(iter(header.values()))["shape"][0] if header else 0
+
+    def __getstate__(self):  # data loader workers open their own descriptor
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self):
+        if self._fd is not None:
+            os.close(self._fd)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` → (stop - start, *shape[1:]) in its stored dtype."""
+        info = self.tensors[name]
+        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+        row = int(np.prod(shape[1:])) * dtype.itemsize
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        offset = self.data_start + info["data_offsets"][0] + start * row
+        data = os.pread(self._fd, (stop - start) * row, offset)
+        return torch.frombuffer(bytearray(data), dtype=dtype).view(stop - start, *shape[1:])
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
-    """Item i → {"hr_latent", "cond"} (C, H, W) from a cache entry (and "posterior_mean" when that file is
+    """Item i → {"hr_latent", "cond"} (C, H, W) float32 from a cache entry (and "posterior_mean" when its folder is
     given), randomly flipped when configured (a generator seeded by (seed, epoch, i): reproducible, so resuming
-    is exact). Flipping R(cond) stands in for R(flipped cond), the same approximation as for the latents."""
+    is exact). Flipping R(cond) stands in for R(flipped cond), the same approximation as for the latents.
+
+    Holds only the shard headers: each item is read from its shard when asked (see `ShardReader`)."""
 
     def __init__(self, cache: LatentCache, config: TrainConfig, posterior_mean: Path | None = None):
         meta = json.loads((cache.path / MANIFEST).read_text())
-        chunks = [torch.load(cache.path / name, mmap=True, weights_only=True) for name in meta["chunks"]]
-        self.hr_latent = torch.cat([c["hr_latent"] for c in chunks])
-        self.cond = torch.cat([c["cond"] for c in chunks])
-        self.posterior_mean = None if posterior_mean is None else torch.load(posterior_mean, weights_only=True)
-        if self.posterior_mean is not None and self.posterior_mean.shape != self.cond.shape:
-            raise ValueError(f"{posterior_mean} holds {tuple(self.posterior_mean.shape)}, the cache "
-                             f"{tuple(self.cond.shape)}: rebuild it (delete the file)")
+        if meta.get("version", 1) != CACHE_VERSION:
+            raise ValueError(f"{cache.path} is a latent cache of format version {meta.get('version', 1)}; this "
+                             f"version reads {CACHE_VERSION}: delete the folder and rebuild the cache")
+        self.shards = [ShardReader(cache.path / e["file"]) for e in meta["shards"]]
+        self.estimates = None if posterior_mean is None else \
+            [ShardReader(Path(posterior_mean) / e["file"]) for e in meta["shards"]]
+        for shard, estimate in zip(self.shards, self.estimates or []):
+            if estimate.num_samples != shard.num_samples:
+                raise ValueError(f"{estimate.path} holds {estimate.num_samples} samples, {shard.path} "
+                                 f"{shard.num_samples}: rebuild it (delete {posterior_mean})")
+        self.ends = np.cumsum([shard.num_samples for shard in self.shards])
         self.config, self.epoch = config, 0
 
     def __len__(self) -> int:
-        return self.hr_latent.shape[0]
+        return int(self.ends[-1]) if len(self.ends) else 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"hr_latent": self.hr_latent[index], "cond": self.cond[index]}
-        if self.posterior_mean is not None:
-            item["posterior_mean"] = self.posterior_mean[index]
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} out of range for {len(self)} cached samples")
+        s = int(np.searchsorted(self.ends, index, side="right"))
+        row = index - (int(self.ends[s - 1]) if s else 0)
+        item = {name: self.shards[s].rows(name, row, row + 1)[0].float() for name in ("hr_latent", "cond")}
+        if self.estimates is not None:
+            item["posterior_mean"] = self.estimates[s].rows("posterior_mean", row, row + 1)[0].float()
         if self.config.random_flip:
             generator = torch.Generator().manual_seed(hash((self.config.seed, self.epoch, index)) % 2 ** 62)
             if bool(torch.rand(1, generator=generator) < 0.5):

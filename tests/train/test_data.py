@@ -11,19 +11,25 @@ from .conftest import write_images
 
 
 def test_bad_images_are_skipped_and_counted(tmp_path, tiny_config):
+    """Bad images at the end are skipped while choosing the validation images; bad training images where they are
+    decoded (the latent cache build, PairDataset), never in a pass over all images at start-up."""
     folder = write_images(tmp_path / "mixed", count=4)
     good = (folder / "00.png").read_bytes()
-    (folder / "truncated.png").write_bytes(good[: len(good) // 2])  # corrupt
-    Image.new("RGB", (8, 8)).save(folder / "tiny.png")  # smaller than resolution 16
+    (folder / "zz_truncated.png").write_bytes(good[: len(good) // 2])  # corrupt
+    Image.new("RGB", (8, 8)).save(folder / "zz_tiny.png")  # smaller than resolution 16
     Image.new("L", (24, 24), 128).save(folder / "grey.png")  # not RGB: converted, kept
+    (folder / "01_truncated.png").write_bytes(good[: len(good) // 2])  # a bad training image
     config = tiny_config(train_data_dir=str(folder))
-    with pytest.warns(UserWarning, match=r"skipped 2 of 7 images") as caught:
+    with pytest.warns(UserWarning, match=r"validation images skipped 2 of 8 images") as caught:
         train, val = split_records(image_records(config), config)
     message = str(caught[0].message)
-    assert "truncated.png (unreadable" in message and "tiny.png (too small: 8x8)" in message
-    kept = train + val
-    assert {r.name for r in kept} == {"00.png", "01.png", "02.png", "03.png", "grey.png"}
-    grey = PairDataset([r for r in kept if r.name == "grey.png"], config)[0]
+    assert "zz_truncated.png (unreadable" in message and "zz_tiny.png (too small: 8x8)" in message
+    assert [r.name for r in val] == ["grey.png"]
+    assert [r.name for r in train] == ["00.png", "01.png", "01_truncated.png", "02.png", "03.png"]
+    dataset = PairDataset(train, config)
+    with pytest.warns(UserWarning, match=r"training data skipped 1 of 5 images: 01_truncated.png \(unreadable"):
+        assert dataset[2]["hr"].shape == (3, 16, 16)  # the next usable image stands in
+    grey = PairDataset(val, config)[0]
     assert grey["hr"].shape == (3, 16, 16) and grey["lr"].shape == (3, 4, 4)
     assert torch.allclose(grey["hr"], torch.full_like(grey["hr"], 128 / 127.5 - 1), atol=1e-2)  # L → RGB, values kept
 

@@ -1,7 +1,10 @@
+import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from fmboost.models import IdentityAutoencoder
 from fmboost.train import latent_cache
@@ -65,3 +68,91 @@ def test_cached_training_runs(tiny_config):
     assert (upsampler / "boost_config.json").is_file()
     entries = list((Path(config.output_dir) / "latent_cache").iterdir())
     assert len(entries) == 1 and (entries[0] / latent_cache.MANIFEST).is_file()
+
+
+
+def _all_items(cache, config) -> dict[str, torch.Tensor]:
+    dataset = latent_cache.CachedLatentDataset(cache, config)
+    return {k: torch.stack([dataset[i][k] for i in range(len(dataset))]) for k in ("hr_latent", "cond")}
+
+
+def test_a_killed_build_resumes_with_the_missing_shards(tmp_path, tiny_config, monkeypatch):
+    config = tiny_config(use_latent_cache=True, crops_per_image=2, latent_cache_shard_images=2, random_flip=False,
+                         latent_cache_dtype="float32")
+    records, _ = split_records(image_records(config), config)  # 5 images → shards of 2, 2, 1
+    flow, encode, calls = config.flow(), latent_cache.encode_batch, []
+
+    def dies_in_the_second_shard(batch, *args):
+        calls.append(batch["hr"].shape[0])
+        if len(calls) == 3:  # batches of 2 patches: shard 0 took two
+            raise KeyboardInterrupt  # stands in for a kill: the shard being written is lost
+        return encode(batch, *args)
+
+    monkeypatch.setattr(latent_cache, "encode_batch", dies_in_the_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        latent_cache.build_or_load(records, config, IdentityAutoencoder(), flow, tmp_path / "cache")
+    entry = next((tmp_path / "cache").iterdir())
+    assert sorted(p.name for p in entry.iterdir()) == ["latent_stats.json", "shard_000000.safetensors"]
+    (entry / ".shard_000001.safetensors.tmp123").write_bytes(b"half")  # left by a killed writer
+
+    calls.clear()
+    monkeypatch.setattr(latent_cache, "encode_batch", lambda batch, *args: calls.append(1) or encode(batch, *args))
+    monkeypatch.setattr(latent_cache, "compute_latent_stats", None)  # the stats of the first attempt are kept
+    resumed = latent_cache.build_or_load(records, config, IdentityAutoencoder(), flow, tmp_path / "cache")
+    assert len(calls) == 3 and resumed.num_samples == 10 and not resumed.hit  # shards 1 (2 batches) and 2 (1)
+    assert not list(entry.glob(".*tmp*"))
+    monkeypatch.undo()
+    fresh = latent_cache.build_or_load(records, config, IdentityAutoencoder(), flow, tmp_path / "fresh")
+    for name, tensor in _all_items(fresh, config).items():
+        torch.testing.assert_close(_all_items(resumed, config)[name], tensor, rtol=0, atol=0)
+
+
+def test_storage_dtype(tmp_path, tiny_config):
+    """float16 (the default) and bfloat16 halve the cache; training reads float32 close to the float32 cache."""
+    records = None
+    caches = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        config = tiny_config(use_latent_cache=True, random_flip=False, latent_cache_dtype=dtype)
+        records = records or split_records(image_records(config), config)[0]
+        cache = latent_cache.build_or_load(records, config, IdentityAutoencoder(), config.flow(), tmp_path / "cache")
+        assert json.loads((cache.path / latent_cache.MANIFEST).read_text())["dtype"] == dtype
+        caches[dtype] = (_all_items(cache, config), sum(p.stat().st_size for p in cache.path.glob("shard_*")))
+    assert tiny_config().latent_cache_dtype == "float16"
+    reference, size = caches["float32"]
+    for dtype, tolerance in (("float16", 2 ** -10), ("bfloat16", 2 ** -7)):
+        items, half_size = caches[dtype]
+        assert items["hr_latent"].dtype == torch.float32 and half_size < 0.6 * size
+        torch.testing.assert_close(items["hr_latent"], reference["hr_latent"], rtol=tolerance, atol=tolerance)
+        assert not torch.equal(items["cond"], reference["cond"])  # really stored in the lower precision
+    with pytest.raises(ValueError, match=r"latent_cache_dtype must be one of \['float16', 'bfloat16', 'float32'\]"):
+        tiny_config(latent_cache_dtype="fp16")
+    with pytest.raises(ValueError, match="latent_cache_shard_images must be >= 1"):
+        tiny_config(latent_cache_shard_images=0)
+
+
+def test_the_dataset_holds_no_latents(tmp_path, tiny_config):
+    """Items are read from the shards when asked: the dataset (what every data loader worker receives) stays small."""
+    config = tiny_config(use_latent_cache=True, crops_per_image=64, latent_cache_shard_images=2)
+    records, _ = split_records(image_records(config), config)
+    cache = latent_cache.build_or_load(records, config, IdentityAutoencoder(), config.flow(), tmp_path / "cache")
+    cache_bytes = sum(p.stat().st_size for p in cache.path.glob("shard_*"))
+    dataset = latent_cache.CachedLatentDataset(cache, config)
+    assert len(pickle.dumps(dataset)) < cache_bytes / 20
+    clone = pickle.loads(pickle.dumps(dataset))
+    torch.testing.assert_close(clone[len(dataset) - 1], dataset[len(dataset) - 1])
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]
+
+
+def test_old_format_entries_are_named_and_refused(tmp_path, tiny_config):
+    config = tiny_config(use_latent_cache=True)
+    records, _ = split_records(image_records(config), config)
+    old = tmp_path / "cache" / "0123456789abcdef0123"
+    old.mkdir(parents=True)
+    (old / latent_cache.MANIFEST).write_text(json.dumps({"num_samples": 5, "chunks": ["chunk_000000.pt"]}))
+    with pytest.warns(UserWarning, match="1 latent cache entries .* older format .* delete them"):
+        cache = latent_cache.build_or_load(records, config, IdentityAutoencoder(), config.flow(), tmp_path / "cache")
+    assert cache.path != old and not cache.hit
+    stale = latent_cache.LatentCache(old, True, 5, torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="format version 1; .* delete the folder and rebuild"):
+        latent_cache.CachedLatentDataset(stale, config)

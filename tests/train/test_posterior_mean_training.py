@@ -8,6 +8,7 @@ import torch
 from fmboost.models import Upsampler
 from fmboost.train.cfm_upsampler import train
 from fmboost.train.config import load_config
+from safetensors.torch import load_file
 
 
 @pytest.fixture
@@ -22,8 +23,8 @@ def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_f
                          latent_cache_dir=str(Path(regression_folder).parent.parent / "cache"))
     folder = train(config)
     if cached:
-        estimates = list((Path(config.latent_cache_dir)).glob("*/posterior_mean_*.pt"))
-        assert len(estimates) == 1 and torch.load(estimates[0]).shape[0] == 5  # 5 training images × 1 crop
+        estimates = list((Path(config.latent_cache_dir)).glob("*/posterior_mean_*/shard_*.safetensors"))
+        assert len(estimates) == 1 and load_file(estimates[0])["posterior_mean"].shape[0] == 5  # 5 images × 1 crop
     upsampler = Upsampler.from_pretrained(folder)
     assert upsampler.flow.source == "posterior_mean" and upsampler.posterior_mean is not None
     regression = Upsampler.from_pretrained(regression_folder)
