@@ -253,8 +253,9 @@ def train(config: TrainConfig) -> Path:
         accelerator.step = state.global_step * config.gradient_accumulation_steps
         sync_lr_schedule(lr_scheduler, state.global_step, accelerator.num_processes)
         accelerator.print(f"resumed from {resume} at step {state.global_step}"
-                          + (f" (saved by {saved_by} processes, continued by {accelerator.num_processes}: same step, "
-                             "epoch, sample position and LR; other noise draws and split of samples over ranks)"
+                          + (f" (saved by {saved_by} processes, continued by {accelerator.num_processes}: the step, "
+                             "epoch, position in the epoch's sample order and LR schedule carry over, the noise draws "
+                             "do not)"
                              if saved_by not in (None, accelerator.num_processes) else ""))
     accelerator.init_trackers("fmboost", config=tracker_config(config))
     final = run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
