@@ -188,19 +188,25 @@ def launched_as() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def has_device() -> bool:
+    """A GPU (or other device) Accelerate distributes over; torch < 2.6 has no `torch.accelerator`."""
+    device_api = getattr(torch, "accelerator", None)
+    return device_api.is_available() if device_api is not None else torch.cuda.is_available()
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator over every launched process. Without a GPU (or other accelerator) Accelerate would
-    run each of N launched processes as a lone single-process run, all writing the same output_dir:
-    there `cpu=True` selects gloo; any other mismatch is an error."""
+    run each of N processes that torchrun started as a lone single-process run, all writing the same
+    output_dir: there `cpu=True` selects gloo; any other mismatch with WORLD_SIZE is an error."""
     rank, world_size = launched_as()
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
-        cpu=world_size > 1 and not torch.accelerator.is_available(),
+        cpu=world_size > 1 and not has_device(),
         gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
         log_with=None if config.report_to in (None, "none") else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / config.logging_dir)))
-    if accelerator.num_processes != world_size:
+    if world_size > 1 and accelerator.num_processes != world_size:
         raise RuntimeError(f"rank {rank}: launched as one of {world_size} processes, but Accelerate runs "
                            f"{accelerator.num_processes} ({accelerator.distributed_type}); check the launcher")
     return accelerator
