@@ -4,11 +4,18 @@ The same code runs as `fmboost train --config X.yaml` (single process, in-proces
 CPU, one GPU or many through Accelerate. One step reads images (or cached latents) → latents →
 coupling → CFM loss → optimizer step → EMA; see `train_step`. Posterior-mean flows (`source:
 posterior_mean`) also load the frozen regression upsampler R and read R(cond) from the cache.
+
+Several processes (`torchrun --nproc_per_node N` or `accelerate launch --multi_gpu`, also on CPUs with
+gloo) are data-parallel: `train_batch_size` is per process, every rank draws its own noise, rank 0
+alone logs, validates and saves, and the run refuses to start when Accelerate sees fewer processes
+than the launcher started. A checkpoint resumes with another number of processes: the global step,
+epoch, position in the epoch's sample order and LR schedule carry over (`checkpoint.continue_with`).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import signal
 import sys
@@ -18,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, load_first_stage
@@ -36,7 +43,7 @@ from fmboost.train.latent_cache import (
 from fmboost.train.validation import validate
 from tqdm.auto import tqdm
 
-# Tests set FMBOOST_FAULT_INJECT=kill_after_step:<n> to SIGKILL the run right after step n.
+# Tests set FMBOOST_FAULT_INJECT=kill_after_step:<n> to SIGKILL every process right after step n.
 KILL_AFTER = "kill_after_step:"
 
 
@@ -159,7 +166,8 @@ def run_summary(config: TrainConfig, model: CFMUNet, num_samples: int, num_image
     batch = config.train_batch_size * num_processes * config.gradient_accumulation_steps
     return (f"training a {config.objective} upsampler of {params / 1e6:.3g} M parameters: {num_samples} samples of "
             f"{num_images} images ({num_val_images} held out for validation), batch {batch}, "
-            f"{config.max_train_steps} steps ({config.max_train_steps * batch / num_samples:.1f} epochs)")
+            f"{config.max_train_steps} steps ({config.max_train_steps * batch / num_samples:.1f} epochs) on "
+            f"{num_processes} process{'es' if num_processes > 1 else ''} ({config.train_batch_size} samples each)")
 
 
 def tracker_config(config: TrainConfig) -> dict:
@@ -167,17 +175,42 @@ def tracker_config(config: TrainConfig) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
 
 
-def train(config: TrainConfig) -> Path:
-    """Run the whole training; returns the saved Upsampler folder."""
+def launched_as() -> tuple[int, int]:
+    """(rank, world size) that the launcher (torchrun, `accelerate launch`) gave this process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def has_device() -> bool:
+    """A GPU (or other device) Accelerate distributes over; torch < 2.6 has no `torch.accelerator`."""
+    device_api = getattr(torch, "accelerator", None)
+    return device_api.is_available() if device_api is not None else torch.cuda.is_available()
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator over every launched process. Without a GPU (or other accelerator) Accelerate would
+    run each of N processes that torchrun started as a lone single-process run, all writing the same
+    output_dir: there `cpu=True` selects gloo; any other mismatch with WORLD_SIZE is an error."""
+    rank, world_size = launched_as()
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
+        cpu=world_size > 1 and not has_device(),
         gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
         log_with=None if config.report_to in (None, "none") else config.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir),
                                             logging_dir=str(output_dir / config.logging_dir)))
+    if world_size > 1 and accelerator.num_processes != world_size:
+        raise RuntimeError(f"rank {rank}: launched as one of {world_size} processes, but Accelerate runs "
+                           f"{accelerator.num_processes} ({accelerator.distributed_type}); check the launcher")
+    return accelerator
+
+
+def train(config: TrainConfig) -> Path:
+    """Run the whole training; returns the saved Upsampler folder."""
+    output_dir = Path(config.output_dir)
+    accelerator = make_accelerator(config)
     if config.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    set_seed(config.seed)
+    set_seed(config.seed, device_specific=True)  # seed + rank: each process draws its own t and x0
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(output_dir)
@@ -208,24 +241,40 @@ def train(config: TrainConfig) -> Path:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
-    state = ckpt.TrainerState(0, 0, 0)
-    resume = ckpt.resolve_checkpoint(output_dir, config.resume_from_checkpoint)
+    state = ckpt.TrainerState(0, 0, 0, accelerator.num_processes)
+    resume = [ckpt.resolve_checkpoint(output_dir, config.resume_from_checkpoint) if accelerator.is_main_process
+              else None]
+    resume = broadcast_object_list(resume)[0]  # rank 0's choice: every rank loads the same checkpoint
     if resume is not None:
+        saved_by = ckpt.read_trainer_state(resume).num_processes
         state = ckpt.load_checkpoint(accelerator, resume)
         accelerator.step = state.global_step * config.gradient_accumulation_steps
-        accelerator.print(f"resumed from {resume} at step {state.global_step}")
+        sync_lr_schedule(lr_scheduler, state.global_step, accelerator.num_processes)
+        accelerator.print(f"resumed from {resume} at step {state.global_step}"
+                          + (f" (saved by {saved_by} processes, continued by {accelerator.num_processes}: the step, "
+                             "epoch, position in the epoch's sample order and LR schedule carry over, the noise draws "
+                             "do not)"
+                             if saved_by not in (None, accelerator.num_processes) else ""))
     accelerator.init_trackers("fmboost", config=tracker_config(config))
     final = run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
                      state, val_pairs, posterior_mean)
     return save_upsampler(config, accelerator, model, ema, first_stage, flow, final, posterior_mean)
 
 
+def sync_lr_schedule(lr_scheduler, global_step: int, num_processes: int) -> None:
+    """Put the schedule at `global_step`: the prepared scheduler advances `num_processes` times per step (see
+    `build_optimizer`), so a checkpoint saved by another world size holds another count."""
+    scheduler = lr_scheduler.scheduler
+    scheduler.last_epoch = global_step * num_processes - 1
+    scheduler.step()  # recomputes every group's LR at last_epoch + 1
+
+
 def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
              state: ckpt.TrainerState, val_pairs, posterior_mean: PosteriorMean | None = None) -> ckpt.TrainerState:
     """Epochs of `train_step` until `max_train_steps`, with logging, validation and checkpoints."""
-    fault = os.environ.get(ckpt.FAULT_ENV, "")
+    faults = ckpt.injected_faults()
     progress = tqdm(total=config.max_train_steps, initial=state.global_step, desc="train",
-                    disable=not accelerator.is_local_main_process)
+                    disable=not accelerator.is_main_process)
     samples = config.train_batch_size * accelerator.num_processes
     start, samples_done = time.perf_counter(), 0
     model.train()
@@ -257,7 +306,7 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
                                           or state.global_step == config.max_train_steps):
                 run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, state.global_step,
                                posterior_mean)
-            if fault == f"{KILL_AFTER}{state.global_step}":
+            if f"{KILL_AFTER}{state.global_step}" in faults:
                 os.kill(os.getpid(), signal.SIGKILL)
             if state.global_step >= config.max_train_steps:
                 break
@@ -295,14 +344,37 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
     for posterior-mean flows, so the folder runs on its own."""
     accelerator.wait_for_everyone()
     target = Path(config.output_dir) / "upsampler"
+    unwrapped = accelerator.unwrap_model(model)
+    replicas = ""
+    if accelerator.num_processes > 1:
+        digest = replicas_digest(accelerator, ema.shadow_params if ema is not None else unwrapped.parameters())
+        replicas = f" (weights sha256 {digest}, identical on all {accelerator.num_processes} processes)"
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
         as_upsampler(config, unwrapped, first_stage, flow, posterior_mean).save_pretrained(target)
-        accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}")
+        accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}"
+                          + replicas)
     accelerator.end_training()
     return target
+
+
+def weights_digest(params) -> str:
+    """sha256 over the raw bytes of `params`, in order: equal digests ⇔ bit-identical weights."""
+    digest = hashlib.sha256()
+    for param in params:
+        digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def replicas_digest(accelerator: Accelerator, params) -> str:
+    """The digest of `params`, checked equal on every process: data parallelism keeps the replicas
+    bit-identical, so a difference means some rank trained on its own, and nothing is saved."""
+    digests = gather_object([weights_digest(params)])
+    if len(set(digests)) > 1:
+        raise RuntimeError("the weights differ between processes (sha256 by rank: "
+                           + ", ".join(f"{rank}: {d[:12]}" for rank, d in enumerate(digests)) + "); not saving")
+    return digests[0]
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -313,16 +385,22 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rank, world_size = launched_as()
+    where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
     try:
         config = parse_args(argv)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error{where}: {err}", file=sys.stderr)
         return 2
     try:
         train(config)
     except NonFiniteLossError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error{where}: {err}", file=sys.stderr)
         return 1
+    except Exception:
+        if world_size > 1:  # the traceback follows; say whose it is
+            print(f"error{where}: training failed", file=sys.stderr)
+        raise
     return 0
 
 

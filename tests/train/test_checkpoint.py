@@ -88,3 +88,19 @@ def test_resolve_checkpoint(tmp_path):
     assert ckpt.resolve_checkpoint(tmp_path, "latest").name == "checkpoint-10"
     with pytest.raises(FileNotFoundError, match="checkpoint-9"):
         ckpt.resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-9"))
+
+
+def test_continue_with_another_world_size_keeps_the_sample_position():
+    """Batches of one process into the epoch × processes = batches of the epoch's permutation consumed."""
+    saved = ckpt.TrainerState(global_step=12, epoch=3, batches_in_epoch=12, num_processes=2)
+    assert ckpt.continue_with(saved, 2) == saved
+    assert ckpt.continue_with(saved, 1) == ckpt.TrainerState(12, 3, 24, 1)
+    assert ckpt.continue_with(saved, 8) == ckpt.TrainerState(12, 3, 3, 8)  # 24 batches = 3 steps of 8 processes
+    assert ckpt.continue_with(saved, 5) == ckpt.TrainerState(12, 3, 4, 5)  # rounded down: 4 batches seen again
+
+
+def test_checkpoints_from_before_the_world_size_was_recorded_still_load(tmp_path):
+    (tmp_path / ckpt.TRAINER_STATE).write_text(json.dumps(dict(global_step=7, epoch=1, batches_in_epoch=5)))
+    state = ckpt.read_trainer_state(tmp_path)
+    assert state == ckpt.TrainerState(7, 1, 5, None)
+    assert ckpt.continue_with(state, 4) == ckpt.TrainerState(7, 1, 5, 4)  # unknown: taken as unchanged
