@@ -45,6 +45,7 @@ DEMO_CONFIG: dict = {
     "objective": "cfm",
     "time_sampling": "uniform",  # Euler starts at t = 0, which logit-normal almost never samples
     "solver": "euler",
+    "schedule": "linear",
     "upsample_steps": 2,
     "output_dir": "runs/demo",
     "train_batch_size": 8,
