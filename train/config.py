@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 from fmboost.models import FIRST_STAGES, PRESETS, CouplingFlowMatcher, SamplerConfig
+from fmboost.models.unet import PADDING_MODES
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 #: old key → new key: the old one is refused with a message naming the new one (never read silently).
@@ -50,6 +51,7 @@ class TrainConfig:
     layers_per_block: int | None = None
     attention_levels: list | None = None  # one bool per level; default with block_out_channels: none
     gradient_checkpointing: bool = False
+    padding_mode: str = "replicate"  # of the CFMUNet's convolutions; "zeros" (diffusers') leaves a frame at borders
     # ---- the method (CouplingFlowMatcher fields)
     upsample: str = "psu"
     noising_step: int = 400
@@ -94,7 +96,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self)
-        choices = {"first_stage": FIRST_STAGES, "model_preset": tuple(PRESETS), "mixed_precision": MIXED_PRECISIONS}
+        choices = {"first_stage": FIRST_STAGES, "model_preset": tuple(PRESETS), "mixed_precision": MIXED_PRECISIONS,
+                   "padding_mode": PADDING_MODES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
