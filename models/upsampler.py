@@ -166,8 +166,8 @@ class Upsampler:
                tile_overlap: int | None = None) -> Tiling | None:
         """The tiling `upscale` uses for an output of `output_size` (H, W) pixels, or None for one pass.
 
-        tile_size, tile_overlap: in output pixels (rounded to whole latents of the CFMUNet's size multiple;
-        the overlap up). tile_size None: tiles of DEFAULT_TILE_SIZE when the output is larger than that on
+        tile_size, tile_overlap: in output pixels (the size rounded down to whole latents of the CFMUNet's size
+        multiple, the overlap up to whole latents and to at most half the tile). tile_size None: tiles of DEFAULT_TILE_SIZE when the output is larger than that on
         either side; 0: never tile. tile_overlap None: DEFAULT_TILE_OVERLAP."""
         if tile_size is None:
             tile_size = DEFAULT_TILE_SIZE if max(output_size) > DEFAULT_TILE_SIZE else 0
@@ -178,7 +178,7 @@ class Upsampler:
             raise ValueError(f"tile_size and tile_overlap must be >= 0, got {tile_size}, {overlap}")
         f, multiple = self.first_stage.downsample_factor, self.model.size_multiple
         size = max(multiple, tile_size // f // multiple * multiple)
-        overlap = min(-(-overlap // f), size - 1)
+        overlap = min(-(-overlap // f), size // 2)
         return Tiling(size, overlap, multiple)
 
     def canvas(self, lr_image: torch.Tensor, tile_size: int | None = None,
