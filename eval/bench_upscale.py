@@ -90,15 +90,19 @@ def run(args: argparse.Namespace) -> int:
         config = {"upsampler_dir": args.upsampler, "output_size": args.output_size, "tile_size": tile_size,
                   "tile_overlap": args.tile_overlap, "steps": args.upsample_steps, "device": device, "dtype": dtype}
         done = subprocess.run([sys.executable, "-m", WORKER, json.dumps(config)], capture_output=True, text=True)
-        if done.returncode:
-            print(done.stderr[-2000:], file=sys.stderr)
-            raise RuntimeError(f"tile size {tile_size}: the measuring process failed (exit {done.returncode})")
+        if done.returncode:  # e.g. out of memory untiled: a result too, recorded with its reason
+            lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+            rows.append({"tile_size": tile_size, "error": lines[-1][:300]})
+            continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     result = {"upsampler": args.upsampler, "output_size": args.output_size, "device": device, "dtype": dtype,
               "torch_threads": torch.get_num_threads(), "runs": rows}
     print(f"upscale to {args.output_size}² on {device} ({dtype}), one process per row:")
     print(f"{'tile px':>8}{'tiles':>7}{'NFE':>5}{'s':>9}{'peak RSS MiB':>14}{'RSS before':>12}{'CUDA peak MiB':>15}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['tile_size'] or 'none':>8}  failed: {r['error']}")
+            continue
         cuda = "-" if r["cuda_peak_mib"] is None else str(r["cuda_peak_mib"])
         print(f"{r['tile_size'] or 'none':>8}{r['tiles']:>7}{r['nfe']:>5}{r['seconds']:>9.2f}{r['peak_rss_mib']:>14}"
               f"{r['rss_before_mib']:>12}{cuda:>15}")
