@@ -167,8 +167,9 @@ class Upsampler:
         """The tiling `upscale` uses for an output of `output_size` (H, W) pixels, or None for one pass.
 
         tile_size, tile_overlap: in output pixels (the size rounded down to whole latents of the CFMUNet's size
-        multiple, the overlap up to whole latents and to at most half the tile). tile_size None: tiles of DEFAULT_TILE_SIZE when the output is larger than that on
-        either side; 0: never tile. tile_overlap None: DEFAULT_TILE_OVERLAP."""
+        multiple, the overlap up to whole latents and to at most half the tile). tile_size None: tiles of
+        DEFAULT_TILE_SIZE when the output is larger than that on either side; 0: never tile. tile_overlap
+        None: DEFAULT_TILE_OVERLAP."""
         if tile_size is None:
             tile_size = DEFAULT_TILE_SIZE if max(output_size) > DEFAULT_TILE_SIZE else 0
         if tile_size == 0:

@@ -13,7 +13,7 @@ def test_spans_cover_the_canvas_with_aligned_overlapping_tiles(length):
     tiling = Tiling(size=16, overlap=6, align=2)
     spans = tiling.spans(length)
     assert spans[0][0] == 0 and spans[-1][1] == length
-    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+    for (a0, a1), (b0, _) in zip(spans, spans[1:]):
         assert a1 - b0 >= 6 and b0 > a0 and b0 % 2 == 0  # overlap at least 6, strictly advancing, aligned
     assert all(b - a == min(16, length) for a, b in spans)
 
