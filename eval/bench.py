@@ -7,6 +7,7 @@ pipeline  per-stage time of boosted 1024² generation (SD base at 256² = 32² l
           per call (after `--warmup` calls) and multiplied by its step count: the totals are
           extrapolations from measured per-call times, which the output says.
 sampler   NFE and time per solver/schedule for CFMUNet presets at 128² latents.
+upscale   peak memory and time of tiled vs untiled upscaling (`fmboost.eval.bench_upscale`).
 train     delegates to `fmboost.train.bench_train` (imported only when asked for).
 cache     delegates to `fmboost.train.bench_cache`: parallel build, memory while reading, storage dtype.
 """
@@ -335,6 +336,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--device", default=None)
     s.add_argument("--output", "-o", default="bench_sampler.json")
+    from fmboost.eval import bench_upscale
+
+    bench_upscale.add_arguments(sub.add_parser("upscale", help="peak memory of tiled vs untiled upscaling"))
     # `train` is owned by fmboost.train.bench_train; its arguments are parsed there, on demand.
     t = sub.add_parser("train", help="training throughput (fmboost.train.bench_train)", add_help=False,
                        prefix_chars="\x01")
@@ -367,6 +371,10 @@ def run(args: argparse.Namespace) -> int:
         return run_train(args.train_args)
     if args.bench == "cache":
         return run_cache(args.cache_args)
+    if args.bench == "upscale":
+        from fmboost.eval import bench_upscale
+
+        return bench_upscale.run(args)
     if args.bench == "pipeline":
         result = bench_pipeline(args.size, args.base_steps, args.upsample_steps, args.upsampler_preset,
                                 not args.no_guidance, [d for d in args.decode.split(",") if d], args.device,

@@ -8,25 +8,43 @@
 
 Training writes it; `BoostPipeline`, `fmboost upscale` and `fmboost eval-sr` load it, so inference
 uses exactly the coupling and latent normalisation the model was trained with.
+
+`upscale` takes an image of any size: it pads it (replicating the edge pixels) to a canvas the networks
+accept with a margin of context on every side, runs PSU encode, the ODE and decode over overlapping tiles
+when the canvas is large (`fmboost.models.tiling`), and crops the result back to scale × the input. The
+margin is the fix for a frame along the image edges: the networks (zero-padded convolutions; diffusers'
+stride-2 down-sampling pads the top and left only) err in the outermost pixels of whatever they see —
+on held-out photos the demo model's error in the outermost pixel ring was 1.8× the interior's, 1.0× with
+the margin (BENCHMARKS.md, "Borders and tiles").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .autoencoders import FirstStage, first_stage_from_config
 from .flow import CouplingFlowMatcher
 from .posterior_mean import PosteriorMean
 from .sampler_config import SamplerConfig
 from .sampling import SampleResult
+from .tiling import TiledFirstStage, TiledModule, Tiling
 
 BOOST_CONFIG_NAME = "boost_config.json"
 POSTERIOR_MEAN_FOLDER = "posterior_mean"
 Generators = torch.Generator | list[torch.Generator] | None
+#: `upscale` tiles outputs larger than this (pixels, either side) into tiles of this size by default.
+DEFAULT_TILE_SIZE = 1024
+#: Default overlap of neighbouring tiles, in output pixels.
+DEFAULT_TILE_OVERLAP = 128
+#: Context margin around the image, in units of the CFMUNet's size multiple (latent pixels of its coarsest level).
+BORDER_CONTEXT = 2
 
 
 @dataclass
@@ -38,6 +56,34 @@ class FlowSource:
     cond: torch.Tensor
     x0: torch.Tensor | None
     posterior_mean: torch.Tensor | None = None
+
+
+@dataclass
+class Canvas:
+    """An image prepared for `Upsampler.upscale`. image: (B, 3, h', w') the input padded by edge replication to
+    sizes the networks accept, with context on every side; upsampler: the view that runs on it (tiled, or the
+    upsampler itself); box: (top, left, height, width) of the input inside image; tiles: tiles per pass."""
+
+    image: torch.Tensor
+    upsampler: "Upsampler"
+    box: tuple[int, int, int, int]
+    tiles: int
+
+    def crop(self, output: torch.Tensor) -> torch.Tensor:
+        """(B, 3, s·h', s·w') output of the canvas → (B, 3, s·height, s·width), the input's region."""
+        s = self.upsampler.scale
+        top, left, height, width = self.box
+        return output[..., top * s:(top + height) * s, left * s:(left + width) * s]
+
+
+@dataclass
+class UpscaleResult:
+    """image: (B, 3, s·h, s·w) in [-1, 1]; nfe: network evaluations per sample, as untiled (each tile of a
+    tiled pass runs every one of them); tiles: tiles per pass (1: untiled)."""
+
+    image: torch.Tensor
+    nfe: int
+    tiles: int
 
 
 @dataclass
@@ -107,6 +153,72 @@ class Upsampler:
         if self.posterior_mean is not None:
             self.posterior_mean.to(device)
         return self
+
+    @property
+    def image_multiple(self) -> int:
+        """Low-res image sides `upsample` accepts are multiples of this: f · (CFMUNet multiple / gcd(scale, it))."""
+        multiple = self.model.size_multiple
+        return self.first_stage.downsample_factor * multiple // math.gcd(self.scale, multiple)
+
+    # ------------------------------------------------------------------ images of any size, tiled
+
+    def tiling(self, output_size: tuple[int, int], tile_size: int | None = None,
+               tile_overlap: int | None = None) -> Tiling | None:
+        """The tiling `upscale` uses for an output of `output_size` (H, W) pixels, or None for one pass.
+
+        tile_size, tile_overlap: in output pixels (the size rounded down to whole latents of the CFMUNet's size
+        multiple, the overlap up to whole latents and to at most half the tile). tile_size None: tiles of
+        DEFAULT_TILE_SIZE when the output is larger than that on either side; 0: never tile. tile_overlap
+        None: DEFAULT_TILE_OVERLAP."""
+        if tile_size is None:
+            tile_size = DEFAULT_TILE_SIZE if max(output_size) > DEFAULT_TILE_SIZE else 0
+        if tile_size == 0:
+            return None
+        overlap = DEFAULT_TILE_OVERLAP if tile_overlap is None else tile_overlap
+        if tile_size < 0 or overlap < 0:
+            raise ValueError(f"tile_size and tile_overlap must be >= 0, got {tile_size}, {overlap}")
+        f, multiple = self.first_stage.downsample_factor, self.model.size_multiple
+        size = max(multiple, tile_size // f // multiple * multiple)
+        overlap = min(-(-overlap // f), size // 2)
+        return Tiling(size, overlap, multiple)
+
+    def canvas(self, lr_image: torch.Tensor, tile_size: int | None = None,
+               tile_overlap: int | None = None) -> Canvas:
+        """Pad lr_image (B, 3, h, w), any h and w, into a `Canvas`: BORDER_CONTEXT coarsest-level latents of
+        context on each side (edge pixels replicated), sides rounded up to `image_multiple`; tiled per
+        `tiling` (the output size decides, not the padded one)."""
+        if lr_image.ndim != 4 or lr_image.shape[1] != 3:
+            raise ValueError(f"lr_image must be (B, 3, h, w), got {tuple(lr_image.shape)}")
+        h, w = lr_image.shape[-2:]
+        f, g = self.first_stage.downsample_factor, self.image_multiple
+        margin = -(-BORDER_CONTEXT * self.model.size_multiple * f // self.scale)  # low-res pixels
+        pads = []
+        for n in (h, w):
+            total = -(-(n + 2 * margin) // g) * g
+            pads.append(((total - n) // 2, total - n - (total - n) // 2))
+        (top, bottom), (left, right) = pads
+        image = F.pad(lr_image, (left, right, top, bottom), mode="replicate")
+        tiling = self.tiling((h * self.scale, w * self.scale), tile_size, tile_overlap)
+        view, tiles = self, 1
+        if tiling is not None:
+            latent = (image.shape[-2] * self.scale // f, image.shape[-1] * self.scale // f)
+            tiles = tiling.count(*latent)
+            view = dataclasses.replace(
+                self, model=TiledModule(self.model, tiling), first_stage=TiledFirstStage(self.first_stage, tiling),
+                posterior_mean=None if self.posterior_mean is None else TiledModule(self.posterior_mean, tiling))
+        return Canvas(image, view, (top, left, h, w), tiles)
+
+    @torch.no_grad()
+    def upscale(self, lr_image: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
+                tile_size: int | None = None, tile_overlap: int | None = None, **overrides) -> UpscaleResult:
+        """(B, 3, h, w) image in [-1, 1], any size → (B, 3, s·h, s·w) in [-1, 1]: `canvas` → PSU encode → source →
+        ODE → decode → crop, each network stage tile by tile on large outputs (see `tiling` for tile_size /
+        tile_overlap, in output pixels). Sampler arguments as in `upsample`. The source noise is drawn once for
+        the whole canvas; tiles blend at every velocity evaluation, so they agree along the trajectory."""
+        canvas = self.canvas(lr_image, tile_size, tile_overlap)
+        view = canvas.upsampler
+        result = view.sample(view.condition(lr_image=canvas.image), generator, sampler, **overrides)
+        return UpscaleResult(canvas.crop(view.first_stage.decode(result.x1)), result.nfe, canvas.tiles)
 
     # ------------------------------------------------------------------ sampling, in its steps
 

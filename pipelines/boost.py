@@ -51,12 +51,14 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 @dataclass
 class BoostPipelineOutput(BaseOutput):
     """images: PIL list, (B, H, W, 3) array or (B, 3, H, W) tensor in [0, 1], or the upsampler's
-    normalised latents for output_type="latent"; nfe: CFM network evaluations (all passes);
-    timings: seconds per stage (base, upsample, decode)."""
+    normalised latents for output_type="latent"; nfe: CFM network evaluations per sample (all passes; a
+    tiled pass runs each of them on every tile); timings: seconds per stage (base, upsample, decode);
+    tiles: tiles of the last pass (1: untiled)."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nfe: int
     timings: dict[str, float]
+    tiles: int = 1
 
 
 class _HalfVelocity(torch.nn.Module):
@@ -65,6 +67,10 @@ class _HalfVelocity(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model, self.progress = model, None
+
+    @property
+    def size_multiple(self) -> int:
+        return self.model.size_multiple
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor) -> torch.Tensor:
         dtype = self.model.dtype
@@ -258,7 +264,7 @@ class BoostPipeline(DiffusionPipeline):
         return out.images.float()
 
     def _image_to_tensor(self, image, first_stage: FirstStage, device: torch.device) -> tuple[str, torch.Tensor]:
-        """("latent", (B, C, h, w)) or ("image", (B, 3, H, W) in [-1, 1]) from PIL / np / torch input.
+        """("latent", (B, C, h, w)) or ("image", (B, 3, H, W) in [-1, 1], any size) from PIL / np / torch input.
 
         np arrays and 3-channel tensors are in [0, 1] (diffusers' convention, as output_type "np"/"pt"
         return them); a tensor with the first stage's channel count (≠ 3) is taken as its latents.
@@ -288,10 +294,6 @@ class BoostPipeline(DiffusionPipeline):
         if image.shape[1] != 3:
             raise ValueError(f"image must have 3 channels (RGB) or {first_stage.latent_channels} (latents), "
                              f"got {image.shape[1]}")
-        f = first_stage.downsample_factor
-        if image.shape[-2] % f or image.shape[-1] % f:
-            raise ValueError(f"image size {image.shape[-1]}x{image.shape[-2]} (WxH) must be a multiple of {f} "
-                             "(the autoencoder's down-sampling factor): crop or pad it")
         return "image", image * 2 - 1
 
     @staticmethod
@@ -335,8 +337,9 @@ class BoostPipeline(DiffusionPipeline):
                  num_inference_steps: int | None = None, guidance_scale: float = 7.5, base_size: int | tuple = 256,
                  sampler: SamplerConfig | None = None, upsample_steps: int | None = None, solver: str | None = None,
                  schedule: str | None = None, schedule_params: dict | None = None, detail: float | None = None,
-                 noising_step: int | None = None, cascade: int = 1,
-                 preview_vae: torch.nn.Module | None = None, num_images_per_prompt: int = 1,
+                 noising_step: int | None = None, cascade: int = 1, tile_size: int | None = None,
+                 tile_overlap: int | None = None, preview_vae: torch.nn.Module | None = None,
+                 num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None, **base_kwargs):
         """Text → image (prompt) or super-resolution (image); `cascade` CFM passes of ×scale each.
@@ -348,6 +351,12 @@ class BoostPipeline(DiffusionPipeline):
         1: the flow's full detail). `noising_step` replaces the coupling's trained noise level (an ablation
         knob); `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes instead of the VAE for a fast
         preview; `base_kwargs` (prompt_embeds, eta, guidance_rescale, ...) go to the base SD loop.
+
+        Images (and PSU upsamplers' latents) of any size go through `Upsampler.upscale`'s steps: padded with
+        context at the borders, and tiled — PSU encode, every ODE step and decode — when the output is larger
+        than `tile_size` output pixels (default: tiles of 1024 px above 1024 px; 0: never), neighbours
+        overlapping by `tile_overlap` output pixels (default 128) and blended with raised-cosine weights.
+        Latent outputs, preview decodes and latent-space up-sampling modes run untiled on the latents.
         """
         if (prompt is not None or "prompt_embeds" in base_kwargs) == (image is not None):
             raise ValueError("give exactly one of prompt (text → image) or image (super-resolution)")
@@ -377,7 +386,25 @@ class BoostPipeline(DiffusionPipeline):
                                        num_images_per_prompt, generator, latents, callback_on_step_end, **base_kwargs)
         with self._vae_upcast():
             lr_latent, lr_image = self._low_res(z, image, first_stage, device, num_images_per_prompt, timer)
+            if output_type != "latent" and preview_vae is None and (lr_image is not None or
+                                                                     upsampler.flow.upsample == "psu"):
+                if lr_image is None:  # what PSU does first anyway
+                    with timer("upsample"):
+                        lr_image = first_stage.decode(lr_latent)
+                images, nfe, tiles = self._upscale(upsampler, lr_image, sampler, generator, cascade, tile_size,
+                                                   tile_overlap, timer)
+                images = VaeImageProcessor().postprocess(images, output_type=output_type)
+                self.maybe_free_model_hooks()
+                if not return_dict:
+                    return images, nfe, timer.timings
+                return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings, tiles=tiles)
+            if tile_size is not None or tile_overlap is not None:
+                raise ValueError("tile_size / tile_overlap tile image outputs: they need output_type 'pil', 'np' or "
+                                 "'pt', no preview_vae, and an image input or a PSU upsampler")
             f = first_stage.downsample_factor
+            if lr_image is not None and (lr_image.shape[-2] % f or lr_image.shape[-1] % f):
+                raise ValueError(f"image size {lr_image.shape[-1]}x{lr_image.shape[-2]} (WxH) must be a multiple of "
+                                 f"{f} (the autoencoder's down-sampling factor) for latent outputs: crop or pad it")
             h, w = lr_latent.shape[-2:] if lr_latent is not None else (lr_image.shape[-2] // f, lr_image.shape[-1] // f)
             self._check_latent_size(h, w, upsampler.scale)  # later passes are larger multiples
             nfe = 0
@@ -405,6 +432,28 @@ class BoostPipeline(DiffusionPipeline):
         if not return_dict:
             return images, nfe, timer.timings
         return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings)
+
+
+    def _upscale(self, upsampler: Upsampler, image: torch.Tensor, sampler: SamplerConfig, generator, cascade: int,
+                 tile_size: int | None, tile_overlap: int | None, timer: _Timer) -> tuple[torch.Tensor, int, int]:
+        """`cascade` passes of `Upsampler.upscale`'s steps on image (B, 3, h, w) in [-1, 1] → (the image
+        (B, 3, s^cascade·h, ...) in [-1, 1], NFE per sample, tiles of the last pass)."""
+        nfe = tiles = 0
+        bar = {"desc": "upsample", **getattr(self, "_progress_bar_config", {})}
+        for _ in range(cascade):
+            with timer("upsample"), upsampler.model.counting(**bar):
+                # 1. pad with context to sizes the networks take; tile when large (a view with tiled networks)
+                canvas = upsampler.canvas(image, tile_size, tile_overlap)
+                view = canvas.upsampler
+                # 2. condition (PSU: bicubic in pixels, then encode) → 3. source x0 (noise drawn for the whole
+                #    canvas) → 4. the ODE, every velocity blended over the tiles
+                cond = view.condition(lr_image=canvas.image)
+                result = view.transport(view.draw_source(cond, generator), sampler)
+            # 5. decode, blended over the tiles in pixel space, and crop back to the input's region
+            with timer("decode"):
+                image = canvas.crop(view.first_stage.decode(result.x1))
+            nfe, tiles = nfe + result.nfe, canvas.tiles
+        return image, nfe, tiles
 
 
 def _boost_config(upsampler: Upsampler) -> dict:

@@ -33,7 +33,12 @@ def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
-    parser.add_argument("--tiled", action="store_true", help="tiled VAE decode (bounded memory at 2048²)")
+    parser.add_argument("--tiled", action="store_true", help="diffusers' tiled VAE decode (SD-VAE upsamplers)")
+    parser.add_argument("--tile-size", type=int, default=None, metavar="PX",
+                        help="upscale in overlapping tiles of PX output pixels (bounded memory); default: tiles of "
+                             "1024 px when the output is larger than 1024 px, 0: never tile")
+    parser.add_argument("--tile-overlap", type=int, default=None, metavar="PX",
+                        help="overlap of neighbouring tiles in output pixels (default 128)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,8 +142,12 @@ def cast_upsampler(upsampler, dtype: torch.dtype):
 def sampler_kwargs(args: argparse.Namespace, device: torch.device) -> dict:
     if args.detail is not None and not 0.0 <= args.detail <= 1.0:
         raise UserError(f"--detail must be in [0, 1], got {args.detail}")
+    for name in ("tile_size", "tile_overlap"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     return dict(upsample_steps=args.upsample_steps, solver=args.solver, schedule=args.schedule, detail=args.detail,
-                cascade=args.cascade, generator=torch.Generator(device).manual_seed(args.seed))
+                cascade=args.cascade, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+                generator=torch.Generator(device).manual_seed(args.seed))
 
 
 def save_image(image, path: str) -> None:

@@ -1,14 +1,14 @@
-"""`fmboost upscale in.png -o out.png --upsampler DIR`: super-resolve any image with a CFM upsampler.
+"""`fmboost upscale in.png -o out.png --upsampler DIR`: super-resolve an image of any size with a CFM upsampler.
 
-The image is centre-cropped to the nearest size the upsampler accepts (a multiple of the autoencoder
-factor and of the CFMUNet's down-sampling), encoded, transported by the CFM ODE and decoded.
-`--compare` also writes `<out>_compare.<ext>`: bicubic | CFM, side by side.
+The output is exactly scale × the input: the image is padded (edge pixels replicated) to sizes the networks
+accept, with context at the borders, and cropped back. Outputs larger than 1024 px are upscaled in
+overlapping tiles (`--tile-size` / `--tile-overlap`, in output pixels; `--tile-size 0` never tiles), so
+memory stays bounded. `--compare` also writes `<out>_compare.<ext>`: bicubic | CFM, side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import PIL.Image
@@ -26,25 +26,10 @@ from fmboost.pipelines.generate import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", help="input image (any size; centre-cropped to an accepted multiple)")
+    parser.add_argument("image", help="input image, any size")
     parser.add_argument("--upsampler", required=True, help="upsampler or BoostPipeline folder")
     parser.add_argument("--compare", action="store_true", help="also write a side-by-side with bicubic up-sampling")
     add_sampler_arguments(parser)
-
-
-def size_multiple(pipe) -> int:
-    """Input sizes must be multiples of this: f · (CFMUNet multiple / gcd(scale, multiple))."""
-    f = pipe.first_stage().downsample_factor
-    multiple, scale = pipe.upsampler.size_multiple, pipe.config.boost_config["scale"]
-    return f * multiple // math.gcd(scale, multiple)
-
-
-def centre_crop(image: PIL.Image.Image, multiple: int) -> PIL.Image.Image:
-    w, h = (image.width // multiple) * multiple, (image.height // multiple) * multiple
-    if w == 0 or h == 0:
-        raise UserError(f"image {image.width}x{image.height} is smaller than the minimum {multiple}x{multiple}")
-    left, top = (image.width - w) // 2, (image.height - h) // 2
-    return image.crop((left, top, left + w, top + h))
 
 
 def side_by_side(left: PIL.Image.Image, right: PIL.Image.Image) -> PIL.Image.Image:
@@ -74,16 +59,14 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_image_pipeline(args.upsampler, dtype).to(device)
     if args.tiled:
         pipe.enable_vae_tiling()
-    cropped = centre_crop(image, size_multiple(pipe))
-    if cropped.size != image.size:
-        print(f"note: centre-cropped {image.width}x{image.height} to {cropped.width}x{cropped.height}")
-    out = pipe(image=cropped, **sampler_kwargs(args, device))
+    out = pipe(image=image, **sampler_kwargs(args, device))
     result = out.images[0]
     save_image(result, args.output)
-    print(f"wrote {args.output} ({result.width}x{result.height}, NFE {out.nfe}, "
+    tiles = f" in {out.tiles} tiles" if out.tiles > 1 else ""
+    print(f"wrote {args.output} ({result.width}x{result.height}{tiles}, NFE {out.nfe}, "
           f"{sum(out.timings.values()):.2f} s)")
     if args.compare:
-        bicubic = cropped.resize(result.size, PIL.Image.BICUBIC)
+        bicubic = image.resize(result.size, PIL.Image.BICUBIC)
         compare = Path(args.output).with_name(f"{Path(args.output).stem}_compare{Path(args.output).suffix}")
         save_image(side_by_side(bicubic, result), str(compare))
         print(f"wrote {compare} (left: bicubic, right: CFM)")

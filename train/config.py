@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 from fmboost.models import FIRST_STAGES, PRESETS, CouplingFlowMatcher, SamplerConfig
+from fmboost.models.unet import PADDING_MODES
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 #: storage dtypes of the latent cache (`latent_cache_dtype`)
@@ -55,6 +56,7 @@ class TrainConfig:
     layers_per_block: int | None = None
     attention_levels: list | None = None  # one bool per level; default with block_out_channels: none
     gradient_checkpointing: bool = False
+    padding_mode: str = "replicate"  # of the CFMUNet's convolutions; "zeros" (diffusers') leaves a frame at borders
     # ---- the method (CouplingFlowMatcher fields)
     upsample: str = "psu"
     noising_step: int = 400
@@ -100,7 +102,8 @@ class TrainConfig:
     def __post_init__(self):
         _check_types(self)
         choices = {"first_stage": FIRST_STAGES, "model_preset": tuple(PRESETS), "mixed_precision": MIXED_PRECISIONS,
-                   "latent_cache_dtype": tuple(CACHE_DTYPES)}
+                   "latent_cache_dtype": tuple(CACHE_DTYPES),
+                   "padding_mode": PADDING_MODES}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")

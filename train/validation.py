@@ -30,12 +30,13 @@ class ValidationResult:
 def upsample_images(upsampler: Upsampler, lr: torch.Tensor, seed: int = 0, batch_size: int = 8
                     ) -> tuple[torch.Tensor, int]:
     """Low-res images (N, 3, h, w) in [-1, 1] → high-res images (N, 3, s·h, s·w) in [-1, 1] drawn with the
-    upsampler's own sampler, and the NFE per image (R's pass included for posterior-mean flows)."""
+    upsampler's own sampler (`Upsampler.upscale`: context at the borders), and the NFE per image (R's pass
+    included for posterior-mean flows)."""
     generator = torch.Generator(device=lr.device).manual_seed(seed)  # same noise every validation
     outputs, nfe = [], 0
     for start in range(0, lr.shape[0], batch_size):
-        result = upsampler.upsample(lr_image=lr[start:start + batch_size], generator=generator)
-        outputs.append(upsampler.first_stage.decode(result.x1.float()))
+        result = upsampler.upscale(lr[start:start + batch_size], generator)
+        outputs.append(result.image.float())
         nfe = result.nfe
     return torch.cat(outputs), nfe
 

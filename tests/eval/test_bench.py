@@ -99,3 +99,20 @@ def test_pipeline_bench_cuda_graph_totals_use_the_replayed_times():
     assert graphs["direct_s"]["base"] == pytest.approx(3 * per_call["unet_step_16_cuda_graph"])
     assert graphs["boosted_s"]["upsample"] == pytest.approx(2 * per_call["cfm_nfe_16_cuda_graph"])
     assert set(result["memory_mib"]["peak_per_stage"]) == set(per_call)
+
+
+@pytest.mark.slow  # two fresh Python processes
+def test_upscale_bench_measures_each_tile_size_in_its_own_process(tmp_path, capsys):
+    from fmboost.models import CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, Upsampler
+
+    torch.manual_seed(0)
+    Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), IdentityAutoencoder(), CouplingFlowMatcher(),
+              scale=4, sampler=SamplerConfig(num_steps=2)).save_pretrained(tmp_path / "up")
+    out = tmp_path / "upscale.json"
+    assert main(["bench", "upscale", "--upsampler", str(tmp_path / "up"), "--output-size", "96", "--tile-sizes",
+                 "0,32", "--tile-overlap", "8", "--device", "cpu", "-o", str(out)]) == 0
+    rows = json.loads(out.read_text())["runs"]
+    assert [r["tile_size"] for r in rows] == [0, 32] and rows[0]["tiles"] == 1 and rows[1]["tiles"] > 4
+    assert all(r["nfe"] == 2 and r["peak_rss_mib"] >= r["rss_before_mib"] > 0 and r["cuda_peak_mib"] is None
+               for r in rows)
+    assert "peak RSS MiB" in capsys.readouterr().out

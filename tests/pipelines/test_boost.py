@@ -204,8 +204,10 @@ def test_taef2_upsampler_text_and_image(parts, taef2_dir, faces_dir):
 
 
 def test_bad_inputs(pipe):
-    with pytest.raises(ValueError, match="multiple of 8"):
-        pipe(image=np.zeros((50, 64, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match="multiple of 8"):  # any size for images out, not for latents out
+        pipe(image=np.zeros((50, 64, 3), dtype=np.uint8), output_type="latent")
+    with pytest.raises(ValueError, match="tile image outputs"):
+        pipe(image=np.zeros((48, 64, 3), dtype=np.uint8), output_type="latent", tile_size=256)
     with pytest.raises(ValueError, match="exactly one of prompt"):
         pipe("a cat", image=np.zeros((64, 64, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="exactly one of prompt"):
@@ -218,7 +220,7 @@ def test_bad_inputs(pipe):
         pipe(image=torch.zeros(1, 5, 16, 16))
     with pytest.raises(ValueError, match="divisible by 2"):  # tiny CFMUNet needs even latents: 8 px × 1 latent × 2 ok
         BoostPipeline.from_upsampler(make_upsampler(IdentityAutoencoder(), "bicubic", scale=1))(
-            image=torch.rand(1, 3, 5, 6))
+            image=torch.rand(1, 3, 5, 6), output_type="latent")
 
 
 def test_half_precision_on_cpu_is_a_clear_error(parts):

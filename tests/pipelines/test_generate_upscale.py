@@ -73,11 +73,15 @@ def test_upscale_any_size_with_compare(saved, tmp_path, capsys):
 
 def test_upscale_with_sd_vae_boost_pipeline(saved, tmp_path, capsys):
     source = tmp_path / "in.png"
-    PIL.Image.new("RGB", (45, 27), (10, 120, 30)).save(source)  # SD VAE: centre-cropped to multiples of 8
+    PIL.Image.new("RGB", (45, 27), (10, 120, 30)).save(source)  # SD VAE (8×): padded, run, cropped back
     out = tmp_path / "out.jpg"
     assert main(["upscale", str(source), "-o", str(out), "--upsampler", str(saved / "boost")]) == 0
-    assert PIL.Image.open(out).size == (80, 48)
-    assert "centre-cropped 45x27 to 40x24" in capsys.readouterr().out
+    assert PIL.Image.open(out).size == (90, 54)
+    assert "tiles" not in capsys.readouterr().out
+    assert main(["upscale", str(source), "-o", str(out), "--upsampler", str(saved / "boost"), "--tile-size", "32",
+                 "--tile-overlap", "8"]) == 0
+    # 32 px = 4 latents per tile on a canvas of 20 × 16 latents (the input with its border context)
+    assert PIL.Image.open(out).size == (90, 54) and "in 63 tiles, NFE 2" in capsys.readouterr().out
 
 
 def test_user_errors_are_one_line(saved, tmp_path, capsys):
@@ -115,6 +119,9 @@ def test_user_errors_are_one_line(saved, tmp_path, capsys):
     err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(saved / "pixel"),
                               "--detail", "0.5"])
     assert "detail < 1 needs a posterior-mean flow" in err
+    err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(saved / "pixel"),
+                              "--tile-size", "-1"])
+    assert "--tile-size must be >= 0" in err
 
 
 def test_upscale_with_a_posterior_mean_upsampler_and_the_detail_dial(tmp_path, capsys):
