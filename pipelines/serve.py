@@ -23,7 +23,7 @@ import PIL.Image
 import torch
 from fmboost.pipelines.cli import UserError
 from fmboost.pipelines.generate import DTYPES, device_and_dtype, load_pipeline
-from fmboost.pipelines.upscale import centre_crop, load_image_pipeline, size_multiple
+from fmboost.pipelines.upscale import load_image_pipeline
 
 NO_BASE_MODEL = ("Generate needs a base text-to-image model: start the server with `--base-model ID_OR_DIR` "
                  "(a Stable Diffusion-family pipeline: hub id or folder saved with save_pretrained), or pass a "
@@ -114,12 +114,12 @@ class BoostService:
 
     def upscale(self, image: PIL.Image.Image, solver: str | None = None, steps: int | None = None,
                 detail: float | None = None, seed: int = 0) -> Upscaled:
-        """Super-resolve `image` (any size up to max_megapixels; centre-cropped to the size the upsampler takes)."""
+        """Super-resolve `image` (any size up to max_megapixels; the output is exactly scale × the input)."""
         megapixels = image.width * image.height / 1e6
         if megapixels > self.max_megapixels:
             raise UserError(f"the image is {image.width}x{image.height} ({megapixels:.2f} MP), above this server's "
                             f"limit of {self.max_megapixels:g} MP: downscale it or restart with --max-megapixels")
-        image = centre_crop(image.convert("RGB"), size_multiple(self.pipe))
+        image = image.convert("RGB")
         sampler = self.sampler(solver, steps, detail)
         start = time.perf_counter()
         out = self.pipe(image=image, sampler=sampler, generator=self._generator(seed))
