@@ -356,6 +356,7 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
         as_upsampler(config, unwrapped, first_stage, flow, posterior_mean).save_pretrained(target)
         accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}"
                           + replicas)
+    accelerator.wait_for_everyone()  # no rank tears the process group down while another is still in it
     accelerator.end_training()
     return target
 

@@ -35,7 +35,7 @@ def launch(processes: int, output_dir: Path, cache_dir: Path, faults: tuple[str,
     tokens = [token for key, value in args.items() for token in (f"--{key}", str(value))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", ckpt.FAULT_ENV: ",".join(faults)}
     return subprocess.run([*launcher, str(ENTRY), "--config", str(DEMO), *tokens], env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
 
 
 def step_losses(log: str) -> list[float]:
