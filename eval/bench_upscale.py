@@ -16,6 +16,7 @@ import sys
 import time
 
 import torch
+from fmboost.train.bench_cache import peak_rss_mb
 
 WORKER = "fmboost.eval.bench_upscale"
 
@@ -59,7 +60,7 @@ def measure(upsampler_dir: str, output_size: int, tile_size: int, tile_overlap: 
     seconds = time.perf_counter() - start
     assert result.image.shape[-1] == output_size
     return {"tile_size": tile_size, "seconds": round(seconds, 2), "tiles": result.tiles, "nfe": result.nfe,
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_rss_mib": round(peak_rss_mb()),
             "rss_before_mib": round(rss_before),
             "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20) if device.startswith("cuda") else None}
 

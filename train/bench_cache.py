@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+    """Peak resident memory (MiB) of this process (or, RUSAGE_CHILDREN, of its largest waited-for child)."""
     return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -20,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from fmboost.pipelines.info import collect
 
+from .bench_cache import peak_rss_mb
 from .cfm_upsampler import build_first_stage, build_model, build_optimizer, train_step
 from .config import add_config_arguments, load_config, overrides_from_args
 from .data import EpochSampler, PairDataset, image_records, split_records
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()
 
 
 def time_steps(dataset, config, accelerator, first_stage, flow, steps: int) -> dict:
