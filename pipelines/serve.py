@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Upscaled:
-    """One upscale: the input as the model saw it (centre-cropped to an accepted size), bicubic and CFM at the
-    output size, and a one-line summary (sizes, sampler, NFE, seconds)."""
+    """One upscale: the input (RGB), bicubic and CFM at the output size (exactly scale × the input), and a
+    one-line summary (sizes, sampler, NFE, seconds)."""
 
     input: PIL.Image.Image
     bicubic: PIL.Image.Image
