@@ -407,4 +407,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if launched_as()[1] > 1:
+        # Everything is saved and the process group is destroyed. Skip the interpreter's teardown: freeing DDP's
+        # gloo Reducer there can deadlock (its ProcessGroupGloo destructor, run with the GIL held, waits on gloo's
+        # worker thread, which waits for the GIL to release the tensors of the last collective).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
