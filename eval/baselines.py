@@ -164,12 +164,25 @@ def upsampler_method(upsampler: Upsampler, memo: ConditionMemo | None = None, nu
 
     num_samples > 1 decodes the mean of that many latent samples (an estimate of the posterior mean: higher
     PSNR, blurrier); its NFE is the total over the samples, and its first sample is the single-sample method's.
+    A calibrated dial (`Upsampler.detail_calibration`, detail < 1) blends the decoded estimate and full sample
+    per band; both are kept in `memo` for the image, so a sweep over detail samples and decodes once.
     """
     memo = memo or ConditionMemo()
     key = ConditionMemo.key(upsampler.first_stage, upsampler.flow.upsample)
+    sampler = sampler or upsampler.sampler
+
+    def decoded_pair(cond: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, object]:
+        source = upsampler.draw_source(cond, generator)
+        result = upsampler.transport(source, upsampler.image_sampler(sampler))
+        return upsampler.first_stage.decode(source.posterior_mean), upsampler.first_stage.decode(result.x1), result
 
     def method(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> MethodOutput:
         cond, shared = memo.get(key, lr, lambda: upsampler.condition(lr_image=lr))
+        if num_samples == 1 and upsampler.calibrated(sampler):
+            pair_key = f"{key} calibrated {id(upsampler)} {sampler.replace(detail=1.0)}"
+            (estimate, sample, result), seconds = memo.get(pair_key, lr, lambda: decoded_pair(cond, generator))
+            image = upsampler.detail_calibration.combine(estimate, sample, sampler.detail, upsampler.scale)
+            return MethodOutput(image, result.nfe, result.x1, shared + seconds)
         results = [upsampler.sample(cond, generator, sampler) for _ in range(num_samples)]
         x1 = torch.stack([r.x1 for r in results]).mean(0) if num_samples > 1 else results[0].x1
         return MethodOutput(upsampler.first_stage.decode(x1), sum(r.nfe for r in results), x1, shared)

@@ -108,12 +108,14 @@ def decode_variants(vae, z: torch.Tensor, timer: StageTimer, names: list[str], p
 def bench_pipeline(size: str = "small", base_steps: int = 25, upsample_steps: int = 4,
                    upsampler_preset: str = "reference", guidance: bool = True, decode: list[str] | None = None,
                    device: str | None = None, warmup: int | None = None, lr_latent: int = 32, hr_latent: int = 128,
-                   end_to_end: bool = False, dtype: str | None = None, cuda_graphs: bool = False) -> dict:
+                   end_to_end: bool = False, dtype: str | None = None, cuda_graphs: bool = False,
+                   compile: bool = False) -> dict:
     """Per-call times (and CUDA peak memory) of every stage; extrapolated totals of boosted vs direct.
 
     dtype defaults to float16 on CUDA (how SD is run there) and float32 on CPU (no fast half kernels).
-    cuda_graphs also times the UNet steps and the CFM NFE replayed from CUDA graphs (launch overhead removed)
-    and gives the boosted / direct totals with those times.
+    cuda_graphs also times the UNet steps and the CFM NFE replayed from CUDA graphs (launch overhead removed),
+    compile with the SD UNet and the CFM UNet wrapped in `torch.compile` (default mode; compiled during two
+    untimed calls), and each gives the boosted / direct totals with those times beside the eager ones.
     """
     from fmboost.models import CFMUNet, DiffusersAutoencoder
 
@@ -138,22 +140,31 @@ def bench_pipeline(size: str = "small", base_steps: int = 25, upsample_steps: in
         text = parts["text_encoder"](tokens)[0]
     timer = StageTimer(device, warmup)
 
-    def time_network_call(name: str, fn) -> None:
-        """A UNet step or CFM NFE: eager, and with --cuda-graphs also replayed from a graph (`<name>_cuda_graph`)."""
-        timer(name, fn)
+    compiled = {"unet": torch.compile(unet), "cfm": torch.compile(cfm)} if compile else {}
+
+    def time_network_call(name: str, network: str, call) -> None:
+        """A UNet step or CFM NFE, call(module): eager; with --cuda-graphs also replayed from a graph
+        (`<name>_cuda_graph`), with --compile also through torch.compile (`<name>_compiled`)."""
+        module = {"unet": unet, "cfm": cfm}[network]
+        timer(name, lambda: call(module))
         if cuda_graphs:
-            timer(f"{name}_cuda_graph", cuda_graph(fn, device))
+            timer(f"{name}_cuda_graph", cuda_graph(lambda: call(module), device))
+        if compile:  # the first calls compile (and may recompile once): never timed
+            compiled_timer = StageTimer(device, max(2, warmup))
+            compiled_timer(name, lambda: call(compiled[network]))
+            timer.seconds[f"{name}_compiled"] = compiled_timer.seconds[name]
+            timer.peak_memory_mib.update({f"{name}_compiled": v for v in compiled_timer.peak_memory_mib.values()})
 
     def unet_step(n: int) -> None:
         z = torch.randn(batch, 4, n, n, device=device, dtype=torch_dtype)
         t = torch.tensor(500, device=device)
-        time_network_call(f"unet_step_{n}", lambda: unet(z, t, encoder_hidden_states=text))
+        time_network_call(f"unet_step_{n}", "unet", lambda m: m(z, t, encoder_hidden_states=text))
 
     timer("text_encoder", lambda: parts["text_encoder"](tokens))
     unet_step(lr_latent)
     unet_step(hr_latent)
     t_cfm = torch.tensor([0.5], device=device)
-    time_network_call(f"cfm_nfe_{hr_latent}", lambda: cfm(z_hr, t_cfm, z_hr))
+    time_network_call(f"cfm_nfe_{hr_latent}", "cfm", lambda m: m(z_hr, t_cfm, z_hr))
     timer(f"psu_decode_{lr_latent * f}", lambda: first_stage.decode(z_hr[..., :lr_latent, :lr_latent]))
     timer(f"psu_encode_{hr_latent * f}",
           lambda: first_stage.encode(torch.zeros(1, 3, hr_latent * f, hr_latent * f, device=device)))
@@ -162,10 +173,10 @@ def bench_pipeline(size: str = "small", base_steps: int = 25, upsample_steps: in
         size=size, device=str(device), dtype=dtype, base_steps=base_steps, upsample_steps=upsample_steps,
         upsampler_preset=upsampler_preset, guidance=guidance, warmup=warmup, lr_latent=lr_latent,
         hr_latent=hr_latent, pixels=hr_latent * f))
-    if cuda_graphs:
-        result["cuda_graphs"] = summarise_pipeline(
-            {**timer.seconds, **{k.removesuffix("_cuda_graph"): v for k, v in timer.seconds.items()
-                                 if k.endswith("_cuda_graph")}}, decode_s, result["setup"])
+    for enabled, key, suffix in ((cuda_graphs, "cuda_graphs", "_cuda_graph"), (compile, "compiled", "_compiled")):
+        if enabled:
+            variant = {k.removesuffix(suffix): v for k, v in timer.seconds.items() if k.endswith(suffix)}
+            result[key] = summarise_pipeline({**timer.seconds, **variant}, decode_s, result["setup"])
     if device.type == "cuda":
         result["memory_mib"] = {"weights": weights_mib, "peak_per_stage": timer.peak_memory_mib}
     if end_to_end:
@@ -236,11 +247,12 @@ def print_pipeline(result: dict) -> None:
           f"(latent-space coupling instead of PSU: {result['speedup_latent_mode']:.2f}×)")
     speedups = result["decode_speedup_vs_sdpa"].items()
     print("  decode speed-up vs sdpa: " + ", ".join(f"{k} {v:.2f}×" for k, v in speedups))
-    if "cuda_graphs" in result:
-        graphs = result["cuda_graphs"]
-        print(f"  with CUDA graphs (UNet steps, CFM NFE): boosted {graphs['boosted_s']['total']:.2f}s, direct "
-              f"{graphs['direct_s']['total']:.2f}s → {graphs['speedup_direct_over_boosted']:.2f}× "
-              f"(latent-space coupling: {graphs['speedup_latent_mode']:.2f}×)")
+    for key, label in (("cuda_graphs", "CUDA graphs"), ("compiled", "torch.compile")):
+        if key in result:
+            variant = result[key]
+            print(f"  with {label} (UNet steps, CFM NFE): boosted {variant['boosted_s']['total']:.2f}s, direct "
+                  f"{variant['direct_s']['total']:.2f}s → {variant['speedup_direct_over_boosted']:.2f}× "
+                  f"(latent-space coupling: {variant['speedup_latent_mode']:.2f}×)")
     if "end_to_end" in result:
         e2e = result["end_to_end"]
         print("  end to end (measured): boosted " + "  ".join(f"{k}={v:.2f}s" for k, v in e2e["boosted_s"].items())
@@ -277,7 +289,8 @@ def bench_sampler(presets: list[str], configs: list[str], latent_size: int = 128
         rows[name] = {"per_nfe_s": per_nfe, "params_M": model.num_parameters() / 1e6, "configs": {}}
         for config in configs:
             start = time.perf_counter()
-            nfe = flow.sample(model, cond, generator, detail=config.detail, **config.solve_kwargs()).nfe
+            nfe = flow.sample(model, cond, generator, detail=config.detail, temperature=config.temperature,
+                               **config.solve_kwargs()).nfe
             measured = time.perf_counter() - start
             rows[name]["configs"][config.format()] = {"nfe": nfe, "time_s": nfe * per_nfe,
                                                       "solve_s_at_nfe_size": measured}
@@ -322,6 +335,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time UNet steps and the CFM NFE replayed from CUDA graphs (no launch overhead)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time UNet steps and the CFM NFE through torch.compile (compiled in untimed calls)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weights and activations (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--output", "-o", default="bench_pipeline.json")
@@ -379,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
         result = bench_pipeline(args.size, args.base_steps, args.upsample_steps, args.upsampler_preset,
                                 not args.no_guidance, [d for d in args.decode.split(",") if d], args.device,
                                 args.warmup, args.lr_latent, args.hr_latent, args.end_to_end, args.dtype,
-                                args.cuda_graphs)
+                                args.cuda_graphs, args.compile)
         print_pipeline(result)
     else:
         result = bench_sampler([p for p in args.presets.split(",") if p], [c for c in args.configs.split(",") if c],

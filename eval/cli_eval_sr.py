@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fidelity dial of posterior-mean upsamplers, comma-separated values in [0, 1] (0: the "
                              "regression estimate, 1: the flow's full detail); several values sweep the dial, drawn "
                              "as a curve in perception_distortion.png (default: the upsampler's saved value)")
+    parser.add_argument("--temperature", default=None, metavar="LIST",
+                        help="source-noise temperature of posterior-mean upsamplers, comma-separated values ≥ 0 "
+                             "(x0 = R(cond) + T σ_s ε; 0: start from the estimate itself, 1: as trained); crossed "
+                             "with --detail, several values drawn as a curve (default: the upsampler's saved value)")
     parser.add_argument("--average-samples", type=int, default=1, metavar="K",
                         help="also score the decoded mean of K samples per CFM sampler (posterior-mean estimate)")
     parser.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",
@@ -130,50 +135,76 @@ def load_models(args: argparse.Namespace, scale: int):
 
 def parse_details(text: str | None) -> list[float | None]:
     """--detail '0,0.5,1' → [0.0, 0.5, 1.0]; absent → [None] (the saved value)."""
+    return _parse_dial("--detail", text, 1.0)
+
+
+def parse_temperatures(text: str | None) -> list[float | None]:
+    """--temperature '0,0.5,1' → [0.0, 0.5, 1.0]; absent → [None] (the saved value)."""
+    return _parse_dial("--temperature", text, math.inf)
+
+
+def _parse_dial(option: str, text: str | None, upper: float) -> list[float | None]:
     if text is None:
         return [None]
+    allowed = "in [0, 1]" if upper == 1.0 else "≥ 0"
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--detail takes comma-separated numbers in [0, 1], got {text!r}") from None
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
+        raise ValueError(f"{option} takes comma-separated numbers {allowed}, got {text!r}") from None
+    bad = [v for v in values if not 0.0 <= v <= upper or v == math.inf]
     if bad or not values:
-        raise ValueError(f"--detail values must lie in [0, 1], got {text!r}")
+        raise ValueError(f"{option} values must be {allowed}, got {text!r}")
     return list(dict.fromkeys(values))
+
+
+def _dial_name(base: str, detail: float | None, temperature: float | None) -> str:
+    """'CFM euler:linear:2 · detail 0.5 · T 0.5': the dial settings that were asked for, in the method's name."""
+    return base + ("" if detail is None else f" · detail {detail:g}") + \
+        ("" if temperature is None else f" · T {temperature:g}")
 
 
 def cfm_methods(upsamplers: dict[str, Upsampler], args: argparse.Namespace, memo: ConditionMemo
                 ) -> tuple[dict[str, Method], dict[str, SamplerConfig], dict[str, str], dict[str, list[str]]]:
     """(methods, {method: sampler}, {method: NFE-curve label}, {dial sweep: its methods by detail}) for every
     upsampler × sampler (× averaging) (× --detail values, for posterior-mean upsamplers). A method is named
-    after its sampler's string; without --detail it samples at the upsampler's saved detail."""
+    after its sampler's string; without --detail / --temperature it samples at the upsampler's saved values."""
     if args.study and len(upsamplers) > 1:
         raise ValueError("--study compares the samplers of one model: give a single --upsampler")
     if args.average_samples < 1:
         raise ValueError(f"--average-samples must be ≥ 1, got {args.average_samples}")
     if not upsamplers:
         build_samplers(args, None)  # raises if samplers were asked for without a model
-    details = parse_details(args.detail)
-    if details != [None] and not any(u.flow.needs_posterior_mean for u in upsamplers.values()):
-        raise ValueError("--detail needs a posterior-mean upsampler (trained with source: posterior_mean)")
+    details, temperatures = parse_details(args.detail), parse_temperatures(args.temperature)
+    for option, values in (("--detail", details), ("--temperature", temperatures)):
+        if values != [None] and not any(u.flow.needs_posterior_mean for u in upsamplers.values()):
+            raise ValueError(f"{option} needs a posterior-mean upsampler (trained with source: posterior_mean)")
     methods, samplers, curves, sweeps = {}, {}, {}, {}
     for label, upsampler in upsamplers.items():
         prefix = "CFM" if len(upsamplers) == 1 else f"CFM[{label}]"
-        dial = details if upsampler.flow.needs_posterior_mean else [None]
+        posterior_mean = upsampler.flow.needs_posterior_mean
+        dial, temps = (details, temperatures) if posterior_mean else ([None], [None])
         for config in build_samplers(args, upsampler):
             base = f"{prefix} {config.format()}"
-            for detail in dial:
-                name = base if detail is None else f"{base} · detail {detail:g}"
-                sampler = config.replace(detail=upsampler.sampler.detail if detail is None else detail)
-                methods[name], samplers[name] = upsampler_method(upsampler, memo, sampler=sampler), sampler
-                if detail is None or detail == 1.0:
-                    curve = curve_label(config)
-                    curves[name] = curve if len(upsamplers) == 1 else f"{label} {curve}"
-                if args.average_samples > 1 and not config.adaptive:
-                    mean_name = f"{name} · mean of {args.average_samples}"
-                    methods[mean_name] = upsampler_method(upsampler, memo, args.average_samples, sampler)
-            if len(dial) > 1:
-                sweeps[f"{base} · detail {dial[0]:g}…{dial[-1]:g}"] = [f"{base} · detail {d:g}" for d in dial]
+            for temperature in temps:
+                for detail in dial:
+                    name = _dial_name(base, detail, temperature)
+                    sampler = config.replace(
+                        detail=upsampler.sampler.detail if detail is None else detail,
+                        temperature=upsampler.sampler.temperature if temperature is None else temperature)
+                    methods[name], samplers[name] = upsampler_method(upsampler, memo, sampler=sampler), sampler
+                    if detail in (None, 1.0) and temperature in (None, 1.0):
+                        curve = curve_label(config)
+                        curves[name] = curve if len(upsamplers) == 1 else f"{label} {curve}"
+                    if args.average_samples > 1 and not config.adaptive:
+                        mean_name = f"{name} · mean of {args.average_samples}"
+                        methods[mean_name] = upsampler_method(upsampler, memo, args.average_samples, sampler)
+                if len(dial) > 1:
+                    sweeps[_dial_name(f"{base} · detail {dial[0]:g}…{dial[-1]:g}", None, temperature)] = [
+                        _dial_name(base, d, temperature) for d in dial]
+            if len(temps) > 1:
+                for detail in dial:
+                    sweeps[_dial_name(base, detail, None) + f" · T {temps[0]:g}…{temps[-1]:g}"] = [
+                        _dial_name(base, detail, t) for t in temps]
     return methods, samplers, curves, sweeps
 
 

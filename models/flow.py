@@ -12,6 +12,7 @@ integrates v_θ from t = 0 to 1. Sources:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -164,14 +165,16 @@ class CouplingFlowMatcher:
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, cond: torch.Tensor, generator: torch.Generator | None = None,
-               posterior_mean: torch.Tensor | None = None, detail: float = 1.0, **solver_kwargs) -> SampleResult:
+               posterior_mean: torch.Tensor | None = None, detail: float = 1.0, temperature: float = 1.0,
+               **solver_kwargs) -> SampleResult:
         """x1 (B, C, H, W) from the conditioning: `draw_source` x0, then `transport` it (see there)."""
         x0 = self.draw_source(cond, generator, posterior_mean)
-        return self.transport(model, cond, x0, posterior_mean, detail, **solver_kwargs)
+        return self.transport(model, cond, x0, posterior_mean, detail, temperature, **solver_kwargs)
 
     @torch.no_grad()
     def transport(self, model: torch.nn.Module, cond: torch.Tensor, x0: torch.Tensor | None,
-                  posterior_mean: torch.Tensor | None = None, detail: float = 1.0, **solver_kwargs) -> SampleResult:
+                  posterior_mean: torch.Tensor | None = None, detail: float = 1.0, temperature: float = 1.0,
+                  **solver_kwargs) -> SampleResult:
         """x1 (B, C, H, W) from the source x0 (B, C, H, W) made by `draw_source`, by integrating v_θ(·, ·, cond) from
         t = 0 to 1; solver_kwargs go to `sample_ode` (solver, num_steps, schedule, schedule_params, atol, rtol,
         return_intermediates; `SamplerConfig.solve_kwargs()`). Regression: one pass on cond, NFE 1.
@@ -185,9 +188,19 @@ class CouplingFlowMatcher:
                       flow learns. Costs the full flow's NFE.
           "end_time"  integrate only to τ = detail and remove the known source noise, x̂ = x_τ − (1 − τ) σ_s ε
                       (on a straight path the same point as "blend"; the flow's curvature makes it differ).
+
+        `temperature` T ≥ 0 scales the source noise of posterior-mean flows, x0 = R(cond) + T σ_s ε (SRFlow's and
+        Glow's temperature): T = 0 starts from the estimate itself, the centre of the source distribution.
         """
         if not 0.0 <= detail <= 1.0:
             raise ValueError(f"detail must be in [0, 1], got {detail}")
+        if not 0.0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        if temperature != 1.0 and self.needs_posterior_mean:
+            x0 = torch.lerp(posterior_mean, x0, temperature)
+        elif temperature != 1.0 and self.objective != "regression":
+            raise ValueError(f"temperature != 1 needs a posterior-mean flow (source 'posterior_mean'), this one's "
+                             f"source is {self.source!r}")
         if self.objective == "regression":
             return SampleResult(self.regress(model, cond), nfe=1)
         if detail < 1.0 and self.source != "posterior_mean":

@@ -30,7 +30,8 @@ class SamplerConfig:
     """solver: one of `SOLVERS`; fixed-step solvers take `num_steps` steps on the time grid `schedule`
     (a `SCHEDULES` name) with `schedule_params`, adaptive ones (dopri5, …) choose their steps to meet
     `atol` / `rtol`. detail ∈ [0, 1]: the fidelity dial of posterior-mean flows (0: the regression
-    estimate R(cond), best PSNR; 1: the flow's full detail; see `CouplingFlowMatcher.sample`).
+    estimate R(cond), best PSNR; 1: the flow's full detail); temperature ≥ 0 scales their source noise
+    (x0 = R(cond) + T σ_s ε; 1 as trained). See `CouplingFlowMatcher.transport`.
 
     `schedule_params` may be given as a dict; it is stored as a sorted tuple of (name, float) pairs so
     that equal settings are equal and hash alike (eval-sr keys methods by setting).
@@ -43,6 +44,7 @@ class SamplerConfig:
     atol: float = 1e-6
     rtol: float = 1e-3
     detail: float = 1.0
+    temperature: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "schedule_params", _schedule_params(self.schedule_params))
@@ -58,6 +60,8 @@ class SamplerConfig:
                 raise ValueError(f"SamplerConfig.{name} must be a positive number, got {value!r}")
         if not _is_number(self.detail) or not 0.0 <= self.detail <= 1.0:
             raise ValueError(f"SamplerConfig.detail must be in [0, 1], got {self.detail!r}")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"SamplerConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
         try:  # the grid itself checks parameter names, ranges and that it increases
             time_grid(self.schedule, self.num_steps, **dict(self.schedule_params))
         except ValueError as err:
@@ -76,7 +80,8 @@ class SamplerConfig:
         return dataclasses.replace(self, **changes)
 
     def solve_kwargs(self) -> dict:
-        """Keyword arguments of `sample_ode` (and of `CouplingFlowMatcher.sample`, which adds `detail`)."""
+        """Keyword arguments of `sample_ode` (and of `CouplingFlowMatcher.sample`, which adds `detail` and
+        `temperature`)."""
         return {"solver": self.solver, "num_steps": self.num_steps, "schedule": self.schedule,
                 "schedule_params": dict(self.schedule_params), "atol": self.atol, "rtol": self.rtol}
 

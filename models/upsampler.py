@@ -5,6 +5,8 @@
                                                              CouplingFlowMatcher, SamplerConfig
     <dir>/posterior_mean/                                    R, for posterior-mean flows only (frozen
                                                              regression CFMUNet + its latent stats)
+    boost_config.json "detail_calibration"                  optional, posterior-mean flows: the per-band
+                                                             fidelity dial (`fmboost calibrate-detail`)
 
 Training writes it; `BoostPipeline`, `fmboost upscale` and `fmboost eval-sr` load it, so inference
 uses exactly the coupling and latent normalisation the model was trained with.
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .autoencoders import FirstStage, first_stage_from_config
+from .detail_bands import DetailCalibration
 from .flow import CouplingFlowMatcher
 from .posterior_mean import PosteriorMean
 from .sampler_config import SamplerConfig
@@ -77,6 +80,16 @@ class Canvas:
 
 
 @dataclass
+class Rendered:
+    """image: (B, 3, H, W) decoded in [-1, 1]; nfe: network evaluations (R's pass included); latent: (B, C, h, w)
+    the flow's latent result (for a calibrated dial below 1: the full sample the image was blended from)."""
+
+    image: torch.Tensor
+    nfe: int
+    latent: torch.Tensor
+
+
+@dataclass
 class UpscaleResult:
     """image: (B, 3, s·h, s·w) in [-1, 1]; nfe: network evaluations per sample, as untiled (each tile of a
     tiled pass runs every one of them); tiles: tiles per pass (1: untiled)."""
@@ -92,7 +105,10 @@ class Upsampler:
     posterior_mean: R, required by (and only by) flows with source 'posterior_mean'.
 
     sampler: the saved default `SamplerConfig` — ODE solver, steps, schedule, tolerances, and `detail`, the
-    fidelity dial of posterior-mean flows (0: R's estimate, best PSNR; 1, the default: full detail)."""
+    fidelity dial of posterior-mean flows (0: R's estimate, best PSNR; 1, the default: full detail).
+    detail_calibration: optional, posterior-mean flows only: images (`render`, `upscale`) then turn the dial per
+    frequency band in pixel space (`fmboost.models.detail_bands`; detail 0 is the calibrated estimate) instead
+    of blending latents. Latent outputs (`upsample`, `sample`) keep the latent blend."""
 
     model: torch.nn.Module
     first_stage: FirstStage
@@ -100,6 +116,7 @@ class Upsampler:
     scale: int
     sampler: SamplerConfig = SamplerConfig()
     posterior_mean: PosteriorMean | None = None
+    detail_calibration: DetailCalibration | None = None
 
     def __post_init__(self):
         if self.flow.needs_posterior_mean and self.posterior_mean is None:
@@ -110,6 +127,9 @@ class Upsampler:
                             f"got {self.sampler!r}")
         if not isinstance(self.scale, int) or self.scale < 1:
             raise ValueError(f"scale must be a positive int, got {self.scale!r}")
+        if self.detail_calibration is not None and not self.flow.needs_posterior_mean:
+            raise ValueError("detail_calibration needs a posterior-mean flow (source 'posterior_mean'): it weighs "
+                             "the flow's detail against R's estimate")
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -120,8 +140,11 @@ class Upsampler:
 
     def config(self) -> dict:
         """What boost_config.json holds: first stage (+ latent stats), scale, flow and sampler."""
-        return {"first_stage": self.first_stage.config(), "scale": self.scale, "flow": self.flow.to_dict(),
-                "sampler": self.sampler.to_dict()}
+        config = {"first_stage": self.first_stage.config(), "scale": self.scale, "flow": self.flow.to_dict(),
+                  "sampler": self.sampler.to_dict()}
+        if self.detail_calibration is not None:
+            config["detail_calibration"] = self.detail_calibration.to_dict()
+        return config
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, first_stage: FirstStage | None = None) -> "Upsampler":
@@ -144,7 +167,9 @@ class Upsampler:
         posterior_mean = PosteriorMean.from_pretrained(directory / POSTERIOR_MEAN_FOLDER) \
             if flow.needs_posterior_mean else None
         sampler = SamplerConfig.from_dict(config.get("sampler", {}))  # older files: a partial dict
-        return cls(model, first_stage, flow, config["scale"], sampler, posterior_mean)
+        calibration = config.get("detail_calibration")
+        return cls(model, first_stage, flow, config["scale"], sampler, posterior_mean,
+                   None if calibration is None else DetailCalibration.from_dict(calibration))
 
     def to(self, device: torch.device | str) -> "Upsampler":
         """Move the networks (CFMUNet, first stage, R) to `device`; returns self."""
@@ -217,8 +242,37 @@ class Upsampler:
         the whole canvas; tiles blend at every velocity evaluation, so they agree along the trajectory."""
         canvas = self.canvas(lr_image, tile_size, tile_overlap)
         view = canvas.upsampler
-        result = view.sample(view.condition(lr_image=canvas.image), generator, sampler, **overrides)
-        return UpscaleResult(canvas.crop(view.first_stage.decode(result.x1)), result.nfe, canvas.tiles)
+        rendered = view.render(view.condition(lr_image=canvas.image), generator, sampler, **overrides)
+        return UpscaleResult(canvas.crop(rendered.image), rendered.nfe, canvas.tiles)
+
+    @torch.no_grad()
+    def render(self, cond: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
+               **overrides) -> Rendered:
+        """The decoded image of a sample from the conditioning cond (B, C, H, W): `draw_source` → `transport`
+        (with `image_sampler`) → `decode_sample`."""
+        sampler = (sampler or self.sampler).replace(**overrides)
+        source = self.draw_source(cond, generator)
+        result = self.transport(source, self.image_sampler(sampler))
+        return Rendered(self.decode_sample(source, result, sampler), result.nfe, result.x1)
+
+    def calibrated(self, sampler: SamplerConfig) -> bool:
+        """Whether images from `sampler` take the per-band dial: a detail_calibration and detail < 1."""
+        return self.detail_calibration is not None and sampler.detail < 1.0
+
+    def image_sampler(self, sampler: SamplerConfig) -> SamplerConfig:
+        """What to `transport` with when the result will be decoded to an image: the per-band dial blends the
+        full sample (detail 1) with R's estimate in pixels, so the flow runs to the end."""
+        return sampler.replace(detail=1.0) if self.calibrated(sampler) else sampler
+
+    def decode_sample(self, source: FlowSource, result: SampleResult, sampler: SamplerConfig,
+                      first_stage: FirstStage | None = None) -> torch.Tensor:
+        """Image (B, 3, H, W) of a `transport` result made with `image_sampler(sampler)`: one decode, or — per-band
+        dial — R's estimate and the full sample both decoded (two decodes) and blended at `sampler.detail`."""
+        decoder = first_stage or self.first_stage
+        if not self.calibrated(sampler):
+            return decoder.decode(result.x1)
+        estimate, sample = decoder.decode(source.posterior_mean), decoder.decode(result.x1)
+        return self.detail_calibration.combine(estimate, sample, sampler.detail, self.scale)
 
     # ------------------------------------------------------------------ sampling, in its steps
 
@@ -282,6 +336,7 @@ class Upsampler:
         `overrides`. The NFE counts R's pass for posterior-mean flows."""
         sampler = (sampler or self.sampler).replace(**overrides)
         result = self.flow.transport(self.model, source.cond, source.x0, source.posterior_mean, sampler.detail,
+                                     sampler.temperature,
                                      return_intermediates=return_intermediates, **sampler.solve_kwargs())
         if source.posterior_mean is not None:
             result.nfe += 1

@@ -409,23 +409,25 @@ class BoostPipeline(DiffusionPipeline):
             self._check_latent_size(h, w, upsampler.scale)  # later passes are larger multiples
             nfe = 0
             with timer("upsample"), upsampler.model.counting(**bar):
-                for _ in range(cascade):  # each pass ×scale, from the previous pass's latent
+                for step in range(cascade):  # each pass ×scale, from the previous pass's latent
                     # 2. condition: the clean up-sampled latent (PSU: bicubic in pixels, then encode; or latent
                     #    interpolation)
                     cond = upsampler.condition(lr_latent, lr_image)
                     # 3. the source x0 at t = 0: cond noise-augmented at the trained step, or R(cond) + σ_s ε for
                     #    posterior-mean flows; one generator per sample keeps each sample reproducible on its own
                     source = upsampler.draw_source(cond, generator)
-                    # 4. the ODE from x0 (t = 0) to the high-res latent x1 (t = 1), with the sampler
-                    result = upsampler.transport(source, sampler)
+                    # 4. the ODE from x0 (t = 0) to the high-res latent x1 (t = 1), with the sampler (the last
+                    #    pass of an image output runs to the full sample if the dial is calibrated, see 5.)
+                    image_pass = step == cascade - 1 and output_type != "latent"
+                    result = upsampler.transport(source, upsampler.image_sampler(sampler) if image_pass else sampler)
                     lr_latent, lr_image, nfe = result.x1, None, nfe + result.nfe
             # 5. decode (or return the upsampler's normalised latents)
             if output_type == "latent":
                 images = lr_latent
             else:
                 decoder = first_stage if preview_vae is None else self._preview_first_stage(preview_vae, first_stage)
-                with timer("decode"):
-                    decoded = decoder.decode(lr_latent)
+                with timer("decode"):  # calibrated dial: R's estimate and the sample, blended per frequency band
+                    decoded = upsampler.decode_sample(source, result, sampler, decoder)
                 processor = VaeImageProcessor(vae_scale_factor=first_stage.downsample_factor)
                 images = processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
@@ -448,10 +450,12 @@ class BoostPipeline(DiffusionPipeline):
                 # 2. condition (PSU: bicubic in pixels, then encode) → 3. source x0 (noise drawn for the whole
                 #    canvas) → 4. the ODE, every velocity blended over the tiles
                 cond = view.condition(lr_image=canvas.image)
-                result = view.transport(view.draw_source(cond, generator), sampler)
-            # 5. decode, blended over the tiles in pixel space, and crop back to the input's region
+                source = view.draw_source(cond, generator)
+                result = view.transport(source, view.image_sampler(sampler))
+            # 5. decode, blended over the tiles in pixel space (calibrated dial: R's estimate and the sample,
+            #    blended per frequency band), and crop back to the input's region
             with timer("decode"):
-                image = canvas.crop(view.first_stage.decode(result.x1))
+                image = canvas.crop(view.decode_sample(source, result, sampler))
             nfe, tiles = nfe + result.nfe, canvas.tiles
         return image, nfe, tiles
 

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("fmboost.train.export", "write a training checkpoint (EMA or training weights) as an upsampler folder"),
     "bench": ("fmboost.eval.bench", "time boosted vs direct generation (pipeline), samplers, training, latent cache"),
     "eval-sr": ("fmboost.eval.cli_eval_sr", "evaluate super-resolution: baselines, regression and CFM samplers"),
+    "calibrate-detail": ("fmboost.eval.calibrate_detail",
+                         "fit a posterior-mean upsampler's per-band fidelity dial on held-out images"),
     "serve": ("fmboost.pipelines.serve", "web app (Gradio): upscale photos vs bicubic, generate with a base model"),
 }
 

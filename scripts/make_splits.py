@@ -6,6 +6,8 @@ Faces (256 → 1024): every photo of shared/data/faces and shared/data/faces_mor
 on its short side is a training face, except the held-out test set — the ≥ 1024-px photos among the last 20
 of shared/data/faces sorted by name (18 faces; none of faces_more is a near-duplicate of them). Photos
 (256 → 1024): shared/data/photos, landscapes and nature sorted by path; every 10th is held out.
+faces2_val / photos_val: the last 2 training images by name, the ones training holds out for validation
+(`--num_validation_images 2`), on which `fmboost calibrate-detail` fits the per-band dial.
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ def main() -> None:
     test = [p for p in faces[-20:] if at_least(p, 1024)]
     train = [p for p in faces[:-20] + images(data / "faces_more") if at_least(p, 1024)]
     photos = sorted(p for d in ("photos", "landscapes", "nature") for p in images(data / d))
+    photos_train = [p for i, p in enumerate(photos, 1) if i % 10]
     counts = {"faces2_train": link(train, out / "faces2_train"), "faces_test1024": link(test, out / "faces_test1024"),
-              "photos_train": link([p for i, p in enumerate(photos, 1) if i % 10], out / "photos_train", True),
-              "photos_test": link([p for i, p in enumerate(photos, 1) if not i % 10], out / "photos_test", True)}
+              "faces2_val": link(sorted(train, key=lambda p: p.name)[-2:], out / "faces2_val"),
+              "photos_train": link(photos_train, out / "photos_train", True),
+              "photos_test": link([p for i, p in enumerate(photos, 1) if not i % 10], out / "photos_test", True),
+              "photos_val": link(sorted(photos_train, key=lambda p: f"{p.parent.name}__{p.name}")[-2:],
+                                 out / "photos_val", True)}
     print(", ".join(f"{out / name}: {n}" for name, n in counts.items()))
 
 

@@ -28,7 +28,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from fmboost.eval.calibrate_detail import calibrate
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, load_first_stage
+from fmboost.models.detail_bands import DetailCalibration
 from fmboost.models.posterior_mean import PosteriorMean
 from fmboost.train import checkpoint as ckpt
 from fmboost.train.config import TrainConfig, load_config
@@ -45,6 +47,8 @@ from tqdm.auto import tqdm
 
 # Tests set FMBOOST_FAULT_INJECT=kill_after_step:<n> to SIGKILL every process right after step n.
 KILL_AFTER = "kill_after_step:"
+#: Patches per validation image (an even grid over it) that the per-band detail dial is fitted on.
+CALIBRATION_CROPS = 16
 
 
 class NonFiniteLossError(RuntimeError):
@@ -259,7 +263,7 @@ def train(config: TrainConfig) -> Path:
     accelerator.init_trackers("fmboost", config=tracker_config(config))
     final = run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
                      state, val_pairs, posterior_mean)
-    return save_upsampler(config, accelerator, model, ema, first_stage, flow, final, posterior_mean)
+    return save_upsampler(config, accelerator, model, ema, first_stage, flow, final, posterior_mean, val_records)
 
 
 def sync_lr_schedule(lr_scheduler, global_step: int, num_processes: int) -> None:
@@ -340,9 +344,10 @@ def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs
 
 
 def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
-                   posterior_mean: PosteriorMean | None = None) -> Path:
+                   posterior_mean: PosteriorMean | None = None, val_records=()) -> Path:
     """The (EMA) weights as an `Upsampler` folder: CFMUNet + boost_config.json (incl. latent stats), and R
-    for posterior-mean flows, so the folder runs on its own."""
+    for posterior-mean flows, so the folder runs on its own — with their per-band fidelity dial fitted on
+    the validation images (`calibrate_detail`)."""
     accelerator.wait_for_everyone()
     target = Path(config.output_dir) / "upsampler"
     unwrapped = accelerator.unwrap_model(model)
@@ -353,12 +358,30 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
     if accelerator.is_main_process:
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
-        as_upsampler(config, unwrapped, first_stage, flow, posterior_mean).save_pretrained(target)
+        upsampler = as_upsampler(config, unwrapped, first_stage, flow, posterior_mean)
+        if config.calibrate_detail and flow.needs_posterior_mean and val_records:
+            upsampler.detail_calibration = fit_detail_calibration(upsampler, val_records, config)
+        upsampler.save_pretrained(target)
         accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}"
                           + replicas)
     accelerator.wait_for_everyone()  # no rank tears the process group down while another is still in it
     accelerator.end_training()
     return target
+
+
+def fit_detail_calibration(upsampler: Upsampler, val_records, config: TrainConfig) -> DetailCalibration:
+    """The per-band dial (`fmboost.models.detail_bands`) fitted on CALIBRATION_CROPS patches of each
+    validation image, images the flow and R never trained on."""
+    pairs = validation_pairs(val_records, config, config.crop_size, CALIBRATION_CROPS)
+    was_training = upsampler.model.training
+    upsampler.model.eval()
+    fit = calibrate(upsampler, zip(pairs["lr"].split(1), pairs["hr"].split(1)), seed=config.seed,
+                    total=len(pairs["hr"]))
+    upsampler.model.train(was_training)
+    calibration = fit.result()
+    tqdm.write("detail calibration (share of the flow's detail kept at detail 0, per band): "
+               + ", ".join(f"{w:.2f}" for w in calibration.weights))
+    return calibration
 
 
 def weights_digest(params) -> str:

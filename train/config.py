@@ -65,6 +65,7 @@ class TrainConfig:
     posterior_mean_model: str | None = None  # a regression upsampler folder (objective: regression), frozen
     posterior_mean_sigma: float = 0.1  # σ_s, in normalised latent units
     concat_cond: bool = True  # feed the clean up-sampled latent beside x_t (False: PMRF's unconditional flow)
+    calibrate_detail: bool = True  # posterior-mean flows: fit the per-band fidelity dial on the validation images
     objective: str = "cfm"
     time_sampling: str = "uniform"
     logit_normal_mu: float = 0.0

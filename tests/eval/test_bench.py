@@ -116,3 +116,18 @@ def test_upscale_bench_measures_each_tile_size_in_its_own_process(tmp_path, caps
     assert all(r["nfe"] == 2 and r["peak_rss_mib"] >= r["rss_before_mib"] > 0 and r["cuda_peak_mib"] is None
                for r in rows)
     assert "peak RSS MiB" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_pipeline_bench_compiled_totals_use_the_compiled_network_times():
+    """`--compile`: the UNet steps and CFM NFE timed through torch.compile, the totals recomputed from them."""
+    result = bench_pipeline("tiny", base_steps=4, upsample_steps=2, upsampler_preset="tiny", guidance=False,
+                            decode=["sdpa"], warmup=0, lr_latent=8, hr_latent=16, compile=True)
+    per_call, compiled = result["per_call_s"], result["compiled"]
+    for name in ("unet_step_8", "unet_step_16", "cfm_nfe_16"):
+        assert per_call[f"{name}_compiled"] > 0
+    assert compiled["boosted_s"]["base"] == pytest.approx(4 * per_call["unet_step_8_compiled"])
+    assert compiled["boosted_s"]["upsample"] == pytest.approx(2 * per_call["cfm_nfe_16_compiled"])
+    assert compiled["direct_s"]["base"] == pytest.approx(4 * per_call["unet_step_16_compiled"])
+    assert compiled["boosted_s"]["decode"] == result["boosted_s"]["decode"]  # only the networks are compiled
+    assert result["boosted_s"]["base"] == pytest.approx(4 * per_call["unet_step_8"])  # eager totals unchanged

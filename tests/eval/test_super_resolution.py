@@ -253,4 +253,30 @@ def test_detail_sweep_of_a_posterior_mean_upsampler_and_the_perception_distortio
     assert "--detail needs a posterior-mean upsampler" in capsys.readouterr().err
     assert main(["eval-sr", "--data", str(folders / "images"), "--upsampler", str(folders / "pm"), "--detail", "2",
                  "--out", str(folders / "out"), "--hr-size", "64", "--lr-size", "16"]) == 2
-    assert "must lie in [0, 1]" in capsys.readouterr().err
+    assert "must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_temperature_sweep_crossed_with_the_detail_dial(folders, capsys):
+    from fmboost.models.posterior_mean import PosteriorMean
+
+    regression = Upsampler.from_pretrained(folders / "regression")
+    torch.manual_seed(3)
+    Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), IdentityAutoencoder(),
+              CouplingFlowMatcher(source="posterior_mean", posterior_mean_sigma=0.5), scale=4,
+              posterior_mean=PosteriorMean.from_upsampler(regression)).save_pretrained(folders / "pm")
+    args = ["eval-sr", "--data", str(folders / "images"), "--upsampler", str(folders / "pm"), "--sampler",
+            "euler:linear:2", "--baselines", "bicubic", "--out", str(folders / "out"), "--hr-size", "64",
+            "--lr-size", "16", "--no-fid", "--lpips-weights", MISSING]
+    assert main(args + ["--detail", "0.5,1", "--temperature", "0,1"]) == 0
+    results = json.loads((folders / "out" / "results.json").read_text())
+    names = [f"CFM euler:linear:2 · detail {d} · T {t}" for t in ("0", "1") for d in ("0.5", "1")]
+    assert [m for m in results if m.startswith("CFM")] == names
+    assert results[names[1]]["psnr"] != results[names[3]]["psnr"]  # T changes the sample …
+    assert main(args + ["--temperature", "1"]) == 0  # … and T 1 is the trained source: the saved default's sample
+    again = json.loads((folders / "out" / "results.json").read_text())
+    assert again["CFM euler:linear:2 · T 1"]["psnr"] == pytest.approx(results[names[3]]["psnr"])
+    capsys.readouterr()
+    assert eval_sr(folders, "--temperature", "0.5") == 2
+    assert "--temperature needs a posterior-mean upsampler" in capsys.readouterr().err
+    assert main(args + ["--temperature", "-1"]) == 2
+    assert "--temperature values must be ≥ 0" in capsys.readouterr().err

@@ -72,6 +72,22 @@ def test_detail_dial_runs_from_the_estimate_to_the_sample(generator, dial):
     torch.testing.assert_close(flow.sample(model, cond, posterior_mean=estimate, detail=0.0).x1, estimate)
 
 
+def test_temperature_scales_the_source_noise(generator):
+    """On straight paths x̂1 = x0 + 0.5 cond, so the temperature's effect is exactly R + T σ_s ε + 0.5 cond."""
+    cond, estimate = torch.randn(1, 3, 4, 4, generator=generator), torch.randn(1, 3, 4, 4, generator=generator)
+    noise = torch.randn(cond.shape, generator=torch.Generator().manual_seed(2))
+    for temperature in (0.0, 0.5, 1.0, 1.5):
+        result = pm_flow().sample(ConstantVelocity(0.5), cond, torch.Generator().manual_seed(2),
+                                  posterior_mean=estimate, num_steps=2, temperature=temperature)
+        torch.testing.assert_close(result.x1, estimate + temperature * 0.2 * noise + 0.5 * cond)
+    with pytest.raises(ValueError, match="temperature != 1 needs a posterior-mean flow"):
+        CouplingFlowMatcher().sample(ConstantVelocity(), cond, temperature=0.5)
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        pm_flow().sample(ConstantVelocity(), cond, posterior_mean=estimate, temperature=-1.0)
+    with pytest.raises(ValueError, match="SamplerConfig.temperature"):
+        SamplerConfig(temperature=float("inf"))
+
+
 def test_detail_is_refused_where_it_has_no_meaning(generator):
     cond = torch.randn(1, 3, 4, 4, generator=generator)
     with pytest.raises(ValueError, match="detail < 1 needs a posterior-mean flow"):

@@ -20,13 +20,18 @@ def regression_folder(tiny_config):
 def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_folder, cached):
     config = tiny_config("pm", source="posterior_mean", posterior_mean_model=str(regression_folder),
                          posterior_mean_sigma=0.05, concat_cond=False, use_latent_cache=cached,
-                         latent_cache_dir=str(Path(regression_folder).parent.parent / "cache"))
+                         latent_cache_dir=str(Path(regression_folder).parent.parent / "cache"),
+                         calibrate_detail=cached)
     folder = train(config)
     if cached:
         estimates = list((Path(config.latent_cache_dir)).glob("*/posterior_mean_*/shard_*.safetensors"))
         assert len(estimates) == 1 and load_file(estimates[0])["posterior_mean"].shape[0] == 5  # 5 images × 1 crop
     upsampler = Upsampler.from_pretrained(folder)
     assert upsampler.flow.source == "posterior_mean" and upsampler.posterior_mean is not None
+    if cached:  # the per-band dial, fitted on the validation images when saving
+        assert len(upsampler.detail_calibration.weights) == len(upsampler.detail_calibration.edges) + 1
+    else:
+        assert upsampler.detail_calibration is None
     regression = Upsampler.from_pretrained(regression_folder)
     for name, tensor in regression.model.state_dict().items():  # R is the regression run's weights, frozen
         torch.testing.assert_close(upsampler.posterior_mean.model.state_dict()[name], tensor)

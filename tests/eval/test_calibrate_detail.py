@@ -1,0 +1,68 @@
+"""`fmboost calibrate-detail` and eval-sr's per-band dial, on tiny random posterior-mean upsamplers."""
+
+import json
+
+import pytest
+import torch
+from fmboost.models import BOOST_CONFIG_NAME, CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, Upsampler
+from fmboost.models.detail_bands import DetailCalibration
+from fmboost.models.posterior_mean import PosteriorMean
+from fmboost.pipelines.cli import main
+
+from .test_pairs import write_images
+from .test_super_resolution import MISSING, tiny_upsampler
+
+
+@pytest.fixture
+def pm_folder(tmp_path):
+    write_images(tmp_path / "images", [(64, 64), (80, 72)])
+    regression = tiny_upsampler("regression", seed=1)
+    torch.manual_seed(3)
+    Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), IdentityAutoencoder(),
+              CouplingFlowMatcher(source="posterior_mean", posterior_mean_sigma=0.5), scale=4,
+              posterior_mean=PosteriorMean.from_upsampler(regression)).save_pretrained(tmp_path / "pm")
+    tiny_upsampler("cfm").save_pretrained(tmp_path / "cfm")
+    return tmp_path
+
+
+def calibrate(folder, upsampler, *extra):
+    return main(["calibrate-detail", str(folder / upsampler), "--data", str(folder / "images"), "--hr-size", "64",
+                 "--lr-size", "16", *extra])
+
+
+def test_calibrate_detail_writes_the_fit_into_the_folder_or_a_copy(pm_folder, capsys):
+    assert calibrate(pm_folder, "pm", "--out", str(pm_folder / "pm_cal"), "--edges", "1,2") == 0
+    out = capsys.readouterr().out
+    assert out.count("band [") == 3 and "fitted on 2 images" in out
+    calibrated = Upsampler.from_pretrained(pm_folder / "pm_cal")
+    assert calibrated.detail_calibration.edges == (1.0, 2.0)
+    assert all(0.0 <= w <= 1.0 for w in calibrated.detail_calibration.weights)
+    assert "detail_calibration" not in json.loads((pm_folder / "pm" / BOOST_CONFIG_NAME).read_text())
+    assert calibrate(pm_folder, "pm") == 0  # in place: only boost_config.json changes
+    assert Upsampler.from_pretrained(pm_folder / "pm").detail_calibration is not None
+
+
+def test_calibrate_detail_refuses_what_it_cannot_fit(pm_folder, capsys):
+    assert calibrate(pm_folder, "cfm") == 2
+    assert "not a posterior-mean upsampler" in capsys.readouterr().err
+    assert main(["calibrate-detail", str(pm_folder / "pm"), "--data", str(pm_folder / "images"), "--hr-size", "64",
+                 "--lr-size", "32"]) == 2
+    assert "the upsampler's scale is 4" in capsys.readouterr().err
+    assert calibrate(pm_folder, "pm", "--edges", "2,1") == 2
+    assert "increasing" in capsys.readouterr().err
+
+
+def test_eval_sr_sweeps_the_calibrated_dial_from_one_sample_per_image(pm_folder):
+    upsampler = Upsampler.from_pretrained(pm_folder / "pm")
+    upsampler.detail_calibration = DetailCalibration((1.0,), (0.0, 0.5))
+    upsampler.save_pretrained(pm_folder / "pm_cal")
+    assert main(["eval-sr", "--data", str(pm_folder / "images"), "--upsampler", f"cal={pm_folder / 'pm_cal'}",
+                 "--upsampler", f"plain={pm_folder / 'pm'}", "--sampler", "euler:linear:2", "--detail", "0,0.5,1",
+                 "--baselines", "bicubic", "--out", str(pm_folder / "out"), "--hr-size", "64", "--lr-size", "16",
+                 "--no-fid", "--lpips-weights", MISSING]) == 0
+    results = json.loads((pm_folder / "out" / "results.json").read_text())
+    cal = [results[f"CFM[cal] euler:linear:2 · detail {d}"] for d in ("0", "0.5", "1")]
+    plain = [results[f"CFM[plain] euler:linear:2 · detail {d}"] for d in ("0", "0.5", "1")]
+    assert [r["nfe"] for r in cal] == [3, 3, 3] and plain[0]["nfe"] == 1  # the calibrated estimate needs the sample
+    assert cal[2]["psnr"] == pytest.approx(plain[2]["psnr"])  # detail 1: the same sample
+    assert cal[1]["psnr"] != pytest.approx(plain[1]["psnr"])  # in between: per band, not the latent blend

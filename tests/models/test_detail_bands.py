@@ -1,0 +1,97 @@
+"""The calibrated (per-band) fidelity dial: band arithmetic, the least-squares fit, and the Upsampler around it."""
+
+import json
+import math
+
+import pytest
+import torch
+from fmboost.models import BOOST_CONFIG_NAME, Upsampler
+from fmboost.models.detail_bands import DetailCalibration, DetailCalibrationFit, band_index
+
+from .test_posterior_mean import pm_upsampler, regression_upsampler
+
+SCALE = 4  # f_N = 0.125 cycles/px: edges (0.5, 1, 1.5, 2, 3) → 0.0625 … 0.375
+
+
+def wave(cycles_per_px: float, size: int = 64) -> torch.Tensor:
+    """(1, 3, size, size) vertical stripes of one frequency: a single band."""
+    x = torch.arange(size, dtype=torch.float32)
+    return torch.cos(2 * math.pi * cycles_per_px * x).expand(1, 3, size, size).clone()
+
+
+def test_bands_follow_the_low_res_nyquist_frequency():
+    bands = band_index(64, 64, SCALE, (0.5, 1.0, 1.5, 2.0, 3.0))
+    assert bands[0, 0] == 0 and bands[0, 3] == 0 and bands[0, 4] == 1  # 1/16 cycles/px = f_N / 2: an edge opens a band
+    assert bands[0, 5] == 1 and bands[0, 8] == 2 and bands[0, 16] == 4 and bands[0, 32] == 5
+    assert bands[8, 1] == 2  # square rings: max(|f_y|, |f_x|)
+
+
+def test_combine_scales_each_band_and_runs_from_the_calibrated_estimate_to_the_sample(generator):
+    calibration = DetailCalibration(weights=(0.0, 0.0, 0.0, 0.0, 0.5, 0.5))
+    estimate = torch.rand(1, 3, 64, 64, generator=generator)
+    low, high = wave(2 / 64), wave(20 / 64)  # bands 0 and 4 (20/64 ≈ 0.31 cycles/px)
+    sample = estimate + low + high
+    interior = (..., slice(16, 48), slice(16, 48))
+    for detail, expected in ((0.0, estimate + 0.5 * high), (0.5, estimate + 0.5 * low + 0.75 * high)):
+        got = calibration.combine(estimate, sample, detail, SCALE)
+        torch.testing.assert_close(got[interior], expected[interior], atol=0.03, rtol=0)
+    torch.testing.assert_close(calibration.combine(estimate, sample, 1.0, SCALE), sample, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"detail must be in \[0, 1\]"):
+        calibration.combine(estimate, sample, 1.5, SCALE)
+
+
+def test_fit_recovers_the_share_of_the_detail_that_is_right(generator):
+    """Truth = R + 0.5 · (the sample's high band) + noise the flow cannot know: w* ≈ 0.5 there, ≈ 0 below."""
+    fit = DetailCalibrationFit(SCALE, (1.0,))
+    for _ in range(4):
+        estimate = torch.rand(1, 3, 64, 64, generator=generator)
+        phase = torch.rand(2, generator=generator) * 6.28
+        low = torch.cos(2 * math.pi * 4 / 64 * torch.arange(64.0) + phase[0]).expand(1, 3, 64, 64)
+        high = torch.cos(2 * math.pi * 24 / 64 * torch.arange(64.0) + phase[1]).expand(1, 3, 64, 64)
+        noise = 0.1 * torch.randn(1, 3, 64, 64, generator=generator)
+        fit.update(estimate, estimate + low + high, estimate + 0.5 * high + noise)
+    raw = fit.raw_weights()
+    assert raw[0] == pytest.approx(0.0, abs=0.05) and raw[1] == pytest.approx(0.5, abs=0.05)
+    assert fit.result().weights == pytest.approx((max(0.0, raw[0]), raw[1]))
+    with pytest.raises(ValueError, match="no images"):
+        DetailCalibrationFit(SCALE).result()
+
+
+@pytest.mark.parametrize("config, match", [({"edges": [1.0, 0.5], "weights": [0, 0, 0]}, "increasing"),
+                                           ({"edges": [1.0], "weights": [0.0]}, "needs 2 values"),
+                                           ({"edges": [1.0], "weights": [0.0, 1.5]}, r"in \[0, 1\]"),
+                                           ({"edges": [1.0], "weights": [0, 0], "gain": 2}, "unknown")])
+def test_bad_calibrations_name_the_problem(config, match):
+    with pytest.raises(ValueError, match=match):
+        DetailCalibration.from_dict(config)
+
+
+def test_calibrated_upsampler_renders_the_dial_in_pixels_and_round_trips(tmp_path, generator):
+    calibration = DetailCalibration((1.0,), (0.0, 1.0))
+    plain = pm_upsampler(regression_upsampler([0.0] * 3, [1.0] * 3))
+    calibrated = pm_upsampler(regression_upsampler([0.0] * 3, [1.0] * 3))
+    calibrated.detail_calibration = calibration
+    calibrated.save_pretrained(tmp_path / "pm")
+    assert json.loads((tmp_path / "pm" / BOOST_CONFIG_NAME).read_text())["detail_calibration"] == {
+        "edges": [1.0], "weights": [0.0, 1.0]}
+    loaded = Upsampler.from_pretrained(tmp_path / "pm")
+    assert loaded.detail_calibration == calibration
+    image = torch.rand(1, 3, 16, 16, generator=generator) * 2 - 1
+    cond = plain.condition(lr_image=image)
+
+    def render(upsampler, detail):
+        return upsampler.render(cond, torch.Generator().manual_seed(5), detail=detail)
+
+    full = render(plain, 1.0)
+    torch.testing.assert_close(render(loaded, 1.0).image, full.image)  # detail 1: the sample, one decode
+    estimate = plain.first_stage.decode(plain.draw_source(cond).posterior_mean)
+    for detail in (0.0, 0.5):
+        got = render(loaded, detail)
+        assert got.nfe == full.nfe  # the flow runs to the end at every detail
+        torch.testing.assert_close(got.image, calibration.combine(estimate, full.image, detail, plain.scale))
+    assert not torch.allclose(render(loaded, 0.5).image, render(plain, 0.5).image)  # not the latent blend
+    upscaled = loaded.upscale(image, torch.Generator().manual_seed(5), detail=0.0)
+    assert upscaled.image.shape == (1, 3, 32, 32) and upscaled.nfe == full.nfe
+    with pytest.raises(ValueError, match="detail_calibration needs a posterior-mean flow"):
+        Upsampler(regression_upsampler([0.0] * 3, [1.0] * 3).model, plain.first_stage,
+                  regression_upsampler([0.0] * 3, [1.0] * 3).flow, scale=2, detail_calibration=calibration)
