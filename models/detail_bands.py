@@ -41,9 +41,14 @@ def band_index(height: int, width: int, scale: int, edges: tuple[float, ...], de
     return torch.bucketize(radius, torch.tensor(edges, device=device), right=True)
 
 
+#: Mirror padding (pixels) around the detail before its FFT, at most: enough that opposite borders do not
+#: wrap into each other, small enough that a 4096² output's FFT stays a few hundred MB.
+MAX_PAD = 64
+
+
 def _mirror(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """x (B, C, H, W) mirror-padded by a quarter of its smaller side (reflect needs pad < side)."""
-    pad = max(1, min(x.shape[-2:]) // 4)
+    """x (B, C, H, W) mirror-padded by min(MAX_PAD, a quarter of its smaller side) (reflect needs pad < side)."""
+    pad = max(1, min(MAX_PAD, min(x.shape[-2:]) // 4))
     return F.pad(x, (pad, pad, pad, pad), mode="reflect"), pad
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import signal
 import sys
@@ -252,7 +253,7 @@ def train(config: TrainConfig) -> Path:
     resume = broadcast_object_list(resume)[0]  # rank 0's choice: every rank loads the same checkpoint
     if resume is not None:
         saved_by = ckpt.read_trainer_state(resume).num_processes
-        state = ckpt.load_checkpoint(accelerator, resume)
+        state = ckpt.load_checkpoint(accelerator, resume, network_config(accelerator.unwrap_model(model)))
         accelerator.step = state.global_step * config.gradient_accumulation_steps
         sync_lr_schedule(lr_scheduler, state.global_step, accelerator.num_processes)
         accelerator.print(f"resumed from {resume} at step {state.global_step}"
@@ -264,6 +265,12 @@ def train(config: TrainConfig) -> Path:
     final = run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
                      state, val_pairs, posterior_mean)
     return save_upsampler(config, accelerator, model, ema, first_stage, flow, final, posterior_mean, val_records)
+
+
+def network_config(model: CFMUNet) -> dict:
+    """The (unwrapped) CFMUNet's constructor arguments: its diffusers config without bookkeeping keys, as JSON
+    would give them back."""
+    return json.loads(json.dumps({k: v for k, v in model.config.items() if not k.startswith("_")}))
 
 
 def sync_lr_schedule(lr_scheduler, global_step: int, num_processes: int) -> None:
@@ -306,7 +313,8 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
             progress.set_postfix(loss=f"{out.loss:.4f}", samples_s=f"{rate:.1f}")
             accelerator.log(logs, step=state.global_step)
             if state.global_step % config.checkpointing_steps == 0 or state.global_step == config.max_train_steps:
-                ckpt.save_checkpoint(accelerator, config.output_dir, state, config.checkpoints_total_limit)
+                ckpt.save_checkpoint(accelerator, config.output_dir, state, config.checkpoints_total_limit,
+                                     network_config(accelerator.unwrap_model(model)))
             if val_pairs is not None and (state.global_step % config.validation_steps == 0
                                           or state.global_step == config.max_train_steps):
                 run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, state.global_step,

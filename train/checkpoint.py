@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 TRAINER_STATE = "trainer_state.json"
+#: The network's constructor config: a resume must build the same network (defaults change between versions).
+MODEL_CONFIG = "model_config.json"
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 # Tests inject faults through this variable, comma-separated:
@@ -96,9 +98,10 @@ def remove_stale_temporaries(output_dir: str | Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, total_limit: int | None) -> Path:
-    """Save everything `accelerator` tracks (+ `state`) as checkpoint-<step>, atomically; keep the newest
-    `total_limit`. Every process must call it: each writes its own part of the state."""
+def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, total_limit: int | None,
+                    model_config: dict | None = None) -> Path:
+    """Save everything `accelerator` tracks (+ `state`, + the network's `model_config`) as checkpoint-<step>,
+    atomically; keep the newest `total_limit`. Every process must call it: each writes its own part of the state."""
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{state.global_step}"
     tmp = output_dir / f"{TMP_PREFIX}{state.global_step}"
@@ -115,6 +118,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, to
     if accelerator.is_main_process:
         saved = replace(state, num_processes=accelerator.num_processes)
         (tmp / TRAINER_STATE).write_text(json.dumps(asdict(saved)))
+        if model_config is not None:
+            (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2))
     accelerator.wait_for_everyone()  # 2: every rank has written and closed its files
     if accelerator.is_main_process:
         _fsync_tree(tmp)
@@ -169,7 +174,25 @@ def continue_with(state: TrainerState, num_processes: int) -> TrainerState:
                    num_processes=num_processes)
 
 
-def load_checkpoint(accelerator, path: Path) -> TrainerState:
-    """Restore model, optimizer, scheduler, EMA and RNG states; return the data position for this world size."""
+def check_model_config(path: Path, model_config: dict) -> None:
+    """Raise if the checkpoint at `path` was saved from a network built differently from `model_config`
+    (the weights would load into another architecture — e.g. another padding — and training would silently
+    start from a broken model). Checkpoints written before MODEL_CONFIG existed are not checked."""
+    saved_file = Path(path) / MODEL_CONFIG
+    if not saved_file.is_file():
+        return
+    saved = json.loads(saved_file.read_text())
+    differ = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+    if differ:
+        details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {model_config.get(k)!r}" for k in differ)
+        raise ValueError(f"{path} was saved from another network ({details}); resume with the options that built "
+                         f"it (e.g. --{differ[0]} {json.dumps(saved.get(differ[0]))})")
+
+
+def load_checkpoint(accelerator, path: Path, model_config: dict | None = None) -> TrainerState:
+    """Restore model, optimizer, scheduler, EMA and RNG states; return the data position for this world size.
+    `model_config`: the network this run built, checked against the one the checkpoint was saved from."""
+    if model_config is not None:
+        check_model_config(path, model_config)
     accelerator.load_state(str(path))
     return continue_with(read_trainer_state(path), accelerator.num_processes)

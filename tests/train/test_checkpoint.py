@@ -104,3 +104,17 @@ def test_checkpoints_from_before_the_world_size_was_recorded_still_load(tmp_path
     state = ckpt.read_trainer_state(tmp_path)
     assert state == ckpt.TrainerState(7, 1, 5, None)
     assert ckpt.continue_with(state, 4) == ckpt.TrainerState(7, 1, 5, 4)  # unknown: taken as unchanged
+
+
+def test_resume_refuses_a_network_built_differently(tiny_config):
+    """A changed default (here padding_mode) must not load old weights into another architecture silently."""
+    config = tiny_config("changed_network", max_train_steps=2, checkpointing_steps=2, validation_steps=100,
+                         padding_mode="zeros")
+    train(config)
+    saved = json.loads((Path(config.output_dir) / "checkpoint-2" / ckpt.MODEL_CONFIG).read_text())
+    assert saved["padding_mode"] == "zeros"
+    resumed = {**config.to_dict(), "resume_from_checkpoint": "latest", "max_train_steps": 4}
+    with pytest.raises(ValueError, match="padding_mode: checkpoint 'zeros', this run 'replicate'.*--padding_mode"):
+        train(config.__class__(**{**resumed, "padding_mode": "replicate"}))
+    train(config.__class__(**resumed))  # the same network resumes
+    assert (Path(config.output_dir) / "checkpoint-4").is_dir()
