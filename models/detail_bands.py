@@ -1,7 +1,7 @@
 """The calibrated fidelity dial: how much of a posterior-mean flow's detail to keep, frequency band by band.
 
 A posterior-mean flow adds detail D = S − R to the regression estimate R (both decoded, pixels). Measured
-on held-out faces (RESULTS.md, "Where the flow's detail is right"), D is not equally right at every scale:
+on held-out faces (RESULTS.md, "The per-band dial"), D is not equally right at every scale:
 the MSE-optimal share of it, w*_b = <D_b, (x − R)_b> / |D_b|² over a radial frequency band b, is ≈ 0 around
 the low-res image's Nyquist frequency f_N = 0.5 / scale cycles per output pixel (invented texture: it only
 costs PSNR) but ≈ 0.5 above 2 f_N (sharper edges where R is blurrier than the posterior mean). An ideal
@@ -12,8 +12,8 @@ blends per band:
 
     x̂(d) = R + Σ_b (w_b + d (1 − w_b)) · D_b,
 
-so detail d = 0 is the calibrated estimate R + Σ_b w_b D_b (a better MMSE estimate than R: higher PSNR
-and lower LPIPS), d = 1 the flow's sample S, and in between the straight line between the two, the same
+so detail d = 0 is the calibrated estimate R + Σ_b w_b D_b (a better MMSE estimate than R: measured, higher
+PSNR on faces and photos, lower LPIPS on faces), d = 1 the flow's sample S, and in between the straight line between the two, the same
 optimal-transport argument as the latent `blend` dial, started from the better estimate.
 
 Bands are square rings in the 2-D spectrum, max(|f_y|, |f_x|) in units of f_N, so they follow the
