@@ -171,16 +171,12 @@ def upsampler_method(upsampler: Upsampler, memo: ConditionMemo | None = None, nu
     key = ConditionMemo.key(upsampler.first_stage, upsampler.flow.upsample)
     sampler = sampler or upsampler.sampler
 
-    def decoded_pair(cond: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, object]:
-        source = upsampler.draw_source(cond, generator)
-        result = upsampler.transport(source, upsampler.image_sampler(sampler))
-        return upsampler.first_stage.decode(source.posterior_mean), upsampler.first_stage.decode(result.x1), result
-
     def method(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> MethodOutput:
         cond, shared = memo.get(key, lr, lambda: upsampler.condition(lr_image=lr))
         if num_samples == 1 and upsampler.calibrated(sampler):
             pair_key = f"{key} calibrated {id(upsampler)} {sampler.replace(detail=1.0)}"
-            (estimate, sample, result), seconds = memo.get(pair_key, lr, lambda: decoded_pair(cond, generator))
+            (estimate, sample, result), seconds = memo.get(
+                pair_key, lr, lambda: upsampler.estimate_and_sample(cond, generator, sampler))
             image = upsampler.detail_calibration.combine(estimate, sample, sampler.detail, upsampler.scale)
             return MethodOutput(image, result.nfe, result.x1, shared + seconds)
         results = [upsampler.sample(cond, generator, sampler) for _ in range(num_samples)]

@@ -48,10 +48,9 @@ def calibrate(upsampler: Upsampler, pairs, edges: tuple[float, ...] = DEFAULT_ED
     device = next(upsampler.model.parameters()).device
     for index, (lr, hr) in enumerate(tqdm(pairs, total=total, desc="calibrate-detail", unit="img")):
         lr, hr = lr.to(device), hr.to(device)
-        source = upsampler.draw_source(upsampler.condition(lr_image=lr),
-                                       torch.Generator(device).manual_seed(seed + index))
-        sample = upsampler.transport(source, upsampler.sampler.replace(detail=1.0)).x1
-        fit.update(upsampler.first_stage.decode(source.posterior_mean), upsampler.first_stage.decode(sample), hr)
+        estimate, sample, _ = upsampler.estimate_and_sample(upsampler.condition(lr_image=lr),
+                                                            torch.Generator(device).manual_seed(seed + index))
+        fit.update(estimate, sample, hr)
     return fit
 
 

@@ -13,8 +13,8 @@ blends per band:
     x̂(d) = R + Σ_b (w_b + d (1 − w_b)) · D_b,
 
 so detail d = 0 is the calibrated estimate R + Σ_b w_b D_b (a better MMSE estimate than R: measured, higher
-PSNR on faces and photos, lower LPIPS on faces), d = 1 the flow's sample S, and in between the straight line between the two, the same
-optimal-transport argument as the latent `blend` dial, started from the better estimate.
+PSNR on faces and photos, lower LPIPS on faces), d = 1 the flow's sample S, and in between the straight line
+between the two, the same optimal-transport argument as the latent `blend` dial, started from the better estimate.
 
 Bands are square rings in the 2-D spectrum, max(|f_y|, |f_x|) in units of f_N, so they follow the
 separable down-sampling that made the low-res input. The detail is mirror-padded before the FFT so the

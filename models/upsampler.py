@@ -274,6 +274,16 @@ class Upsampler:
         estimate, sample = decoder.decode(source.posterior_mean), decoder.decode(result.x1)
         return self.detail_calibration.combine(estimate, sample, sampler.detail, self.scale)
 
+    @torch.no_grad()
+    def estimate_and_sample(self, cond: torch.Tensor, generator: Generators = None,
+                            sampler: SamplerConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, SampleResult]:
+        """(R's estimate, the flow's full sample, its `transport` result) from cond (B, C, H, W), both images
+        (B, 3, H', W') decoded: what the per-band dial blends (eval-sr sweeps it from one pair per image) and is
+        fitted on (`fmboost calibrate-detail`). `sampler` (default: the saved one) runs at detail 1."""
+        source = self.draw_source(cond, generator)
+        result = self.transport(source, (sampler or self.sampler).replace(detail=1.0))
+        return self.first_stage.decode(source.posterior_mean), self.first_stage.decode(result.x1), result
+
     # ------------------------------------------------------------------ sampling, in its steps
 
     @torch.no_grad()
