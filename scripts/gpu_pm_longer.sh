@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The faces study's flows trained longer on one GPU: posterior-mean flows at σ_s 0.1 and 0.25 from a given,
+# frozen regression upsampler R, beside the two controls trained as long from scratch — a regression and the
+# paper's CFM — all four side by side (w48 models are bound by kernel launches, so one GPU runs four at once at
+# little cost to each), then scored at 1024² (PSNR / LPIPS, the per-band dial, back-projection; no FID).
+#
+#   FMBOOST_SHARED=/path/to/shared R=runs/f2_reg_w48/upsampler TRAIN=data/faces2_train \
+#       TEST=data/faces_test1024 OUT=results STEPS=3000 DEADLINE_S=330 bash scripts/gpu_pm_longer.sh
+#
+# Each run stops at STEPS or DEADLINE_S seconds, whichever comes first; a run stopped by the deadline is
+# exported from its last checkpoint (every CKPT_STEPS), and its log says at which step.
+set -uo pipefail
+R=${R:?R must name the regression upsampler folder the flows start from}
+TRAIN=${TRAIN:-data/faces2_train}
+TEST=${TEST:-data/faces_test1024}
+OUT=${OUT:-runs/gpu_pm_longer}
+RUNS=${RUNS:-runs/gpu_longer}
+STEPS=${STEPS:-3000}
+DEADLINE_S=${DEADLINE_S:-330}
+BATCH=${BATCH:-32}
+CROPS=${CROPS:-32}
+CKPT_STEPS=${CKPT_STEPS:-500}
+mkdir -p "$OUT" "$RUNS"
+F="--config configs/faces_taef2_32to128.yaml --train_data_dir $TRAIN --num_validation_images 2 --crops_per_image $CROPS
+   --train_batch_size $BATCH --learning_rate 1e-3 --upsample_steps 2 --block_out_channels [48,96,192]
+   --latent_cache_dir $RUNS/cache --validation_steps 100000 --checkpointing_steps $CKPT_STEPS --report_to none"
+log() { echo "[$(date +%T)] $*" | tee -a "$OUT/study.log"; }
+
+fmboost train $F --objective regression --max_train_steps 1 --output_dir "$RUNS/cache_build" >"$RUNS/cache_build.log" 2>&1 \
+  || { log "cache build failed"; tail -c 3000 "$RUNS/cache_build.log"; exit 7; }
+log "latent cache built"
+
+train() {  # NAME ARGS...: one run, exported from its last checkpoint if the deadline stopped it
+  local name=$1; shift
+  timeout -s KILL "$DEADLINE_S" fmboost train $F --max_train_steps "$STEPS" --output_dir "$RUNS/$name" "$@" \
+    >"$RUNS/$name.log" 2>&1
+  if [ ! -f "$RUNS/$name/upsampler/boost_config.json" ]; then
+    local last; last=$(ls -d "$RUNS/$name"/checkpoint-* 2>/dev/null | sed 's/.*checkpoint-//' | sort -n | tail -1)
+    [ -n "$last" ] || { log "$name: no checkpoint"; return 1; }
+    log "$name: stopped by the deadline; exporting step $last"
+    fmboost train $F --max_train_steps "$last" --resume_from_checkpoint latest --output_dir "$RUNS/$name" "$@" \
+      >>"$RUNS/$name.log" 2>&1
+  fi
+  log "$name: $(grep -o 'saved the .*' "$RUNS/$name.log" | tail -1)"
+}
+PM="--source posterior_mean --posterior_mean_model $R"
+train reg --objective regression &
+train cfm &
+train pm_s0.1 $PM --posterior_mean_sigma 0.1 &
+train pm_s0.25 $PM --posterior_mean_sigma 0.25 &
+wait
+log "training done"
+
+E="--data $TEST --baselines bicubic --no-fid --hr-size 1024 --lr-size 256 --sampler euler:linear:2 --back-project 2"
+fmboost eval-sr $E --regression "$R" --upsampler pm0.1="$RUNS/pm_s0.1/upsampler" \
+  --upsampler pm0.25="$RUNS/pm_s0.25/upsampler" --detail 0,0.5,0.75,1 --out "$OUT/eval_pm" >"$RUNS/eval_pm.log" 2>&1
+fmboost eval-sr $E --regression "$RUNS/reg/upsampler" --upsampler paper="$RUNS/cfm/upsampler" --out "$OUT/eval_controls" \
+  >"$RUNS/eval_controls.log" 2>&1
+log "evaluation done"
