@@ -118,3 +118,30 @@ def test_resume_refuses_a_network_built_differently(tiny_config):
         train(config.__class__(**{**resumed, "padding_mode": "replicate"}))
     train(config.__class__(**resumed))  # the same network resumes
     assert (Path(config.output_dir) / "checkpoint-4").is_dir()
+
+
+def test_resume_with_a_decaying_schedule_cools_down_from_the_checkpoint_step(tiny_config):
+    """Training a finished run further (the guide's recipe): a constant-LR run resumed with `cosine` and a larger
+    `max_train_steps` continues at the cosine's LR for its step, as if it had used cosine all along."""
+    from diffusers.optimization import get_scheduler
+
+    config = tiny_config("cooldown", max_train_steps=2, checkpointing_steps=1, validation_steps=100,
+                         lr_scheduler="constant_with_warmup", lr_warmup_steps=1)
+    train(config)
+    longer = config.__class__(**{**config.to_dict(), "resume_from_checkpoint": "latest", "max_train_steps": 6,
+                                 "lr_scheduler": "cosine"})
+    train(longer)
+
+    def saved_lr(step: int) -> float:
+        state = torch.load(Path(config.output_dir) / f"checkpoint-{step}" / "scheduler.bin", weights_only=False)
+        return state["_last_lr"][0]
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    cosine = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        optimizer.step()
+        cosine.step()
+        expected.append(cosine.get_last_lr()[0])
+    assert saved_lr(6) == pytest.approx(expected[5], abs=1e-12)  # 0 at the end
+    assert saved_lr(5) == pytest.approx(expected[4]) and 0 < saved_lr(5) < config.learning_rate / 2
