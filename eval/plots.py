@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,6 +14,9 @@ from matplotlib.patches import Rectangle
 #: Zoom window for the grid as (center_y, center_x, side), fractions of the image: aligned faces have
 #: their eyes a little above the middle, where CFM artefacts show first.
 ZOOM = (0.45, 0.5, 0.3)
+#: Characters per line of a grid column's title: a 2.6-inch column holds about this many at 10 pt, so longer
+#: method names ("CFM[pm0.1] euler:linear:2 · detail 0.75 + BP2") wrap instead of running into their neighbours.
+TITLE_WIDTH = 28
 CURVE_METRICS = (("psnr", "PSNR (dB) ↑"), ("lpips", "LPIPS ↓"), ("dist_to_reference", "latent MSE to dopri5 ↓"))
 
 
@@ -22,6 +26,11 @@ def _zoom_box(height: int, width: int, zoom: tuple[float, float, float]) -> tupl
     top = min(max(0, int(center_y * height) - size // 2), height - size)
     left = min(max(0, int(center_x * width) - size // 2), width - size)
     return top, left, size
+
+
+def column_title(name: str, width: int = TITLE_WIDTH) -> str:
+    """`name` wrapped at spaces into lines of at most `width` characters (a longer word keeps its own line)."""
+    return textwrap.fill(name, width, break_long_words=False, break_on_hyphens=False)
 
 
 def comparison_grid(grid: dict[str, list[torch.Tensor]], columns: list[str], path: str | Path,
@@ -45,7 +54,7 @@ def comparison_grid(grid: dict[str, list[torch.Tensor]], columns: list[str], pat
             full.add_patch(Rectangle((left, top), size, size, fill=False, edgecolor="yellow", linewidth=1.2))
             crop.imshow(array[top:top + size, left:left + size], interpolation="nearest")
             if i == 0:
-                full.set_title(column, fontsize=10)
+                full.set_title(column_title(column), fontsize=10)
             for axis in (full, crop):
                 axis.set_axis_off()
     figure.savefig(path, dpi=110)
