@@ -35,7 +35,9 @@ train() {  # NAME ARGS...: one run, exported from its last checkpoint if the dea
   timeout -s KILL "$DEADLINE_S" fmboost train $F --max_train_steps "$STEPS" --output_dir "$RUNS/$name" "$@" \
     >"$RUNS/$name.log" 2>&1
   if [ ! -f "$RUNS/$name/upsampler/boost_config.json" ]; then
-    local last; last=$(ls -d "$RUNS/$name"/checkpoint-* 2>/dev/null | sed 's/.*checkpoint-//' | sort -n | tail -1)
+    local last  # the step of the checkpoint that --resume_from_checkpoint latest loads
+    last=$(python3 -c 'import sys; from fmboost.train.checkpoint import read_trainer_state, resolve_checkpoint as r
+path = r(sys.argv[1], "latest"); print(read_trainer_state(path).global_step if path else "")' "$RUNS/$name")
     [ -n "$last" ] || { log "$name: no checkpoint"; return 1; }
     log "$name: stopped by the deadline; exporting step $last"
     fmboost train $F --max_train_steps "$last" --resume_from_checkpoint latest --output_dir "$RUNS/$name" "$@" \
