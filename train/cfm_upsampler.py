@@ -15,7 +15,6 @@ epoch, position in the epoch's sample order and LR schedule carry over (`checkpo
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import signal
@@ -42,6 +41,7 @@ from fmboost.train.latent_cache import (
     encode_batch,
     posterior_mean_file,
     training_latent_stats,
+    weights_digest,
 )
 from fmboost.train.validation import validate
 from tqdm.auto import tqdm
@@ -390,14 +390,6 @@ def fit_detail_calibration(upsampler: Upsampler, val_records, config: TrainConfi
     tqdm.write("detail calibration (share of the flow's detail kept at detail 0, per band): "
                + ", ".join(f"{w:.2f}" for w in calibration.weights))
     return calibration
-
-
-def weights_digest(params) -> str:
-    """sha256 over the raw bytes of `params`, in order: equal digests ⇔ bit-identical weights."""
-    digest = hashlib.sha256()
-    for param in params:
-        digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def replicas_digest(accelerator: Accelerator, params) -> str:

@@ -241,12 +241,16 @@ def _write_manifest(path: Path, shards: list[range], config: TrainConfig, first_
     _write_atomic(path / MANIFEST, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
 
-def _weights_fingerprint(module: torch.nn.Module) -> str:
+def weights_digest(tensors, names: list[str] | None = None) -> str:
+    """sha256 over the raw bytes of `tensors`, in order, each preceded by its name when `names` are given:
+    equal digests ⇔ bit-identical weights. Keys the R(cond) cache (a state dict: names and buffers too) and
+    checks that data-parallel replicas agree (their parameters)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:20]
+    for index, tensor in enumerate(tensors):
+        if names is not None:
+            digest.update(names[index].encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -255,7 +259,8 @@ def posterior_mean_file(cache: LatentCache, posterior_mean: PosteriorMean, first
     """The folder of R(cond) (n, C, H, W) per cache shard, in the cache's latent normalisation and dtype; computed
     once per R, every process its share of the shards (call it on all of them, like `build_or_load`)."""
     state = state or PartialState()
-    folder = cache.path / f"posterior_mean_{_weights_fingerprint(posterior_mean)}"
+    names, tensors = zip(*sorted(posterior_mean.state_dict().items()))
+    folder = cache.path / f"posterior_mean_{weights_digest(tensors, names)[:20]}"
     if (folder / COMPLETE).is_file():
         return folder
     if state.is_main_process:

@@ -17,8 +17,9 @@ import pytest
 import torch
 from fmboost.models import Upsampler
 from fmboost.train import checkpoint as ckpt
-from fmboost.train.cfm_upsampler import make_accelerator, weights_digest
+from fmboost.train.cfm_upsampler import make_accelerator
 from fmboost.train.config import load_config
+from fmboost.train.latent_cache import weights_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "train" / "cfm_upsampler.py"
