@@ -16,6 +16,15 @@ so detail d = 0 is the calibrated estimate R + Σ_b w_b D_b (a better MMSE estim
 PSNR on faces and photos, lower LPIPS on faces), d = 1 the flow's sample S, and in between the straight line
 between the two, the same optimal-transport argument as the latent `blend` dial, started from the better estimate.
 
+Bands do not buy perception equally either: per unit of MSE, the detail between 1.5 and 2 f_N lowers LPIPS
+most (on the test faces 3× more than the detail at 2–3 f_N, 20× more than above 3 f_N, which on photos even
+raises it; RESULTS.md, "Which bands buy perception"). So the
+dial can also take the bands one after another, most perceptual gain per unit of MSE first: band b ramps
+from w_b to 1 while d crosses its span [s_b, e_b], the spans tiling [0, 1] in that order with lengths ∝ each
+band's MSE cost (so d stays roughly linear in distortion). `fit_spans` measures the order on held-out images;
+without spans every band spans [0, 1], the straight line above. Either way d = 0 and d = 1 are the same
+two images.
+
 Bands are square rings in the 2-D spectrum, max(|f_y|, |f_x|) in units of f_N, so they follow the
 separable down-sampling that made the low-res input. The detail is mirror-padded before the FFT so the
 image borders do not wrap into each other.
@@ -24,7 +33,8 @@ image borders do not wrap into each other.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +65,13 @@ def _mirror(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 @dataclass(frozen=True)
 class DetailCalibration:
     """edges: increasing band edges in units of f_N; weights: len(edges) + 1 values in [0, 1], the share of the
-    flow's detail kept in each band at detail 0 (the MSE-optimal one when fitted)."""
+    flow's detail kept in each band at detail 0 (the MSE-optimal one when fitted); spans: None (every band
+    ramps over [0, 1]) or one (start, end) per band, 0 ≤ start < end ≤ 1, the stretch of the dial over which
+    that band goes from its share to the full detail (`fit_spans`)."""
 
     edges: tuple[float, ...] = DEFAULT_EDGES
     weights: tuple[float, ...] = (0.0,) * (len(DEFAULT_EDGES) + 1)
+    spans: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "edges", tuple(float(e) for e in self.edges))
@@ -70,29 +83,114 @@ class DetailCalibration:
                              f"got {len(self.weights)}")
         if any(not (math.isfinite(w) and 0.0 <= w <= 1.0) for w in self.weights):
             raise ValueError(f"detail_calibration.weights must lie in [0, 1], got {list(self.weights)}")
+        if self.spans is not None:
+            spans = tuple((float(a), float(b)) for a, b in self.spans)
+            if len(spans) != len(self.weights):
+                raise ValueError(f"detail_calibration.spans needs {len(self.weights)} [start, end] pairs (one per "
+                                 f"band), got {len(spans)}")
+            if any(not (0.0 <= a < b <= 1.0) for a, b in spans):
+                raise ValueError(f"detail_calibration.spans must satisfy 0 <= start < end <= 1, got "
+                                 f"{[list(x) for x in spans]}")
+            object.__setattr__(self, "spans", spans)
+
+    def gains(self, detail: float) -> torch.Tensor:
+        """(len(weights),) float64: the share of the flow's detail kept per band at `detail` ∈ [0, 1]."""
+        if not 0.0 <= detail <= 1.0:
+            raise ValueError(f"detail must be in [0, 1], got {detail}")
+        kept = torch.tensor(self.weights, dtype=torch.float64)
+        if self.spans is None:
+            ramp = torch.full_like(kept, detail)
+        else:
+            start, end = torch.tensor(self.spans, dtype=torch.float64).unbind(-1)
+            ramp = ((detail - start) / (end - start)).clamp(0.0, 1.0)
+        return kept + ramp * (1.0 - kept)
 
     def combine(self, estimate: torch.Tensor, sample: torch.Tensor, detail: float, scale: int) -> torch.Tensor:
         """estimate R, sample S: (B, 3, H, W) decoded images → x̂(detail) (B, 3, H, W), see the module docstring."""
+        return self.combine_gains(estimate, sample, self.gains(detail), scale)
+
+    def combine_gains(self, estimate: torch.Tensor, sample: torch.Tensor, gains: torch.Tensor,
+                      scale: int) -> torch.Tensor:
+        """R + Σ_b gains_b · D_b: `combine` with explicit per-band gains (len(weights),)."""
         if estimate.shape != sample.shape:
             raise ValueError(f"estimate {tuple(estimate.shape)} and sample {tuple(sample.shape)} differ in shape")
-        if not 0.0 <= detail <= 1.0:
-            raise ValueError(f"detail must be in [0, 1], got {detail}")
         padded, pad = _mirror((sample - estimate).float())
         bands = band_index(*padded.shape[-2:], scale, self.edges, padded.device)
-        kept = torch.tensor(self.weights, device=padded.device)
-        gain = (kept + detail * (1.0 - kept))[bands]
+        gain = gains.to(device=padded.device, dtype=torch.float32)[bands]
         detail_kept = torch.fft.ifft2(torch.fft.fft2(padded) * gain).real[..., pad:-pad, pad:-pad]
         return (estimate.float() + detail_kept).to(estimate.dtype)
 
     def to_dict(self) -> dict:
-        return {"edges": list(self.edges), "weights": list(self.weights)}
+        config = {"edges": list(self.edges), "weights": list(self.weights)}
+        if self.spans is not None:
+            config["spans"] = [list(span) for span in self.spans]
+        return config
 
     @classmethod
     def from_dict(cls, config: dict) -> DetailCalibration:
-        unknown = sorted(set(config) - {"edges", "weights"})
+        unknown = sorted(set(config) - {"edges", "weights", "spans"})
         if unknown:
-            raise ValueError(f"unknown detail_calibration keys {unknown}; allowed: ['edges', 'weights']")
+            raise ValueError(f"unknown detail_calibration keys {unknown}; allowed: ['edges', 'spans', 'weights']")
         return cls(**config)
+
+
+#: How the dial's bands are ordered: "lpips", one after another by measured LPIPS per unit of MSE
+#: (`fit_spans`); "uniform", all together.
+DETAIL_PATHS = ("lpips", "uniform")
+
+#: A band's share of the dial is at least this, so every band has a ramp (none switches on at a jump).
+MIN_SPAN = 0.01
+
+
+@dataclass(frozen=True)
+class BandGains:
+    """What turning one band on (from its share at detail 0 to the full detail) does on the held-out images:
+    mse_cost, the rise in mean squared error; perceptual_gain, the fall in the perceptual distance."""
+
+    band: int
+    mse_cost: float
+    perceptual_gain: float
+
+
+@torch.no_grad()
+def fit_spans(calibration: DetailCalibration, images: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+              distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: int,
+              post: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+              ) -> tuple[DetailCalibration, list[BandGains]]:
+    """Order the bands by perceptual gain per unit of MSE, measured on held-out `images` — (estimate R, sample S,
+    target x) triples, (B, 3, H, W) in [-1, 1] — one band at a time turned on from detail 0; spans tile [0, 1]
+    in that order, lengths ∝ each band's MSE cost (at least MIN_SPAN). `distance(pred, target)`: a perceptual
+    distance, (B,), on [-1, 1] images (e.g. LPIPS); `post(pred, i)`: what the pipeline does to the dial's
+    image of item i after the dial (e.g. back-projection onto its low-res input). Returns the calibration with
+    spans, and the measured per-band numbers."""
+    n = len(calibration.weights)
+    base = calibration.gains(0.0)
+    mse, dist = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
+    count = 0
+    for index, (estimate, sample, target) in enumerate(images):
+        for column in range(n + 1):  # column n: detail 0; column b: band b turned on
+            gains = base.clone()
+            if column < n:
+                gains[column] = 1.0
+            pred = calibration.combine_gains(estimate, sample, gains, scale).float().clamp(-1, 1)
+            if post is not None:
+                pred = post(pred, index)
+            mse[column] += (pred - target.float()).square().mean((1, 2, 3)).sum().item()
+            dist[column] += distance(pred, target.float()).sum().item()
+        count += estimate.shape[0]
+    if count == 0:
+        raise ValueError("no images were given to fit the detail path")
+    measured = [BandGains(b, (mse[b] - mse[n]).item() / count, (dist[n] - dist[b]).item() / count) for b in range(n)]
+    order = sorted(measured, key=lambda g: -g.perceptual_gain / max(g.mse_cost, 1e-12))
+    costs = torch.tensor([max(g.mse_cost, 0.0) for g in order], dtype=torch.float64)
+    lengths = costs / costs.sum() if costs.sum() > 0 else torch.full_like(costs, 1.0 / n)
+    lengths = lengths.clamp(min=MIN_SPAN)
+    edges = torch.cat([torch.zeros(1, dtype=torch.float64), (lengths / lengths.sum()).cumsum(0)]).tolist()
+    edges[-1] = 1.0
+    spans = [None] * n
+    for position, gains in enumerate(order):
+        spans[gains.band] = (edges[position], edges[position + 1])
+    return replace(calibration, spans=tuple(spans)), measured
 
 
 class DetailCalibrationFit:

@@ -28,7 +28,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from fmboost.eval.calibrate_detail import calibrate
+from fmboost.eval.calibrate_detail import calibrate, describe
+from fmboost.eval.metrics import MetricUnavailable, load_lpips
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, load_first_stage
 from fmboost.models.detail_bands import DetailCalibration
 from fmboost.models.posterior_mean import PosteriorMean
@@ -50,6 +51,7 @@ from tqdm.auto import tqdm
 KILL_AFTER = "kill_after_step:"
 #: Patches per validation image (an even grid over it) that the per-band detail dial is fitted on.
 CALIBRATION_CROPS = 16
+LPIPS_MIN_SIZE = 32  # AlexNet's receptive field: `metrics.lpips` refuses smaller images
 
 
 class NonFiniteLossError(RuntimeError):
@@ -379,17 +381,25 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
 
 def fit_detail_calibration(upsampler: Upsampler, val_records, config: TrainConfig) -> DetailCalibration:
     """The per-band dial (`fmboost.models.detail_bands`) fitted on CALIBRATION_CROPS patches of each
-    validation image, images the flow and R never trained on."""
+    validation image, images the flow and R never trained on; its band order measured with LPIPS
+    (`detail_path: lpips`) when the LPIPS weights load, else all bands together (said why)."""
+    lpips = None
+    if config.detail_path == "lpips" and config.crop_size < LPIPS_MIN_SIZE:
+        tqdm.write(f"detail path: uniform, LPIPS needs patches of at least {LPIPS_MIN_SIZE}², crop_size is "
+                   f"{config.crop_size}")
+    elif config.detail_path == "lpips":
+        try:
+            lpips = load_lpips(None, next(upsampler.model.parameters()).device)
+        except MetricUnavailable as err:
+            tqdm.write(f"detail path: uniform, the LPIPS weights are missing ({err})")
     pairs = validation_pairs(val_records, config, config.crop_size, CALIBRATION_CROPS)
     was_training = upsampler.model.training
     upsampler.model.eval()
-    fit = calibrate(upsampler, zip(pairs["lr"].split(1), pairs["hr"].split(1)), seed=config.seed,
-                    total=len(pairs["hr"]))
+    result = calibrate(upsampler, zip(pairs["lr"].split(1), pairs["hr"].split(1)), seed=config.seed,
+                       total=len(pairs["hr"]), lpips=lpips)
     upsampler.model.train(was_training)
-    calibration = fit.result()
-    tqdm.write("detail calibration (share of the flow's detail kept at detail 0, per band): "
-               + ", ".join(f"{w:.2f}" for w in calibration.weights))
-    return calibration
+    tqdm.write("detail calibration:\n" + describe(result, upsampler.scale))
+    return result.calibration
 
 
 def replicas_digest(accelerator: Accelerator, params) -> str:

@@ -31,15 +31,26 @@ def calibrate(folder, upsampler, *extra):
 
 
 def test_calibrate_detail_writes_the_fit_into_the_folder_or_a_copy(pm_folder, capsys):
-    assert calibrate(pm_folder, "pm", "--out", str(pm_folder / "pm_cal"), "--edges", "1,2") == 0
+    assert calibrate(pm_folder, "pm", "--out", str(pm_folder / "pm_cal"), "--edges", "1,2", "--path", "uniform") == 0
     out = capsys.readouterr().out
     assert out.count("band [") == 3 and "fitted on 2 images" in out
     calibrated = Upsampler.from_pretrained(pm_folder / "pm_cal")
     assert calibrated.detail_calibration.edges == (1.0, 2.0)
     assert all(0.0 <= w <= 1.0 for w in calibrated.detail_calibration.weights)
     assert "detail_calibration" not in json.loads((pm_folder / "pm" / BOOST_CONFIG_NAME).read_text())
-    assert calibrate(pm_folder, "pm") == 0  # in place: only boost_config.json changes
+    assert calibrated.detail_calibration.spans is None  # --path uniform: all bands together
+    assert calibrate(pm_folder, "pm", "--path", "uniform") == 0  # in place: only boost_config.json changes
     assert Upsampler.from_pretrained(pm_folder / "pm").detail_calibration is not None
+
+
+def test_calibrate_detail_orders_the_bands_by_measured_lpips(pm_folder, lpips_file, capsys):
+    assert calibrate(pm_folder, "pm", "--out", str(pm_folder / "pm_path"), "--edges", "1,2", "--lpips",
+                     str(lpips_file), "--back-project", "2") == 0
+    out = capsys.readouterr().out
+    assert out.count("ramps over detail [") == 3
+    spans = Upsampler.from_pretrained(pm_folder / "pm_path").detail_calibration.spans
+    assert sorted(spans)[0][0] == 0.0 and sorted(spans)[-1][1] == 1.0
+    assert all(a[1] == pytest.approx(b[0]) for a, b in zip(sorted(spans), sorted(spans)[1:]))  # they tile [0, 1]
 
 
 def test_calibrate_detail_refuses_what_it_cannot_fit(pm_folder, capsys):
@@ -48,8 +59,12 @@ def test_calibrate_detail_refuses_what_it_cannot_fit(pm_folder, capsys):
     assert main(["calibrate-detail", str(pm_folder / "pm"), "--data", str(pm_folder / "images"), "--hr-size", "64",
                  "--lr-size", "32"]) == 2
     assert "the upsampler's scale is 4" in capsys.readouterr().err
-    assert calibrate(pm_folder, "pm", "--edges", "2,1") == 2
+    assert calibrate(pm_folder, "pm", "--edges", "2,1", "--path", "uniform") == 2
     assert "increasing" in capsys.readouterr().err
+    assert calibrate(pm_folder, "pm", "--lpips", MISSING) == 2
+    assert "--path lpips needs the LPIPS weights" in capsys.readouterr().err
+    assert calibrate(pm_folder, "pm", "--path", "uniform", "--back-project", "-1") == 2
+    assert "--back-project must be ≥ 0" in capsys.readouterr().err
 
 
 def test_eval_sr_sweeps_the_calibrated_dial_from_one_sample_per_image(pm_folder):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from fmboost.models import BOOST_CONFIG_NAME, Upsampler
-from fmboost.models.detail_bands import DetailCalibration, DetailCalibrationFit, band_index
+from fmboost.models.detail_bands import MIN_SPAN, DetailCalibration, DetailCalibrationFit, band_index, fit_spans
 
 from .test_posterior_mean import pm_upsampler, regression_upsampler
 
@@ -60,7 +60,10 @@ def test_fit_recovers_the_share_of_the_detail_that_is_right(generator):
 @pytest.mark.parametrize("config, match", [({"edges": [1.0, 0.5], "weights": [0, 0, 0]}, "increasing"),
                                            ({"edges": [1.0], "weights": [0.0]}, "needs 2 values"),
                                            ({"edges": [1.0], "weights": [0.0, 1.5]}, r"in \[0, 1\]"),
-                                           ({"edges": [1.0], "weights": [0, 0], "gain": 2}, "unknown")])
+                                           ({"edges": [1.0], "weights": [0, 0], "gain": 2}, "unknown"),
+                                           ({"edges": [1.0], "weights": [0, 0], "spans": [[0, 1]]}, "needs 2"),
+                                           ({"edges": [1.0], "weights": [0, 0], "spans": [[0, 0.5], [0.5, 0.5]]},
+                                            "start < end")])
 def test_bad_calibrations_name_the_problem(config, match):
     with pytest.raises(ValueError, match=match):
         DetailCalibration.from_dict(config)
@@ -95,3 +98,49 @@ def test_calibrated_upsampler_renders_the_dial_in_pixels_and_round_trips(tmp_pat
     with pytest.raises(ValueError, match="detail_calibration needs a posterior-mean flow"):
         Upsampler(regression_upsampler([0.0] * 3, [1.0] * 3).model, plain.first_stage,
                   regression_upsampler([0.0] * 3, [1.0] * 3).flow, scale=2, detail_calibration=calibration)
+
+
+def test_spans_turn_the_bands_on_one_after_another_between_the_same_two_images(generator):
+    calibration = DetailCalibration((1.0,), (0.2, 0.5), spans=((0.25, 1.0), (0.0, 0.25)))
+    assert calibration.gains(0.0).tolist() == pytest.approx([0.2, 0.5])
+    assert calibration.gains(0.125).tolist() == pytest.approx([0.2, 0.75])  # band 1 half-way, band 0 not started
+    assert calibration.gains(0.625).tolist() == pytest.approx([0.6, 1.0])
+    assert calibration.gains(1.0).tolist() == pytest.approx([1.0, 1.0])
+    uniform = DetailCalibration((1.0,), (0.2, 0.5))
+    estimate = torch.rand(1, 3, 32, 32, generator=generator)
+    sample = estimate + 0.3 * torch.randn(1, 3, 32, 32, generator=generator)
+    for detail in (0.0, 1.0):  # the endpoints do not depend on the path
+        torch.testing.assert_close(calibration.combine(estimate, sample, detail, SCALE),
+                                   uniform.combine(estimate, sample, detail, SCALE))
+    assert DetailCalibration.from_dict(calibration.to_dict()) == calibration
+    assert "spans" not in uniform.to_dict()
+
+
+def test_fit_spans_puts_the_band_with_most_perceptual_gain_per_mse_first():
+    """The flow invents a high-band texture of the truth's strength but the wrong phase (it costs MSE) and a
+    low-band detail the truth lacks (it costs 4× more). A stand-in perceptual distance that compares the high
+    band's strength only: the high band pays, the low one does not, so the high band comes first and the spans
+    split [0, 1] by MSE cost."""
+    calibration = DetailCalibration((1.0,), (0.0, 0.0))
+    x = torch.arange(64.0)
+    estimate = torch.zeros(1, 3, 64, 64)
+    low, high = 0.2 * wave(4 / 64), 0.1 * wave(24 / 64)
+    target = (0.1 * torch.sin(2 * math.pi * 24 / 64 * x)).expand(1, 3, 64, 64)
+
+    def high_band_strength_gap(pred, target):
+        return (torch.fft.fft2(pred)[..., 0, 24].abs() - torch.fft.fft2(target)[..., 0, 24].abs()).abs().mean(1)
+
+    fitted, measured = fit_spans(calibration, [(estimate, estimate + low + high, target)], high_band_strength_gap,
+                                 SCALE)
+    assert abs(measured[0].perceptual_gain) < 0.01 * measured[1].perceptual_gain  # edge leakage only
+    assert measured[0].mse_cost == pytest.approx(4 * measured[1].mse_cost, rel=0.1)
+    (low_start, low_end), (high_start, high_end) = fitted.spans
+    assert high_start == 0.0 and high_end == pytest.approx(low_start) and low_end == 1.0
+    share = measured[1].mse_cost / (measured[0].mse_cost + measured[1].mse_cost)
+    assert high_end == pytest.approx(share) and share == pytest.approx(0.2, abs=0.02) and share > MIN_SPAN
+    seen = []
+    fit_spans(calibration, [(estimate, estimate + low + high, target)] * 2, high_band_strength_gap, SCALE,
+              post=lambda pred, index: seen.append(index) or pred)
+    assert sorted(set(seen)) == [0, 1]  # post-processing sees which image it works on
+    with pytest.raises(ValueError, match="no images"):
+        fit_spans(calibration, [], high_band_strength_gap, SCALE)

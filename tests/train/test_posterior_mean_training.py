@@ -10,6 +10,8 @@ from fmboost.train.cfm_upsampler import train
 from fmboost.train.config import load_config
 from safetensors.torch import load_file
 
+from .conftest import write_images
+
 
 @pytest.fixture
 def regression_folder(tiny_config):
@@ -17,7 +19,7 @@ def regression_folder(tiny_config):
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_folder, cached):
+def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_folder, cached, capsys):
     config = tiny_config("pm", source="posterior_mean", posterior_mean_model=str(regression_folder),
                          posterior_mean_sigma=0.05, concat_cond=False, use_latent_cache=cached,
                          latent_cache_dir=str(Path(regression_folder).parent.parent / "cache"),
@@ -30,6 +32,8 @@ def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_f
     assert upsampler.flow.source == "posterior_mean" and upsampler.posterior_mean is not None
     if cached:  # the per-band dial, fitted on the validation images when saving
         assert len(upsampler.detail_calibration.weights) == len(upsampler.detail_calibration.edges) + 1
+        assert upsampler.detail_calibration.spans is None  # 16² patches: too small for LPIPS, said so
+        assert "detail path: uniform, LPIPS needs patches of at least 32², crop_size is 16" in capsys.readouterr().out
     else:
         assert upsampler.detail_calibration is None
     regression = Upsampler.from_pretrained(regression_folder)
@@ -68,3 +72,15 @@ def test_export_of_a_posterior_mean_checkpoint_carries_r(tiny_config, regression
     trained = Upsampler.from_pretrained(folder)
     for name, tensor in trained.posterior_mean.model.state_dict().items():
         torch.testing.assert_close(exported.posterior_mean.model.state_dict()[name], tensor)
+
+
+def test_posterior_mean_training_orders_the_dial_by_lpips(tiny_config, tmp_path, lpips_file):
+    """With patches LPIPS can see and its weights present (`lpips_file`: the shared copy training loads), the
+    saved dial carries the measured band order."""
+    images = write_images(tmp_path / "images40", size=40)
+    sizes = dict(train_data_dir=str(images), resolution=32, crop_size=32, max_train_steps=2, validation_steps=100)
+    regression = train(tiny_config("reg32", objective="regression", **sizes))
+    upsampler = Upsampler.from_pretrained(train(tiny_config("pm32", source="posterior_mean",
+                                                            posterior_mean_model=str(regression), **sizes)))
+    spans = sorted(upsampler.detail_calibration.spans)
+    assert spans[0][0] == 0.0 and spans[-1][1] == 1.0
