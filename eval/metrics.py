@@ -28,6 +28,8 @@ from .lpips import LPIPSAlex
 
 #: Environment variable that may point at the LPIPS state dict.
 LPIPS_WEIGHTS_ENV = "FMBOOST_LPIPS_WEIGHTS"
+#: The smallest side `lpips` takes: AlexNet's strided stem and pooling leave no feature map below it.
+LPIPS_MIN_SIZE = 32
 #: torchvision's ImageNet AlexNet (the ``lpips`` package's backbone); the name's suffix is its sha256 prefix.
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"
 #: LPIPS v0.1 linear heads for AlexNet, shipped inside the torchmetrics wheel (identical to the lpips package's).
@@ -213,8 +215,9 @@ def lpips(pred: torch.Tensor, target: torch.Tensor, model: LPIPSAlex) -> torch.T
     ``torch.no_grad()`` for evaluation.  ``model`` comes from :func:`load_lpips`.
     """
     _check_pair(pred, target)
-    if min(pred.shape[-2:]) < 32:
-        raise ValueError(f"lpips needs images of at least 32x32, got {tuple(pred.shape[-2:])}")
+    if min(pred.shape[-2:]) < LPIPS_MIN_SIZE:
+        raise ValueError(f"lpips needs images of at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}, "
+                         f"got {tuple(pred.shape[-2:])}")
     return model(pred * 2 - 1, target * 2 - 1)
 
 

@@ -29,7 +29,7 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from fmboost.eval.calibrate_detail import calibrate, describe
-from fmboost.eval.metrics import MetricUnavailable, load_lpips
+from fmboost.eval.metrics import LPIPS_MIN_SIZE, MetricUnavailable, load_lpips
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, load_first_stage
 from fmboost.models.detail_bands import DetailCalibration
 from fmboost.models.posterior_mean import PosteriorMean
@@ -51,7 +51,6 @@ from tqdm.auto import tqdm
 KILL_AFTER = "kill_after_step:"
 #: Patches per validation image (an even grid over it) that the per-band detail dial is fitted on.
 CALIBRATION_CROPS = 16
-LPIPS_MIN_SIZE = 32  # AlexNet's receptive field: `metrics.lpips` refuses smaller images
 
 
 class NonFiniteLossError(RuntimeError):
