@@ -106,6 +106,8 @@ def calibrate(upsampler: Upsampler, pairs, edges: tuple[float, ...] = DEFAULT_ED
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.back_project < 0:
+        raise ValueError(f"--back-project must be ≥ 0, got {args.back_project}")
     if args.hr_size % args.lr_size:
         raise ValueError(f"--hr-size {args.hr_size} must be a multiple of --lr-size {args.lr_size}")
     try:
@@ -126,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no images in {args.data}")
     pairs = ((p.lr[None], p.hr[None]) for p in iter_pairs(args.data, args.hr_size, args.lr_size, args.crop,
                                                              args.resize, args.seed, args.max_images))
-    if args.back_project < 0:
-        raise ValueError(f"--back-project must be ≥ 0, got {args.back_project}")
     lpips = None
     if args.path == "lpips":
         try:

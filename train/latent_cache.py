@@ -36,6 +36,7 @@ import os
 import struct
 import time
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,7 +242,7 @@ def _write_manifest(path: Path, shards: list[range], config: TrainConfig, first_
     _write_atomic(path / MANIFEST, lambda p: p.write_text(json.dumps(meta, indent=2)))
 
 
-def weights_digest(tensors, names: list[str] | None = None) -> str:
+def weights_digest(tensors: Iterable[torch.Tensor], names: Sequence[str] | None = None) -> str:
     """sha256 over the raw bytes of `tensors`, in order, each preceded by its name when `names` are given:
     equal digests ⇔ bit-identical weights. Keys the R(cond) cache (a state dict: names and buffers too) and
     checks that data-parallel replicas agree (their parameters)."""
