@@ -164,8 +164,8 @@ def upsampler_method(upsampler: Upsampler, memo: ConditionMemo | None = None, nu
 
     num_samples > 1 decodes the mean of that many latent samples (an estimate of the posterior mean: higher
     PSNR, blurrier); its NFE is the total over the samples, and its first sample is the single-sample method's.
-    A calibrated dial (`Upsampler.detail_calibration`, detail < 1) blends the decoded estimate and full sample
-    per band; both are kept in `memo` for the image, so a sweep over detail samples and decodes once.
+    A calibrated dial (`Upsampler.detail_calibration`, detail < 1) blends the decoded estimate and full
+    sample(s) per band; they are kept in `memo` for the image, so a sweep over detail samples and decodes once.
     """
     memo = memo or ConditionMemo()
     key = ConditionMemo.key(upsampler.first_stage, upsampler.flow.upsample)
@@ -175,10 +175,10 @@ def upsampler_method(upsampler: Upsampler, memo: ConditionMemo | None = None, nu
         cond, shared = memo.get(key, lr, lambda: upsampler.condition(lr_image=lr))
         if num_samples == 1 and upsampler.calibrated(sampler):
             pair_key = f"{key} calibrated {id(upsampler)} {sampler.replace(detail=1.0)}"
-            (estimate, sample, result), seconds = memo.get(
+            (estimate, samples, result), seconds = memo.get(
                 pair_key, lr, lambda: upsampler.estimate_and_sample(cond, generator, sampler))
-            image = upsampler.detail_calibration.combine(estimate, sample, sampler.detail, upsampler.scale)
-            return MethodOutput(image, result.nfe, result.x1, shared + seconds)
+            image = upsampler.detail_calibration.combine(estimate, samples, sampler.detail, upsampler.scale)
+            return MethodOutput(image, result.nfe, result.x1[:lr.shape[0]], shared + seconds)
         results = [upsampler.sample(cond, generator, sampler) for _ in range(num_samples)]
         x1 = torch.stack([r.x1 for r in results]).mean(0) if num_samples > 1 else results[0].x1
         return MethodOutput(upsampler.first_stage.decode(x1), sum(r.nfe for r in results), x1, shared)

@@ -1,7 +1,8 @@
 """`fmboost calibrate-detail`: fit a posterior-mean upsampler's per-band fidelity dial on held-out images.
 
 For every image: the low-res input (as `eval-sr` makes it), R's estimate and the flow's full sample, both
-decoded; per frequency band, the share of the flow's detail that best predicts the truth (least squares,
+decoded (`--samples 2`: two samples, whose detail splits into a consistent and a random part, each weighed on
+its own); per frequency band, the share of the flow's detail that best predicts the truth (least squares,
 `fmboost.models.detail_bands`). Then (`--path lpips`, the default) the order in which the dial turns the bands
 on: one band at a time, the LPIPS it buys per unit of MSE it costs, on the same images. Both go into
 boost_config.json ("detail_calibration"), after which `upscale`, `BoostPipeline` and `eval-sr --detail` turn the
@@ -22,6 +23,7 @@ from fmboost.models.consistency import back_project
 from fmboost.models.detail_bands import (
     DEFAULT_EDGES,
     DETAIL_PATHS,
+    DETAIL_SAMPLES,
     BandGains,
     DetailCalibration,
     DetailCalibrationFit,
@@ -51,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="lpips: the dial turns the bands on one after another, the most LPIPS per unit of MSE "
                              "first (measured on --data; needs the LPIPS weights); uniform: all bands together "
                              "(default: %(default)s)")
+    parser.add_argument("--samples", type=int, choices=DETAIL_SAMPLES, default=1,
+                        help="samples the dial blends: 2 splits the detail into the part two samples agree on and "
+                             "the part they do not, a better frontier for twice the flow's NFE (default: %(default)s)")
     parser.add_argument("--back-project", type=int, default=0, metavar="N",
                         help="measure the --path order after N back-projection steps, as eval-sr --back-project N "
                              "scores (default: %(default)s, as `fmboost upscale` outputs)")
@@ -72,21 +77,23 @@ class Calibration:
 @torch.no_grad()
 def calibrate(upsampler: Upsampler, pairs, edges: tuple[float, ...] = DEFAULT_EDGES, seed: int = 0,
               total: int | None = None, lpips: torch.nn.Module | None = None, back_project_steps: int = 0,
-              ) -> Calibration:
+              samples: int = 1) -> Calibration:
     """Fit the per-band dial over `pairs`, (lr (B, 3, h, w), hr (B, 3, s·h, s·w)) in [-1, 1], with the
-    upsampler's saved sampler run to the full sample; pair i draws its source noise from seed + i. With an
+    upsampler's saved sampler run to the full sample(s) (`samples` per pair, 1 or 2); pair i draws its source
+    noise from seed + i. With an
     `lpips` network the bands also get their order (`fit_spans`), measured after `back_project_steps`
     back-projection steps; the decoded images are kept for that second pass (on the CPU, in half precision)."""
-    fit = DetailCalibrationFit(upsampler.scale, edges)
+    fit = DetailCalibrationFit(upsampler.scale, edges, samples)
     device = next(upsampler.model.parameters()).device
     kept = []
     for index, (lr, hr) in enumerate(tqdm(pairs, total=total, desc="calibrate-detail", unit="img")):
         lr, hr = lr.to(device), hr.to(device)
-        estimate, sample, _ = upsampler.estimate_and_sample(upsampler.condition(lr_image=lr),
-                                                            torch.Generator(device).manual_seed(seed + index))
-        fit.update(estimate, sample, hr)
+        estimate, drawn, _ = upsampler.estimate_and_sample(upsampler.condition(lr_image=lr),
+                                                           torch.Generator(device).manual_seed(seed + index),
+                                                           samples=samples)
+        fit.update(estimate, drawn, hr)
         if lpips is not None:
-            kept.append(tuple(t.half().cpu() for t in (lr, estimate, sample, hr)))
+            kept.append((lr.half().cpu(), estimate.half().cpu(), [s.half().cpu() for s in drawn], hr.half().cpu()))
     result = Calibration(fit.result(), fit)
     if lpips is None:
         return result
@@ -98,8 +105,8 @@ def calibrate(upsampler: Upsampler, pairs, edges: tuple[float, ...] = DEFAULT_ED
     def post(pred, index):
         return back_project(pred, kept[index][0].float(), back_project_steps)
 
-    images = ((estimate.float(), sample.float(), target.float())
-              for _, estimate, sample, target in tqdm(kept, desc="detail path", unit="img"))
+    images = ((estimate.float(), [s.float() for s in drawn], target.float())
+              for _, estimate, drawn, target in tqdm(kept, desc="detail path", unit="img"))
     result.calibration, result.bands = fit_spans(result.calibration, images, distance, upsampler.scale,
                                                  post if back_project_steps else None)
     return result
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         except M.MetricUnavailable as err:
             raise ValueError(f"--path lpips needs the LPIPS weights ({err}); pass --lpips PATH, or --path uniform "
                              "to turn all bands on together") from None
-    result = calibrate(upsampler, pairs, edges, args.seed, total, lpips, args.back_project)
+    result = calibrate(upsampler, pairs, edges, args.seed, total, lpips, args.back_project, args.samples)
     upsampler.detail_calibration = result.calibration
     print(describe(result, upsampler.scale))
     if args.out:
@@ -149,17 +156,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(result: Calibration, scale: int) -> str:
-    """One line per band: its frequencies, w*, the share kept at detail 0 and (path lpips) its measured cost,
-    gain and stretch of the dial."""
+    """One line per band (two samples: per band of the consistent, then of the random detail): its frequencies,
+    w*, the share kept at detail 0 and (path lpips) its measured cost, gain and stretch of the dial."""
     calibration, nyquist = result.calibration, 0.5 / scale
     bounds = (0.0, *calibration.edges, None)
+    parts = ("",) if calibration.samples == 1 else ("consistent ", "random ")
     lines = []
-    for band, (raw, kept) in enumerate(zip(result.fit.raw_weights(), calibration.weights)):
+    for index, (raw, kept) in enumerate(zip(result.fit.raw_weights(), calibration.weights)):
+        part, band = divmod(index, calibration.bands)
         lo, hi = bounds[band] * nyquist, bounds[band + 1]
         freq = f"[{lo:.4f}, {hi * nyquist:.4f})" if hi is not None else f"[{lo:.4f}, 0.5]"
-        line = f"band {freq} cycles/px: w* {raw:+.3f} → kept at detail 0: {kept:.3f}"
+        line = f"{parts[part]}band {freq} cycles/px: w* {raw:+.3f} → kept at detail 0: {kept:.3f}"
         if result.bands is not None:
-            gains, (start, end) = result.bands[band], calibration.spans[band]
+            gains, (start, end) = result.bands[index], calibration.spans[index]
             line += (f"; turned on: MSE {gains.mse_cost:+.2e}, LPIPS {-gains.perceptual_gain:+.5f} "
                      f"→ ramps over detail [{start:.3f}, {end:.3f}]")
         lines.append(line)

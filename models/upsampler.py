@@ -52,13 +52,20 @@ BORDER_CONTEXT = 2
 
 @dataclass
 class FlowSource:
-    """Where sampling starts. cond: (B, C, H, W) the clean conditioning; x0: (B, C, H, W) the ODE's state at t = 0
-    (None for regression upsamplers, which make one pass on cond); posterior_mean: (B, C, H, W) R(cond) for
-    posterior-mean flows, else None."""
+    """Where sampling starts. cond: (N, C, H, W) the clean conditioning; x0: (N, C, H, W) the ODE's state at t = 0
+    (None for regression upsamplers, which make one pass on cond); posterior_mean: (N, C, H, W) R(cond) for
+    posterior-mean flows, else None. samples: independent source draws per input, stacked sample-major
+    (N = samples · B; the two-sample dial, `DetailCalibration.samples`); the first B rows are the 1-sample source."""
 
     cond: torch.Tensor
     x0: torch.Tensor | None
     posterior_mean: torch.Tensor | None = None
+    samples: int = 1
+
+    @property
+    def inputs(self) -> int:
+        """B, the number of inputs."""
+        return self.cond.shape[0] // self.samples
 
 
 @dataclass
@@ -251,13 +258,18 @@ class Upsampler:
         """The decoded image of a sample from the conditioning cond (B, C, H, W): `draw_source` → `transport`
         (with `image_sampler`) → `decode_sample`."""
         sampler = (sampler or self.sampler).replace(**overrides)
-        source = self.draw_source(cond, generator)
+        source = self.draw_source(cond, generator, self.image_samples(sampler))
         result = self.transport(source, self.image_sampler(sampler))
-        return Rendered(self.decode_sample(source, result, sampler), result.nfe, result.x1)
+        return Rendered(self.decode_sample(source, result, sampler), result.nfe, result.x1[:source.inputs])
 
     def calibrated(self, sampler: SamplerConfig) -> bool:
         """Whether images from `sampler` take the per-band dial: a detail_calibration and detail < 1."""
         return self.detail_calibration is not None and sampler.detail < 1.0
+
+    def image_samples(self, sampler: SamplerConfig) -> int:
+        """How many samples per input an image from `sampler` is made of: the calibrated dial's
+        (`DetailCalibration.samples`), else 1. Pass it to `draw_source`."""
+        return self.detail_calibration.samples if self.calibrated(sampler) else 1
 
     def image_sampler(self, sampler: SamplerConfig) -> SamplerConfig:
         """What to `transport` with when the result will be decoded to an image: the per-band dial blends the
@@ -266,23 +278,33 @@ class Upsampler:
 
     def decode_sample(self, source: FlowSource, result: SampleResult, sampler: SamplerConfig,
                       first_stage: FirstStage | None = None) -> torch.Tensor:
-        """Image (B, 3, H, W) of a `transport` result made with `image_sampler(sampler)`: one decode, or — per-band
-        dial — R's estimate and the full sample both decoded (two decodes) and blended at `sampler.detail`."""
+        """Image (B, 3, H, W) of a `transport` result made with `image_sampler(sampler)` from a source drawn with
+        `image_samples(sampler)`: one decode, or — per-band dial — R's estimate and the full sample(s) decoded
+        (one decode each) and blended at `sampler.detail`."""
         decoder = first_stage or self.first_stage
         if not self.calibrated(sampler):
             return decoder.decode(result.x1)
-        estimate, sample = decoder.decode(source.posterior_mean), decoder.decode(result.x1)
-        return self.detail_calibration.combine(estimate, sample, sampler.detail, self.scale)
+        if source.samples != self.detail_calibration.samples:
+            raise ValueError(f"the dial blends {self.detail_calibration.samples} sample(s) per input, the source "
+                             f"has {source.samples}: draw it with image_samples(sampler)")
+        estimate = decoder.decode(source.posterior_mean[:source.inputs])
+        samples = [decoder.decode(x1) for x1 in result.x1.chunk(source.samples)]
+        return self.detail_calibration.combine(estimate, samples, sampler.detail, self.scale)
 
     @torch.no_grad()
     def estimate_and_sample(self, cond: torch.Tensor, generator: Generators = None,
-                            sampler: SamplerConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, SampleResult]:
-        """(R's estimate, the flow's full sample, its `transport` result) from cond (B, C, H, W), both images
-        (B, 3, H', W') decoded: what the per-band dial blends (eval-sr sweeps it from one pair per image) and is
-        fitted on (`fmboost calibrate-detail`). `sampler` (default: the saved one) runs at detail 1."""
-        source = self.draw_source(cond, generator)
+                            sampler: SamplerConfig | None = None, samples: int | None = None,
+                            ) -> tuple[torch.Tensor, list[torch.Tensor], SampleResult]:
+        """(R's estimate, the flow's full samples, their `transport` result) from cond (B, C, H, W), the images
+        (B, 3, H', W') decoded: what the per-band dial blends (eval-sr sweeps it from one set per image) and is
+        fitted on (`fmboost calibrate-detail`). `samples` per input (default: the calibrated dial's, else 1);
+        `sampler` (default: the saved one) runs at detail 1; the NFE counts every sample."""
+        if samples is None:
+            samples = self.detail_calibration.samples if self.detail_calibration is not None else 1
+        source = self.draw_source(cond, generator, samples)
         result = self.transport(source, (sampler or self.sampler).replace(detail=1.0))
-        return self.first_stage.decode(source.posterior_mean), self.first_stage.decode(result.x1), result
+        return (self.first_stage.decode(source.posterior_mean[:source.inputs]),
+                [self.first_stage.decode(x1) for x1 in result.x1.chunk(samples)], result)
 
     # ------------------------------------------------------------------ sampling, in its steps
 
@@ -324,30 +346,40 @@ class Upsampler:
         return self.flow.condition(lr_latent, (h * self.scale, w * self.scale), self.first_stage, lr_image)
 
     @torch.no_grad()
-    def draw_source(self, cond: torch.Tensor, generator: Generators = None) -> FlowSource:
+    def draw_source(self, cond: torch.Tensor, generator: Generators = None, samples: int = 1) -> FlowSource:
         """The source x0 the ODE starts from — cond noise-augmented at the trained step, or R(cond) + σ_s ε
         for posterior-mean flows (R runs here, once). `generator`: one, or a list with one per sample, so that
-        each sample is reproducible on its own whatever batch it is drawn in."""
+        each sample is reproducible on its own whatever batch it is drawn in. `samples` > 1 (posterior-mean
+        flows): that many independent noises per input, drawn one after another from each generator and
+        stacked sample-major, so the first is the 1-sample source and one ODE solve transports them all."""
+        if samples < 1 or (samples > 1 and not self.flow.needs_posterior_mean):
+            raise ValueError(f"samples must be 1, or ≥ 1 for posterior-mean flows; got {samples}")
         estimate = None
         if self.flow.needs_posterior_mean:
             estimate = self.posterior_mean(cond, self.first_stage.latent_mean, self.first_stage.latent_std)
         if not isinstance(generator, list):
-            return FlowSource(cond, self.flow.draw_source(cond, generator, estimate), estimate)
-        if len(generator) != cond.shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {cond.shape[0]}")
-        rows = [self.flow.draw_source(cond[i:i + 1], g, None if estimate is None else estimate[i:i + 1])
-                for i, g in enumerate(generator)]
-        return FlowSource(cond, None if rows[0] is None else torch.cat(rows), estimate)
+            draws = [self.flow.draw_source(cond, generator, estimate) for _ in range(samples)]
+        else:
+            if len(generator) != cond.shape[0]:
+                raise ValueError(f"got {len(generator)} generators for a batch of {cond.shape[0]}")
+            rows = [[self.flow.draw_source(cond[i:i + 1], g, None if estimate is None else estimate[i:i + 1])
+                     for _ in range(samples)] for i, g in enumerate(generator)]
+            draws = [None if rows[0][k] is None else torch.cat([row[k] for row in rows]) for k in range(samples)]
+        if samples == 1:
+            return FlowSource(cond, draws[0], estimate)
+        repeat = (samples,) + (1,) * (cond.dim() - 1)
+        return FlowSource(cond.repeat(repeat), torch.cat(draws), estimate.repeat(repeat), samples)
 
     @torch.no_grad()
     def transport(self, source: FlowSource, sampler: SamplerConfig | None = None, return_intermediates: bool = False,
                   **overrides) -> SampleResult:
         """x1 (B, C, H, W), the ODE solved from x0 with `sampler` (default: the saved one) changed by
-        `overrides`. The NFE counts R's pass for posterior-mean flows."""
+        `overrides`. The NFE counts every sample's evaluations, and R's pass for posterior-mean flows."""
         sampler = (sampler or self.sampler).replace(**overrides)
         result = self.flow.transport(self.model, source.cond, source.x0, source.posterior_mean, sampler.detail,
                                      sampler.temperature,
                                      return_intermediates=return_intermediates, **sampler.solve_kwargs())
+        result.nfe *= source.samples
         if source.posterior_mean is not None:
             result.nfe += 1
         return result

@@ -40,6 +40,7 @@ from fmboost.models import (
     Upsampler,
     first_stage_from_config,
 )
+from fmboost.models.detail_bands import DetailCalibration
 from fmboost.models.posterior_mean import PosteriorMean
 from tqdm.auto import tqdm
 
@@ -182,8 +183,10 @@ class BoostPipeline(DiffusionPipeline):
             stats = config["posterior_mean_stats"]
             posterior_mean = PosteriorMean(_HalfVelocity(self.posterior_mean), torch.tensor(stats["latent_mean"]),
                                            torch.tensor(stats["latent_std"]))
+        calibration = config.get("detail_calibration")
         return Upsampler(_HalfVelocity(self.upsampler), self._make_first_stage(), flow, config["scale"],
-                         SamplerConfig.from_dict(config.get("sampler", {})), posterior_mean)
+                         SamplerConfig.from_dict(config.get("sampler", {})), posterior_mean,
+                         None if calibration is None else DetailCalibration.from_dict(calibration))
 
     def first_stage(self) -> FirstStage:
         """The upsampler's latent space: the pipeline's VAE (SD-VAE upsamplers) or its own (TAEF2, identity)."""
@@ -415,10 +418,12 @@ class BoostPipeline(DiffusionPipeline):
                     cond = upsampler.condition(lr_latent, lr_image)
                     # 3. the source x0 at t = 0: cond noise-augmented at the trained step, or R(cond) + σ_s ε for
                     #    posterior-mean flows; one generator per sample keeps each sample reproducible on its own
-                    source = upsampler.draw_source(cond, generator)
+                    #    (the last pass of an image output: as many sources as the calibrated dial blends, see 5.)
+                    image_pass = step == cascade - 1 and output_type != "latent"
+                    source = upsampler.draw_source(cond, generator,
+                                                   upsampler.image_samples(sampler) if image_pass else 1)
                     # 4. the ODE from x0 (t = 0) to the high-res latent x1 (t = 1), with the sampler (the last
                     #    pass of an image output runs to the full sample if the dial is calibrated, see 5.)
-                    image_pass = step == cascade - 1 and output_type != "latent"
                     result = upsampler.transport(source, upsampler.image_sampler(sampler) if image_pass else sampler)
                     lr_latent, lr_image, nfe = result.x1, None, nfe + result.nfe
             # 5. decode (or return the upsampler's normalised latents)
@@ -450,7 +455,7 @@ class BoostPipeline(DiffusionPipeline):
                 # 2. condition (PSU: bicubic in pixels, then encode) → 3. source x0 (noise drawn for the whole
                 #    canvas) → 4. the ODE, every velocity blended over the tiles
                 cond = view.condition(lr_image=canvas.image)
-                source = view.draw_source(cond, generator)
+                source = view.draw_source(cond, generator, view.image_samples(sampler))
                 result = view.transport(source, view.image_sampler(sampler))
             # 5. decode, blended over the tiles in pixel space (calibrated dial: R's estimate and the sample,
             #    blended per frequency band), and crop back to the input's region

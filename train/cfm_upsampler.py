@@ -380,8 +380,8 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
 
 def fit_detail_calibration(upsampler: Upsampler, val_records, config: TrainConfig) -> DetailCalibration:
     """The per-band dial (`fmboost.models.detail_bands`) fitted on CALIBRATION_CROPS patches of each
-    validation image, images the flow and R never trained on; its band order measured with LPIPS
-    (`detail_path: lpips`) when the LPIPS weights load, else all bands together (said why)."""
+    validation image, images the flow and R never trained on, blending `detail_samples` samples; its band order
+    measured with LPIPS (`detail_path: lpips`) when the LPIPS weights load, else all bands together (said why)."""
     lpips = None
     if config.detail_path == "lpips" and config.crop_size < LPIPS_MIN_SIZE:
         tqdm.write(f"detail path: uniform, LPIPS needs patches of at least {LPIPS_MIN_SIZE}², crop_size is "
@@ -395,7 +395,7 @@ def fit_detail_calibration(upsampler: Upsampler, val_records, config: TrainConfi
     was_training = upsampler.model.training
     upsampler.model.eval()
     result = calibrate(upsampler, zip(pairs["lr"].split(1), pairs["hr"].split(1)), seed=config.seed,
-                       total=len(pairs["hr"]), lpips=lpips)
+                       total=len(pairs["hr"]), lpips=lpips, samples=config.detail_samples)
     upsampler.model.train(was_training)
     tqdm.write("detail calibration:\n" + describe(result, upsampler.scale))
     return result.calibration

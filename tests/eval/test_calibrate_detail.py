@@ -81,3 +81,30 @@ def test_eval_sr_sweeps_the_calibrated_dial_from_one_sample_per_image(pm_folder)
     assert [r["nfe"] for r in cal] == [3, 3, 3] and plain[0]["nfe"] == 1  # the calibrated estimate needs the sample
     assert cal[2]["psnr"] == pytest.approx(plain[2]["psnr"])  # detail 1: the same sample
     assert cal[1]["psnr"] != pytest.approx(plain[1]["psnr"])  # in between: per band, not the latent blend
+
+
+def test_calibrate_detail_with_two_samples_weighs_consistent_and_random_detail(pm_folder, capsys):
+    assert calibrate(pm_folder, "pm", "--out", str(pm_folder / "pm_pair"), "--edges", "1,2", "--path", "uniform",
+                     "--samples", "2") == 0
+    out = capsys.readouterr().out
+    assert out.count("consistent band [") == 3 and out.count("random band [") == 3
+    calibration = Upsampler.from_pretrained(pm_folder / "pm_pair").detail_calibration
+    assert calibration.samples == 2 and len(calibration.weights) == 6 and calibration.weights[3:] == (0.0,) * 3
+    with pytest.raises(SystemExit):
+        calibrate(pm_folder, "pm", "--samples", "3")
+    assert "--samples: invalid choice: 3" in capsys.readouterr().err
+
+
+def test_eval_sr_counts_both_samples_of_a_two_sample_dial(pm_folder):
+    upsampler = Upsampler.from_pretrained(pm_folder / "pm")
+    upsampler.detail_calibration = DetailCalibration((1.0,), (0.0, 0.5, 0.0, 0.0), samples=2)
+    upsampler.save_pretrained(pm_folder / "pm_pair")
+    assert main(["eval-sr", "--data", str(pm_folder / "images"), "--upsampler", f"pair={pm_folder / 'pm_pair'}",
+                 "--upsampler", f"plain={pm_folder / 'pm'}", "--sampler", "euler:linear:2", "--detail", "0.5,1",
+                 "--baselines", "bicubic", "--out", str(pm_folder / "out"), "--hr-size", "64", "--lr-size", "16",
+                 "--no-fid", "--lpips-weights", MISSING]) == 0
+    results = json.loads((pm_folder / "out" / "results.json").read_text())
+    pair = [results[f"CFM[pair] euler:linear:2 · detail {d}"] for d in ("0.5", "1")]
+    plain = results["CFM[plain] euler:linear:2 · detail 1"]
+    assert pair[0]["nfe"] == 5 and pair[1]["nfe"] == 3  # two samples of 2 steps and R; detail 1: one sample
+    assert pair[1]["psnr"] == pytest.approx(plain["psnr"])  # detail 1: the first sample, the 1-sample one

@@ -271,3 +271,34 @@ def test_posterior_mean_pipeline_text_image_save_load_and_detail(parts, tmp_path
     torch.testing.assert_close(again.images, out.images, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="needs its posterior_mean model"):
         BoostPipeline(pipe.upsampler, boost_config=pipe.config.boost_config)
+
+
+@pytest.mark.parametrize("upsample", ["psu", "bilinear"])
+def test_two_sample_dial_reaches_the_pipeline_and_counts_both_samples(parts, upsample, tmp_path):
+    """The calibrated dial over two samples, through both of the pipeline's paths (tiled image path for PSU, latent
+    cascade for latent up-sampling): the same image as `Upsampler.upscale`, and the NFE of both samples and R."""
+    from fmboost.models.detail_bands import DetailCalibration
+    from fmboost.models.posterior_mean import PosteriorMean
+
+    base = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    first_stage = DiffusersAutoencoder(parts["vae"], {"kind": "autoencoder_kl", "path": None})
+    torch.manual_seed(1)
+    r = Upsampler(CFMUNet.from_preset("tiny", latent_channels=4).eval(), first_stage,
+                  CouplingFlowMatcher(objective="regression", upsample=upsample), scale=2)
+    upsampler = make_upsampler(first_stage)
+    upsampler = Upsampler(upsampler.model, first_stage, CouplingFlowMatcher(source="posterior_mean", upsample=upsample),
+                          scale=2, sampler=upsampler.sampler, posterior_mean=PosteriorMean.from_upsampler(r),
+                          detail_calibration=DetailCalibration((1.0,), (0.2, 0.6, 0.0, 0.0), samples=2))
+    pipe = BoostPipeline.from_base(base, upsampler)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 48, 48, generator=seeded())
+    out = pipe(image=image, detail=0.5, generator=seeded(3), output_type="pt")
+    assert out.nfe == 2 * 2 + 1
+    expected = upsampler.upscale(image * 2 - 1, seeded(3), detail=0.5)
+    torch.testing.assert_close(out.images, (expected.image / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=1e-4)
+    assert pipe(image=image, detail=1.0, generator=seeded(3), output_type="pt").nfe == 2 + 1
+    pipe.save_pretrained(tmp_path)
+    loaded = BoostPipeline.from_pretrained(tmp_path)
+    assert loaded.boost_upsampler.detail_calibration == upsampler.detail_calibration
+    from_upsampler = BoostPipeline.from_upsampler(upsampler)
+    assert from_upsampler.boost_upsampler.detail_calibration == upsampler.detail_calibration

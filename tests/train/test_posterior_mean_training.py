@@ -23,15 +23,16 @@ def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_f
     config = tiny_config("pm", source="posterior_mean", posterior_mean_model=str(regression_folder),
                          posterior_mean_sigma=0.05, concat_cond=False, use_latent_cache=cached,
                          latent_cache_dir=str(Path(regression_folder).parent.parent / "cache"),
-                         calibrate_detail=cached)
+                         calibrate_detail=cached, detail_samples=2 if cached else 1)
     folder = train(config)
     if cached:
         estimates = list((Path(config.latent_cache_dir)).glob("*/posterior_mean_*/shard_*.safetensors"))
         assert len(estimates) == 1 and load_file(estimates[0])["posterior_mean"].shape[0] == 5  # 5 images × 1 crop
     upsampler = Upsampler.from_pretrained(folder)
     assert upsampler.flow.source == "posterior_mean" and upsampler.posterior_mean is not None
-    if cached:  # the per-band dial, fitted on the validation images when saving
-        assert len(upsampler.detail_calibration.weights) == len(upsampler.detail_calibration.edges) + 1
+    if cached:  # the per-band dial, fitted on the validation images when saving, over two samples
+        calibration = upsampler.detail_calibration
+        assert calibration.samples == 2 and len(calibration.weights) == 2 * (len(calibration.edges) + 1)
         assert upsampler.detail_calibration.spans is None  # 16² patches: too small for LPIPS, said so
         assert "detail path: uniform, LPIPS needs patches of at least 32², crop_size is 16" in capsys.readouterr().out
     else:
@@ -49,6 +50,8 @@ def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_f
 def test_config_errors_name_the_key(tiny_config, regression_folder, tmp_path):
     with pytest.raises(ValueError, match="needs posterior_mean_model"):
         tiny_config(source="posterior_mean")
+    with pytest.raises(ValueError, match=r"detail_samples must be one of \[1, 2\], got 3"):
+        tiny_config(detail_samples=3)
     with pytest.raises(ValueError, match="only used with source 'posterior_mean'"):
         tiny_config(posterior_mean_model=str(regression_folder))
     with pytest.raises(ValueError, match="posterior_mean_model: no boost_config.json"):
