@@ -67,15 +67,20 @@ def test_calibrate_detail_refuses_what_it_cannot_fit(pm_folder, capsys):
     assert "--back-project must be ≥ 0" in capsys.readouterr().err
 
 
-def test_eval_sr_sweeps_the_calibrated_dial_from_one_sample_per_image(pm_folder):
-    upsampler = Upsampler.from_pretrained(pm_folder / "pm")
-    upsampler.detail_calibration = DetailCalibration((1.0,), (0.0, 0.5))
-    upsampler.save_pretrained(pm_folder / "pm_cal")
-    assert main(["eval-sr", "--data", str(pm_folder / "images"), "--upsampler", f"cal={pm_folder / 'pm_cal'}",
-                 "--upsampler", f"plain={pm_folder / 'pm'}", "--sampler", "euler:linear:2", "--detail", "0,0.5,1",
-                 "--baselines", "bicubic", "--out", str(pm_folder / "out"), "--hr-size", "64", "--lr-size", "16",
+def eval_calibrated(folder, name: str, calibration: DetailCalibration, detail: str) -> dict:
+    """eval-sr's results.json for the pm folder saved with `calibration` (as NAME) beside it as it is ('plain')."""
+    upsampler = Upsampler.from_pretrained(folder / "pm")
+    upsampler.detail_calibration = calibration
+    upsampler.save_pretrained(folder / name)
+    assert main(["eval-sr", "--data", str(folder / "images"), "--upsampler", f"{name}={folder / name}",
+                 "--upsampler", f"plain={folder / 'pm'}", "--sampler", "euler:linear:2", "--detail", detail,
+                 "--baselines", "bicubic", "--out", str(folder / "out"), "--hr-size", "64", "--lr-size", "16",
                  "--no-fid", "--lpips-weights", MISSING]) == 0
-    results = json.loads((pm_folder / "out" / "results.json").read_text())
+    return json.loads((folder / "out" / "results.json").read_text())
+
+
+def test_eval_sr_sweeps_the_calibrated_dial_from_one_sample_per_image(pm_folder):
+    results = eval_calibrated(pm_folder, "cal", DetailCalibration((1.0,), (0.0, 0.5)), "0,0.5,1")
     cal = [results[f"CFM[cal] euler:linear:2 · detail {d}"] for d in ("0", "0.5", "1")]
     plain = [results[f"CFM[plain] euler:linear:2 · detail {d}"] for d in ("0", "0.5", "1")]
     assert [r["nfe"] for r in cal] == [3, 3, 3] and plain[0]["nfe"] == 1  # the calibrated estimate needs the sample
@@ -96,14 +101,7 @@ def test_calibrate_detail_with_two_samples_weighs_consistent_and_random_detail(p
 
 
 def test_eval_sr_counts_both_samples_of_a_two_sample_dial(pm_folder):
-    upsampler = Upsampler.from_pretrained(pm_folder / "pm")
-    upsampler.detail_calibration = DetailCalibration((1.0,), (0.0, 0.5, 0.0, 0.0), samples=2)
-    upsampler.save_pretrained(pm_folder / "pm_pair")
-    assert main(["eval-sr", "--data", str(pm_folder / "images"), "--upsampler", f"pair={pm_folder / 'pm_pair'}",
-                 "--upsampler", f"plain={pm_folder / 'pm'}", "--sampler", "euler:linear:2", "--detail", "0.5,1",
-                 "--baselines", "bicubic", "--out", str(pm_folder / "out"), "--hr-size", "64", "--lr-size", "16",
-                 "--no-fid", "--lpips-weights", MISSING]) == 0
-    results = json.loads((pm_folder / "out" / "results.json").read_text())
+    results = eval_calibrated(pm_folder, "pair", DetailCalibration((1.0,), (0.0, 0.5, 0.0, 0.0), samples=2), "0.5,1")
     pair = [results[f"CFM[pair] euler:linear:2 · detail {d}"] for d in ("0.5", "1")]
     plain = results["CFM[plain] euler:linear:2 · detail 1"]
     assert pair[0]["nfe"] == 5 and pair[1]["nfe"] == 3  # two samples of 2 steps and R; detail 1: one sample
