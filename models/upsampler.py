@@ -352,8 +352,11 @@ class Upsampler:
         each sample is reproducible on its own whatever batch it is drawn in. `samples` > 1 (posterior-mean
         flows): that many independent noises per input, drawn one after another from each generator and
         stacked sample-major, so the first is the 1-sample source and one ODE solve transports them all."""
-        if samples < 1 or (samples > 1 and not self.flow.needs_posterior_mean):
-            raise ValueError(f"samples must be 1, or ≥ 1 for posterior-mean flows; got {samples}")
+        if samples < 1:
+            raise ValueError(f"samples must be ≥ 1, got {samples}")
+        if samples > 1 and not self.flow.needs_posterior_mean:
+            raise ValueError(f"{samples} samples per input need a posterior-mean flow (the dial blends them with R's "
+                             "estimate); this upsampler draws one")
         estimate = None
         if self.flow.needs_posterior_mean:
             estimate = self.posterior_mean(cond, self.first_stage.latent_mean, self.first_stage.latent_std)

@@ -237,5 +237,7 @@ def test_upsampler_with_a_two_sample_dial_draws_two_sources_and_counts_both(tmp_
     with pytest.raises(ValueError, match="draw it with image_samples"):
         loaded.decode_sample(one, loaded.transport(one, loaded.image_sampler(loaded.sampler.replace(detail=0.5))),
                              loaded.sampler.replace(detail=0.5))
-    with pytest.raises(ValueError, match="samples must be 1"):
+    with pytest.raises(ValueError, match="2 samples per input need a posterior-mean flow"):
         regression_upsampler([0.0] * 3, [1.0] * 3).draw_source(cond, samples=2)
+    with pytest.raises(ValueError, match="samples must be ≥ 1, got 0"):
+        plain.draw_source(cond, samples=0)
