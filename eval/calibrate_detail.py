@@ -80,9 +80,9 @@ def calibrate(upsampler: Upsampler, pairs, edges: tuple[float, ...] = DEFAULT_ED
               samples: int = 1) -> Calibration:
     """Fit the per-band dial over `pairs`, (lr (B, 3, h, w), hr (B, 3, s·h, s·w)) in [-1, 1], with the
     upsampler's saved sampler run to the full sample(s) (`samples` per pair, 1 or 2); pair i draws its source
-    noise from seed + i. With an
-    `lpips` network the bands also get their order (`fit_spans`), measured after `back_project_steps`
-    back-projection steps; the decoded images are kept for that second pass (on the CPU, in half precision)."""
+    noise from seed + i. With an `lpips` network the bands also get their order (`fit_spans`), measured after
+    `back_project_steps` back-projection steps; the decoded images are kept for that second pass (on the CPU,
+    in half precision)."""
     fit = DetailCalibrationFit(upsampler.scale, edges, samples)
     device = next(upsampler.model.parameters()).device
     kept = []

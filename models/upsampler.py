@@ -287,9 +287,15 @@ class Upsampler:
         if source.samples != self.detail_calibration.samples:
             raise ValueError(f"the dial blends {self.detail_calibration.samples} sample(s) per input, the source "
                              f"has {source.samples}: draw it with image_samples(sampler)")
-        estimate = decoder.decode(source.posterior_mean[:source.inputs])
-        samples = [decoder.decode(x1) for x1 in result.x1.chunk(source.samples)]
+        estimate, samples = self._decode_estimate_and_samples(source, result, decoder)
         return self.detail_calibration.combine(estimate, samples, sampler.detail, self.scale)
+
+    @staticmethod
+    def _decode_estimate_and_samples(source: FlowSource, result: SampleResult, decoder: FirstStage,
+                                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """R's estimate (B, 3, H, W) and each of the source's samples (B, 3, H, W), decoded: one decode each."""
+        return (decoder.decode(source.posterior_mean[:source.inputs]),
+                [decoder.decode(x1) for x1 in result.x1.chunk(source.samples)])
 
     @torch.no_grad()
     def estimate_and_sample(self, cond: torch.Tensor, generator: Generators = None,
@@ -303,8 +309,7 @@ class Upsampler:
             samples = self.detail_calibration.samples if self.detail_calibration is not None else 1
         source = self.draw_source(cond, generator, samples)
         result = self.transport(source, (sampler or self.sampler).replace(detail=1.0))
-        return (self.first_stage.decode(source.posterior_mean[:source.inputs]),
-                [self.first_stage.decode(x1) for x1 in result.x1.chunk(samples)], result)
+        return (*self._decode_estimate_and_samples(source, result, self.first_stage), result)
 
     # ------------------------------------------------------------------ sampling, in its steps
 
