@@ -44,7 +44,7 @@ def measure(upsampler_dir: str, output_size: int, tile_size: int, tile_overlap: 
     if upsampler.posterior_mean is not None:
         upsampler.posterior_mean.model.to(getattr(torch, dtype))
     if dtype != "float32":
-        upsampler = _half(upsampler)
+        upsampler = upsampler.mixed_precision()
     side = output_size // upsampler.scale
     image = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
     overrides = {} if steps is None else {"num_steps": steps}
@@ -63,19 +63,6 @@ def measure(upsampler_dir: str, output_size: int, tile_size: int, tile_overlap: 
             "peak_rss_mib": round(peak_rss_mb()),
             "rss_before_mib": round(rss_before),
             "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20) if device.startswith("cuda") else None}
-
-
-def _half(upsampler):
-    """v_θ (and R) in half precision with the ODE state in fp32, as BoostPipeline runs them."""
-    import dataclasses
-
-    from fmboost.models.posterior_mean import PosteriorMean
-    from fmboost.pipelines.boost import _HalfVelocity
-
-    pm = upsampler.posterior_mean
-    if pm is not None:
-        pm = PosteriorMean(_HalfVelocity(pm.model), pm.latent_mean, pm.latent_std)
-    return dataclasses.replace(upsampler, model=_HalfVelocity(upsampler.model), posterior_mean=pm)
 
 
 def _rss_mib() -> float:

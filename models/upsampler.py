@@ -22,9 +22,12 @@ the margin (BENCHMARKS.md, "Borders and tiles").
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from .autoencoders import FirstStage, first_stage_from_config
 from .detail_bands import DetailCalibration
 from .flow import CouplingFlowMatcher
+from .mixed_precision import MixedPrecisionVelocity
 from .posterior_mean import PosteriorMean
 from .sampler_config import SamplerConfig
 from .sampling import SampleResult
@@ -42,6 +46,9 @@ from .tiling import TiledFirstStage, TiledModule, Tiling
 BOOST_CONFIG_NAME = "boost_config.json"
 POSTERIOR_MEAN_FOLDER = "posterior_mean"
 Generators = torch.Generator | list[torch.Generator] | None
+#: A stage timer: called with a stage name ('upsample': condition, source and ODE; 'decode'), it returns the context
+#: the stage runs in (e.g. BoostPipeline's wall-clock timer).
+Stages = Callable[[str], AbstractContextManager] | None
 #: `upscale` tiles outputs larger than this (pixels, either side) into tiles of this size by default.
 DEFAULT_TILE_SIZE = 1024
 #: Default overlap of neighbouring tiles, in output pixels.
@@ -186,6 +193,18 @@ class Upsampler:
             self.posterior_mean.to(device)
         return self
 
+    def mixed_precision(self) -> "Upsampler":
+        """A view of this upsampler whose v_θ and R run in their weights' dtype (fp16 / bf16 on a GPU) while the
+        ODE state stays fp32, and whose `model.counting(**bar)` shows a progress bar per network evaluation
+        (`MixedPrecisionVelocity`). BoostPipeline and `fmboost bench upscale` run half-precision weights so."""
+        if isinstance(self.model, MixedPrecisionVelocity):
+            return self
+        posterior_mean = self.posterior_mean
+        if posterior_mean is not None:
+            posterior_mean = PosteriorMean(MixedPrecisionVelocity(posterior_mean.model), posterior_mean.latent_mean,
+                                           posterior_mean.latent_std)
+        return dataclasses.replace(self, model=MixedPrecisionVelocity(self.model), posterior_mean=posterior_mean)
+
     @property
     def image_multiple(self) -> int:
         """Low-res image sides `upsample` accepts are multiples of this: f · (CFMUNet multiple / gcd(scale, it))."""
@@ -242,25 +261,34 @@ class Upsampler:
 
     @torch.no_grad()
     def upscale(self, lr_image: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
-                tile_size: int | None = None, tile_overlap: int | None = None, **overrides) -> UpscaleResult:
+                tile_size: int | None = None, tile_overlap: int | None = None, stages: Stages = None,
+                **overrides) -> UpscaleResult:
         """(B, 3, h, w) image in [-1, 1], any size → (B, 3, s·h, s·w) in [-1, 1]: `canvas` → PSU encode → source →
         ODE → decode → crop, each network stage tile by tile on large outputs (see `tiling` for tile_size /
-        tile_overlap, in output pixels). Sampler arguments as in `upsample`. The source noise is drawn once for
-        the whole canvas; tiles blend at every velocity evaluation, so they agree along the trajectory."""
-        canvas = self.canvas(lr_image, tile_size, tile_overlap)
-        view = canvas.upsampler
-        rendered = view.render(view.condition(lr_image=canvas.image), generator, sampler, **overrides)
+        tile_overlap, in output pixels). Sampler arguments as in `upsample`; `stages` times them (see `Stages`).
+        The source noise is drawn once for the whole canvas; tiles blend at every velocity evaluation, so they
+        agree along the trajectory."""
+        stages = stages or _untimed
+        with stages("upsample"):
+            canvas = self.canvas(lr_image, tile_size, tile_overlap)
+            view = canvas.upsampler
+            cond = view.condition(lr_image=canvas.image)
+        rendered = view.render(cond, generator, sampler, stages, **overrides)
         return UpscaleResult(canvas.crop(rendered.image), rendered.nfe, canvas.tiles)
 
     @torch.no_grad()
     def render(self, cond: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
-               **overrides) -> Rendered:
+               stages: Stages = None, **overrides) -> Rendered:
         """The decoded image of a sample from the conditioning cond (B, C, H, W): `draw_source` → `transport`
-        (with `image_sampler`) → `decode_sample`."""
+        (with `image_sampler`) → `decode_sample`; `stages` times them (see `Stages`)."""
+        stages = stages or _untimed
         sampler = (sampler or self.sampler).replace(**overrides)
-        source = self.draw_source(cond, generator, self.image_samples(sampler))
-        result = self.transport(source, self.image_sampler(sampler))
-        return Rendered(self.decode_sample(source, result, sampler), result.nfe, result.x1[:source.inputs])
+        with stages("upsample"):
+            source = self.draw_source(cond, generator, self.image_samples(sampler))
+            result = self.transport(source, self.image_sampler(sampler))
+        with stages("decode"):
+            image = self.decode_sample(source, result, sampler)
+        return Rendered(image, result.nfe, result.x1[:source.inputs])
 
     def calibrated(self, sampler: SamplerConfig) -> bool:
         """Whether images from `sampler` take the per-band dial: a detail_calibration and detail < 1."""
@@ -391,3 +419,8 @@ class Upsampler:
         if source.posterior_mean is not None:
             result.nfe += 1
         return result
+
+
+def _untimed(stage: str) -> AbstractContextManager:
+    """The `Stages` default: run the stage untimed."""
+    return contextlib.nullcontext()

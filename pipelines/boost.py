@@ -42,7 +42,6 @@ from fmboost.models import (
 )
 from fmboost.models.detail_bands import DetailCalibration
 from fmboost.models.posterior_mean import PosteriorMean
-from tqdm.auto import tqdm
 
 DIFFUSERS_KINDS = ("autoencoder_kl", "autoencoder_tiny")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -60,35 +59,6 @@ class BoostPipelineOutput(BaseOutput):
     nfe: int
     timings: dict[str, float]
     tiles: int = 1
-
-
-class _HalfVelocity(torch.nn.Module):
-    """Runs v_θ in its own dtype (fp16/bf16 on GPU) while the ODE state stays fp32; ticks a bar per NFE."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model, self.progress = model, None
-
-    @property
-    def size_multiple(self) -> int:
-        return self.model.size_multiple
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, cond: torch.Tensor) -> torch.Tensor:
-        dtype = self.model.dtype
-        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype)
-        v = self.model(x_t.to(dtype), t.to(dtype), cond.to(dtype))
-        if self.progress is not None:
-            self.progress.update(1)
-        return v.to(x_t.dtype)
-
-    @contextlib.contextmanager
-    def counting(self, **bar):
-        """A progress bar ticked once per NFE while the block runs."""
-        with tqdm(total=None, unit="nfe", **bar) as self.progress:
-            try:
-                yield
-            finally:
-                self.progress = None
 
 
 class _Timer:
@@ -181,12 +151,12 @@ class BoostPipeline(DiffusionPipeline):
         posterior_mean = None
         if flow.needs_posterior_mean:
             stats = config["posterior_mean_stats"]
-            posterior_mean = PosteriorMean(_HalfVelocity(self.posterior_mean), torch.tensor(stats["latent_mean"]),
+            posterior_mean = PosteriorMean(self.posterior_mean, torch.tensor(stats["latent_mean"]),
                                            torch.tensor(stats["latent_std"]))
         calibration = config.get("detail_calibration")
-        return Upsampler(_HalfVelocity(self.upsampler), self._make_first_stage(), flow, config["scale"],
+        return Upsampler(self.upsampler, self._make_first_stage(), flow, config["scale"],
                          SamplerConfig.from_dict(config.get("sampler", {})), posterior_mean,
-                         None if calibration is None else DetailCalibration.from_dict(calibration))
+                         None if calibration is None else DetailCalibration.from_dict(calibration)).mixed_precision()
 
     def first_stage(self) -> FirstStage:
         """The upsampler's latent space: the pipeline's VAE (SD-VAE upsamplers) or its own (TAEF2, identity)."""
@@ -355,9 +325,9 @@ class BoostPipeline(DiffusionPipeline):
         knob); `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes instead of the VAE for a fast
         preview; `base_kwargs` (prompt_embeds, eta, guidance_rescale, ...) go to the base SD loop.
 
-        Images (and PSU upsamplers' latents) of any size go through `Upsampler.upscale`'s steps: padded with
-        context at the borders, and tiled — PSU encode, every ODE step and decode — when the output is larger
-        than `tile_size` output pixels (default: tiles of 1024 px above 1024 px; 0: never), neighbours
+        Images (and PSU upsamplers' latents) of any size go through `Upsampler.upscale`, once per cascade pass:
+        padded with context at the borders, and tiled — PSU encode, every ODE step and decode — when the output
+        is larger than `tile_size` output pixels (default: tiles of 1024 px above 1024 px; 0: never), neighbours
         overlapping by `tile_overlap` output pixels (default 128) and blended with raised-cosine weights.
         Latent outputs, preview decodes and latent-space up-sampling modes run untiled on the latents.
         """
@@ -394,13 +364,16 @@ class BoostPipeline(DiffusionPipeline):
                 if lr_image is None:  # what PSU does first anyway
                     with timer("upsample"):
                         lr_image = first_stage.decode(lr_latent)
-                images, nfe, tiles = self._upscale(upsampler, lr_image, sampler, generator, cascade, tile_size,
-                                                   tile_overlap, timer)
-                images = VaeImageProcessor().postprocess(images, output_type=output_type)
+                nfe = 0
+                for _ in range(cascade):  # 2.–5. each pass `Upsampler.upscale`: padded, tiled when large
+                    with upsampler.model.counting(**bar):
+                        result = upsampler.upscale(lr_image, generator, sampler, tile_size, tile_overlap, timer)
+                    lr_image, nfe = result.image, nfe + result.nfe
+                images = VaeImageProcessor().postprocess(lr_image, output_type=output_type)
                 self.maybe_free_model_hooks()
                 if not return_dict:
                     return images, nfe, timer.timings
-                return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings, tiles=tiles)
+                return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings, tiles=result.tiles)
             if tile_size is not None or tile_overlap is not None:
                 raise ValueError("tile_size / tile_overlap tile image outputs: they need output_type 'pil', 'np' or "
                                  "'pt', no preview_vae, and an image input or a PSU upsampler")
@@ -439,30 +412,6 @@ class BoostPipeline(DiffusionPipeline):
         if not return_dict:
             return images, nfe, timer.timings
         return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings)
-
-
-    def _upscale(self, upsampler: Upsampler, image: torch.Tensor, sampler: SamplerConfig, generator, cascade: int,
-                 tile_size: int | None, tile_overlap: int | None, timer: _Timer) -> tuple[torch.Tensor, int, int]:
-        """`cascade` passes of `Upsampler.upscale`'s steps on image (B, 3, h, w) in [-1, 1] → (the image
-        (B, 3, s^cascade·h, ...) in [-1, 1], NFE per sample, tiles of the last pass)."""
-        nfe = tiles = 0
-        bar = {"desc": "upsample", **getattr(self, "_progress_bar_config", {})}
-        for _ in range(cascade):
-            with timer("upsample"), upsampler.model.counting(**bar):
-                # 1. pad with context to sizes the networks take; tile when large (a view with tiled networks)
-                canvas = upsampler.canvas(image, tile_size, tile_overlap)
-                view = canvas.upsampler
-                # 2. condition (PSU: bicubic in pixels, then encode) → 3. source x0 (noise drawn for the whole
-                #    canvas) → 4. the ODE, every velocity blended over the tiles
-                cond = view.condition(lr_image=canvas.image)
-                source = view.draw_source(cond, generator, view.image_samples(sampler))
-                result = view.transport(source, view.image_sampler(sampler))
-            # 5. decode, blended over the tiles in pixel space (calibrated dial: R's estimate and the sample,
-            #    blended per frequency band), and crop back to the input's region
-            with timer("decode"):
-                image = canvas.crop(view.decode_sample(source, result, sampler))
-            nfe, tiles = nfe + result.nfe, canvas.tiles
-        return image, nfe, tiles
 
 
 def _boost_config(upsampler: Upsampler) -> dict:

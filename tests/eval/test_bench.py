@@ -116,6 +116,11 @@ def test_upscale_bench_measures_each_tile_size_in_its_own_process(tmp_path, caps
     assert all(r["nfe"] == 2 and r["peak_rss_mib"] >= r["rss_before_mib"] > 0 and r["cuda_peak_mib"] is None
                for r in rows)
     assert "peak RSS MiB" in capsys.readouterr().out
+    # bf16 weights run through Upsampler.mixed_precision, as BoostPipeline runs them (an fp32 state would fail)
+    assert main(["bench", "upscale", "--upsampler", str(tmp_path / "up"), "--output-size", "96", "--tile-sizes", "0",
+                 "--device", "cpu", "--dtype", "bfloat16", "-o", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["runs"]
+    assert "error" not in row and row["nfe"] == 2
 
 
 @pytest.mark.slow

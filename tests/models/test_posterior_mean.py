@@ -1,5 +1,7 @@
 """Posterior-mean flows: the source R(cond) + σ_s ε, the fidelity dial, R inside the upsampler folder."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -152,3 +154,35 @@ def test_r_must_be_a_regression_model_and_a_posterior_mean_flow_needs_one(tmp_pa
     (tmp_path / "pm" / "posterior_mean" / "posterior_mean_stats.json").unlink()
     with pytest.raises(FileNotFoundError, match="posterior-mean model of this upsampler folder is missing"):
         Upsampler.from_pretrained(tmp_path / "pm")
+
+
+def test_mixed_precision_runs_v_and_r_in_bf16_with_an_fp32_state_and_counts_every_evaluation(generator):
+    upsampler = pm_upsampler(regression_upsampler([0.0] * 3, [1.0] * 3))
+    image = torch.rand(1, 3, 8, 8, generator=generator) * 2 - 1
+    full = upsampler.upscale(image, torch.Generator().manual_seed(3))
+    upsampler.model.to(torch.bfloat16)
+    upsampler.posterior_mean.model.to(torch.bfloat16)
+    mixed = upsampler.mixed_precision()
+    assert mixed.mixed_precision() is mixed and mixed.model.dtype == torch.bfloat16
+    with mixed.model.counting(file=io.StringIO()):
+        half = mixed.upscale(image, torch.Generator().manual_seed(3))
+        evaluations = mixed.model.progress.n
+    assert half.image.dtype == torch.float32 and evaluations == half.nfe - 1 == full.nfe - 1  # R's pass is not v's
+    assert (half.image - full.image).abs().max() < 0.1  # bf16 rounding, not another sample
+    with pytest.raises(RuntimeError):  # without the view, bf16 weights refuse the fp32 state
+        upsampler.upscale(image, torch.Generator().manual_seed(3))
+
+
+def test_upscale_times_its_stages(generator):
+    upsampler = pm_upsampler(regression_upsampler([0.0] * 3, [1.0] * 3))
+    calls = []
+
+    @contextlib.contextmanager
+    def stages(name):
+        calls.append(name)
+        yield
+
+    image = torch.rand(1, 3, 8, 8, generator=generator) * 2 - 1
+    timed = upsampler.upscale(image, torch.Generator().manual_seed(3), stages=stages)
+    assert calls == ["upsample", "upsample", "decode"]  # canvas + condition, source + ODE, decode
+    torch.testing.assert_close(timed.image, upsampler.upscale(image, torch.Generator().manual_seed(3)).image)
