@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +47,7 @@ POSTERIOR_MEAN_FOLDER = "posterior_mean"
 Generators = torch.Generator | list[torch.Generator] | None
 #: A stage timer: called with a stage name ('upsample': condition, source and ODE; 'decode'), it returns the context
 #: the stage runs in (e.g. BoostPipeline's wall-clock timer).
-Stages = Callable[[str], AbstractContextManager] | None
+Stages = Callable[[str], contextlib.AbstractContextManager] | None
 #: `upscale` tiles outputs larger than this (pixels, either side) into tiles of this size by default.
 DEFAULT_TILE_SIZE = 1024
 #: Default overlap of neighbouring tiles, in output pixels.
@@ -421,6 +420,6 @@ class Upsampler:
         return result
 
 
-def _untimed(stage: str) -> AbstractContextManager:
+def _untimed(stage: str) -> contextlib.AbstractContextManager:
     """The `Stages` default: run the stage untimed."""
     return contextlib.nullcontext()
