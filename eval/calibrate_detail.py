@@ -7,7 +7,9 @@ its own); per frequency band, the share of the flow's detail that best predicts 
 on: one band at a time, the LPIPS it buys per unit of MSE it costs, on the same images. Both go into
 boost_config.json ("detail_calibration"), after which `upscale`, `BoostPipeline` and `eval-sr --detail` turn the
 dial per band. Use images neither R nor the flow was trained on (e.g. training's validation images), at the
-scale the upsampler was trained at; pass the `--back-project` you will evaluate with.
+scale the upsampler was trained at; pass the `--back-project` you will evaluate with. The samples are drawn
+with the folder's saved sampler, which `--sampler` sets: a dial measured on 2-step samples is not the dial of
+4-step ones, so the folder keeps the sampler its dial was measured with as its default.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fmboost.models import BOOST_CONFIG_NAME, Upsampler
+from fmboost.models import BOOST_CONFIG_NAME, SamplerConfig, Upsampler
 from fmboost.models.consistency import back_project
 from fmboost.models.detail_bands import (
     DEFAULT_EDGES,
@@ -56,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, choices=DETAIL_SAMPLES, default=1,
                         help="samples the dial blends: 2 splits the detail into the part two samples agree on and "
                              "the part they do not, a better frontier for twice the flow's NFE (default: %(default)s)")
+    parser.add_argument("--sampler", default=None, metavar="SPEC",
+                        help="calibrate on this sampler's samples (SamplerConfig.parse, e.g. euler:linear:4) and save "
+                             "it as the folder's default: more steps draw more detail, so the dial's weights and "
+                             "order hold for the sampler they were measured with (default: the saved sampler)")
     parser.add_argument("--back-project", type=int, default=0, metavar="N",
                         help="measure the --path order after N back-projection steps, as eval-sr --back-project N "
                              "scores (default: %(default)s, as `fmboost upscale` outputs)")
@@ -121,7 +127,10 @@ def run(args: argparse.Namespace) -> int:
         edges = tuple(float(e) for e in args.edges.split(",") if e.strip())
     except ValueError:
         raise ValueError(f"--edges takes comma-separated numbers, got {args.edges!r}") from None
+    solve = None if args.sampler is None else SamplerConfig.parse(args.sampler)
     upsampler = Upsampler.from_pretrained(args.upsampler)
+    if solve is not None:  # the ODE solve only: the saved detail and temperature stay
+        upsampler.sampler = solve.replace(detail=upsampler.sampler.detail, temperature=upsampler.sampler.temperature)
     if not upsampler.flow.needs_posterior_mean:
         raise ValueError(f"{args.upsampler} is not a posterior-mean upsampler (trained with source: posterior_mean): "
                          "only those have an estimate to weigh the flow's detail against")
@@ -151,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     else:  # only the config changes: rewrite it, leave the weights alone
         target = Path(args.upsampler)
         (target / BOOST_CONFIG_NAME).write_text(json.dumps(upsampler.config(), indent=2))
-    print(f"fitted on {result.fit.images} images; wrote detail_calibration to {target / BOOST_CONFIG_NAME}")
+    print(f"fitted on {result.fit.images} images, samples of {upsampler.sampler.format()} (the folder's sampler); "
+          f"wrote detail_calibration to {target / BOOST_CONFIG_NAME}")
     return 0
 
 

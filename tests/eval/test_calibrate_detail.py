@@ -53,6 +53,25 @@ def test_calibrate_detail_orders_the_bands_by_measured_lpips(pm_folder, lpips_fi
     assert all(a[1] == pytest.approx(b[0]) for a, b in zip(sorted(spans), sorted(spans)[1:]))  # they tile [0, 1]
 
 
+def test_calibrate_detail_measures_the_samples_of_the_sampler_it_saves(pm_folder, capsys):
+    """--sampler: the fit is made on that sampler's samples (other weights than the saved sampler's), and the
+    folder keeps it as its default, with the saved detail."""
+    folder = pm_folder / "pm"
+    config = json.loads((folder / BOOST_CONFIG_NAME).read_text())
+    config["sampler"]["detail"] = 0.5
+    (folder / BOOST_CONFIG_NAME).write_text(json.dumps(config))
+    weights = {}
+    for name, extra in (("saved", ()), ("euler4", ("--sampler", "euler:cosine:4"))):
+        assert calibrate(pm_folder, "pm", "--out", str(pm_folder / name), "--path", "uniform", *extra) == 0
+        upsampler = Upsampler.from_pretrained(pm_folder / name)
+        weights[name] = upsampler.detail_calibration.weights
+    assert f"samples of {upsampler.sampler.format()}" in capsys.readouterr().out
+    assert upsampler.sampler.format() == "euler:cosine:4" and upsampler.sampler.detail == 0.5
+    assert weights["saved"] != weights["euler4"]
+    assert calibrate(pm_folder, "pm", "--sampler", "euler:4") == 2
+    assert "expected solver:schedule" in capsys.readouterr().err
+
+
 def test_calibrate_detail_refuses_what_it_cannot_fit(pm_folder, capsys):
     assert calibrate(pm_folder, "cfm") == 2
     assert "not a posterior-mean upsampler" in capsys.readouterr().err
