@@ -39,10 +39,7 @@ def measure(upsampler_dir: str, output_size: int, tile_size: int, tile_overlap: 
     """One upscale in this process → {seconds, tiles, nfe, peak_rss_mib, rss_before_mib, cuda_peak_mib}."""
     from fmboost.models import Upsampler
 
-    upsampler = Upsampler.from_pretrained(upsampler_dir).to(device)
-    upsampler.model.to(getattr(torch, dtype))
-    if upsampler.posterior_mean is not None:
-        upsampler.posterior_mean.model.to(getattr(torch, dtype))
+    upsampler = Upsampler.from_pretrained(upsampler_dir).to(device).cast(getattr(torch, dtype))
     if dtype != "float32":
         upsampler = upsampler.mixed_precision()
     side = output_size // upsampler.scale

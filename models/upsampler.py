@@ -192,6 +192,15 @@ class Upsampler:
             self.posterior_mean.to(device)
         return self
 
+    def cast(self, dtype: torch.dtype) -> "Upsampler":
+        """Store v_θ and R in `dtype` (e.g. torch.float16 on a GPU; the first stage keeps its own, and
+        `mixed_precision` runs them on an fp32 state); returns self."""
+        networks = [self.model] + ([] if self.posterior_mean is None else [self.posterior_mean.model])
+        for network in networks:
+            if network.dtype != dtype:
+                network.to(dtype)
+        return self
+
     def mixed_precision(self) -> "Upsampler":
         """A view of this upsampler whose v_θ and R run in their weights' dtype (fp16 / bf16 on a GPU) while the
         ODE state stays fp32, and whose `model.counting(**bar)` shows a progress bar per network evaluation

@@ -123,20 +123,12 @@ def load_pipeline(base: str | None, upsampler: str | None, dtype: torch.dtype):
         pipe = load_diffusers(base, "BoostPipeline", BoostPipeline.from_pretrained, torch_dtype=dtype)
         if upsampler is None:
             return pipe
-        return BoostPipeline.from_base(pipe, cast_upsampler(load_upsampler(upsampler, pipe.vae), dtype))
+        return BoostPipeline.from_base(pipe, load_upsampler(upsampler, pipe.vae).cast(dtype))
     if upsampler is None:
         raise UserError("--upsampler DIR is required (a folder with boost_config.json) unless --base is a saved "
                         "BoostPipeline folder")
     base_pipe = load_diffusers(base, "base pipeline", DiffusionPipeline.from_pretrained, torch_dtype=dtype)
-    return BoostPipeline.from_base(base_pipe, cast_upsampler(load_upsampler(upsampler, base_pipe.vae), dtype))
-
-
-def cast_upsampler(upsampler, dtype: torch.dtype):
-    if upsampler.model.dtype != dtype:
-        upsampler.model.to(dtype)
-    if upsampler.posterior_mean is not None and upsampler.posterior_mean.model.dtype != dtype:
-        upsampler.posterior_mean.model.to(dtype)
-    return upsampler
+    return BoostPipeline.from_base(base_pipe, load_upsampler(upsampler, base_pipe.vae).cast(dtype))
 
 
 def sampler_kwargs(args: argparse.Namespace, device: torch.device) -> dict:

@@ -15,7 +15,6 @@ import PIL.Image
 from fmboost.pipelines.cli import UserError
 from fmboost.pipelines.generate import (
     add_sampler_arguments,
-    cast_upsampler,
     device_and_dtype,
     is_boost_pipeline,
     load_diffusers,
@@ -44,7 +43,7 @@ def load_image_pipeline(directory: str, dtype):
 
     if is_boost_pipeline(directory):
         return load_diffusers(directory, "BoostPipeline", BoostPipeline.from_pretrained, torch_dtype=dtype)
-    return BoostPipeline.from_upsampler(cast_upsampler(load_upsampler(directory), dtype))
+    return BoostPipeline.from_upsampler(load_upsampler(directory).cast(dtype))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -160,10 +160,8 @@ def test_mixed_precision_runs_v_and_r_in_bf16_with_an_fp32_state_and_counts_ever
     upsampler = pm_upsampler(regression_upsampler([0.0] * 3, [1.0] * 3))
     image = torch.rand(1, 3, 8, 8, generator=generator) * 2 - 1
     full = upsampler.upscale(image, torch.Generator().manual_seed(3))
-    upsampler.model.to(torch.bfloat16)
-    upsampler.posterior_mean.model.to(torch.bfloat16)
-    mixed = upsampler.mixed_precision()
-    assert mixed.mixed_precision() is mixed and mixed.model.dtype == torch.bfloat16
+    mixed = upsampler.cast(torch.bfloat16).mixed_precision()
+    assert mixed.mixed_precision() is mixed and mixed.model.dtype == mixed.posterior_mean.model.dtype == torch.bfloat16
     with mixed.model.counting(file=io.StringIO()):
         half = mixed.upscale(image, torch.Generator().manual_seed(3))
         evaluations = mixed.model.progress.n
