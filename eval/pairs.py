@@ -1,7 +1,10 @@
 """Evaluation pairs from image folders: a square high-res crop and its antialiased down-sampling.
 
     image ──(resize: shorter side → hr_size)──► crop hr_size² (center, or random with a per-image seed)
-          ──► hr (3, hr, hr) ──(bicubic, antialias)──► lr (3, lr, lr)          both in [-1, 1]
+          ──► hr (3, hr, hr) ──(bicubic, antialias)──► lr (3, lr, lr)          both in [-1, 1], on 8-bit levels
+
+Both are rounded to 8-bit levels, as image files hold them: a low-res PNG saved from a pair is exactly the
+input every method saw, so `fmboost upscale` on it reproduces what eval-sr scored.
 
 `resize=True` (default) evaluates whole images at a common resolution, the paper's FacesHQ regime
 (1024 → 256); `resize=False` cuts native-resolution crops instead (LHQ-style), which needs images at
@@ -86,8 +89,13 @@ def make_pair(image: torch.Tensor, hr_size: int, lr_size: int, crop: str = "cent
         height, width = image.shape[-2:]
         factor = hr_size / min(height, width)
         image = resize(image, (max(hr_size, round(height * factor)), max(hr_size, round(width * factor))))
-    hr = square_crop(image, hr_size, crop, generator)
-    return Pair(name, hr, resize(hr, (lr_size, lr_size)))
+    hr = to_8bit(square_crop(image, hr_size, crop, generator))
+    return Pair(name, hr, to_8bit(resize(hr, (lr_size, lr_size))))
+
+
+def to_8bit(image: torch.Tensor) -> torch.Tensor:
+    """An image in [-1, 1] rounded to the 256 levels an 8-bit file stores (what `load_image` reads back)."""
+    return ((image.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
 
 
 def iter_pairs(folders: Sequence[str | Path], hr_size: int = 1024, lr_size: int = 256, crop: str = "center",

@@ -7,7 +7,7 @@
 Pairing: image i uses one seed (seed + i) for everything random — its patch-FID crop anchors (shared by
 the real and every generated image) and the generator handed to each method, so every CFM sampler
 starts from the same x0 noise and samplers are compared sample by sample. The distance to the
-reference sampler (dopri5) is the latent MSE between samples from that same x0.
+reference sampler (dopri5) is the pixel MSE between the images made from that same x0.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import time
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import PIL.Image
 import torch
 from fmboost.models import SamplerConfig
+from fmboost.models import metrics as M
 from fmboost.models.sampling import SCHEDULES
 from tqdm.auto import tqdm
 
-from . import metrics as M
-from .baselines import DerivedMethod, Method
+from .baselines import Method
 from .pairs import Pair
 
 #: Metric keys in table order: (key, column title, higher is better).
@@ -120,13 +122,15 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(pairs: Iterable[Pair], methods: dict[str, Method | DerivedMethod], scale: int, networks: MetricNetworks,
+def evaluate(pairs: Iterable[Pair], methods: dict[str, Method], scale: int, networks: MetricNetworks,
              seed: int = 0, reference: str | None = None, device: str = "cpu", grid_images: int = 3,
-             num_images: int | None = None) -> Evaluation:
-    """Runs every method on every pair (reference first) and aggregates the metrics; see the module docstring."""
+             num_images: int | None = None, save_images: str | Path | None = None) -> Evaluation:
+    """Runs every method on every pair (reference first) and aggregates the metrics; see the module docstring.
+    `save_images`: a folder that receives every scored image as an 8-bit PNG, `<method>/<image>.png`, and the
+    inputs, `low-res/<image>.png` (what `fmboost upscale` would be given)."""
     order = list(methods)
     if reference is not None:
-        methods = {reference: methods[reference], **methods}  # its latent is needed by the others
+        methods = {reference: methods[reference], **methods}  # its image is the others' distance reference
     per_image = {name: defaultdict(list) for name in methods}
     features = {name: ([], []) for name in ("real", *methods)}
     grid: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -142,25 +146,24 @@ def evaluate(pairs: Iterable[Pair], methods: dict[str, Method | DerivedMethod], 
         if index < grid_images:
             grid["low-res"].append(to_unit(pair.lr))
             grid["ground truth"].append(target[0].cpu())
-        reference_latent, outputs, timings = None, {}, {}
+        if save_images is not None:
+            save_png(to_unit(lr)[0], Path(save_images) / "low-res" / f"{pair.name}.png")
+        reference_image = None
         for name, method in methods.items():
             progress.set_postfix_str(f"{pair.name[:24]} · {name}")
             generator = torch.Generator(device).manual_seed(seed + index)  # same x0 noise for every sampler
             start = time.perf_counter()
-            if isinstance(method, DerivedMethod):  # post-processes its base's output: timed as base + transform
-                output = method.transform(outputs[method.base], lr)
-                seconds = time.perf_counter() - start + timings[method.base]
-            else:
-                output = method(lr, hr, generator)
-                seconds = time.perf_counter() - start + output.shared_seconds
-            outputs[name], timings[name] = output, seconds
+            output = method(lr, hr, generator)
+            seconds = time.perf_counter() - start + output.shared_seconds
             pred = to_unit(output.image)
             row = {**image_metrics(pred, target, scale, networks), "nfe": output.nfe, "seconds_per_image": seconds}
-            if output.latent is not None and reference is not None:
+            if reference is not None and output.nfe:
                 if name == reference:
-                    reference_latent = output.latent
-                if reference_latent is not None and reference_latent.shape == output.latent.shape:
-                    row["dist_to_reference"] = float((output.latent - reference_latent).pow(2).mean())
+                    reference_image = pred
+                if reference_image is not None:
+                    row["dist_to_reference"] = float((pred - reference_image).pow(2).mean())
+            if save_images is not None:
+                save_png(pred[0], Path(save_images) / method_folder(name) / f"{pair.name}.png")
             for key, value in row.items():
                 per_image[name][key].append(value)
             if networks.inception is not None:
@@ -177,6 +180,19 @@ def evaluate(pairs: Iterable[Pair], methods: dict[str, Method | DerivedMethod], 
     if networks.inception is not None:
         skipped.update(_add_fid(results, features))
     return Evaluation(results, {n: dict(r) for n, r in per_image.items()}, dict(grid), skipped, num)
+
+
+def method_folder(name: str) -> str:
+    """A results row's name as a folder name: 'CFM euler:linear:2 · BP2' → 'CFM_euler-linear-2_BP2'."""
+    safe = "".join(c if c.isalnum() or c in ".-" else "-" if c in ":=," else "_" for c in name)
+    return "_".join(part for part in safe.split("_") if part)
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    """(3, H, W) in [0, 1] → an 8-bit RGB PNG (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    PIL.Image.fromarray(array).save(path)
 
 
 def _append_features(store: tuple[list, list], new: tuple[torch.Tensor, torch.Tensor]) -> None:

@@ -25,14 +25,10 @@ band's MSE cost (so d stays roughly linear in distortion). `fit_spans` measures 
 without spans every band spans [0, 1], the straight line above. Either way d = 0 and d = 1 are the same
 two images.
 
-Two samples (`samples=2`) split the detail further. Drawn from two independent source noises, S1 and S2 give
-the *consistent* detail M = (S1 + S2)/2 − R, where the flow agrees with itself, and the *random* detail
-Q = (S1 − S2)/2, S1 = R + M + Q. Given the input, S1 and S2 are exchangeable and independent of the truth x,
-so E[Q | x, input] = 0 exactly, whatever the flow: Q's optimal share at detail 0 is 0, and M carries all the
-detail that predicts x, with half the random part's variance diluting it (measured on the validation images:
-larger w* in every band above 0.5 f_N; at detail 0, +0.03 dB on the test faces and +0.12 dB on the test
-photos). The dial then takes consistent and random detail per band as separate components, each with its own
-share and span; detail 1 is still S1. It costs the flow's NFE twice.
+An upsampler without a fitted calibration uses the one-band dial (`DetailCalibration.uniform`):
+x̂(d) = R + d (S − R) in pixels, the straight line between the estimate and the sample, so `detail` means the
+same thing for every posterior-mean upsampler. A calibration records the sampler and the back-projection it
+was fitted with (`sampler`, `back_project`): weights measured on one sampler's samples hold for that sampler.
 
 Bands are square rings in the 2-D spectrum, max(|f_y|, |f_x|) in units of f_N, so they follow the
 separable down-sampling that made the low-res input. The detail is mirror-padded before the FFT so the
@@ -42,7 +38,7 @@ image borders do not wrap into each other.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import torch
@@ -65,28 +61,11 @@ def band_index(height: int, width: int, scale: int, edges: tuple[float, ...], de
 MAX_PAD = 64
 
 
-#: How many samples the dial can split its detail over: 1 (D = S − R), or 2 (consistent and random detail).
-DETAIL_SAMPLES = (1, 2)
-
-
-def detail_components(estimate: torch.Tensor, samples: torch.Tensor | Sequence[torch.Tensor],
-                      expected: int | None = None) -> list[torch.Tensor]:
-    """The detail the dial weighs, from R's estimate and one or two samples, all (B, 3, H, W): [S − R], or
-    [(S1 + S2)/2 − R, (S1 − S2)/2] (consistent, random); they sum to S1 − R. `expected`: the number of samples
-    the caller's calibration splits the detail over, checked."""
-    samples = (samples,) if isinstance(samples, torch.Tensor) else tuple(samples)
-    if len(samples) not in DETAIL_SAMPLES:
-        raise ValueError(f"the dial takes {' or '.join(map(str, DETAIL_SAMPLES))} samples, got {len(samples)}")
-    if expected is not None and len(samples) != expected:
-        raise ValueError(f"this calibration splits the detail over {expected} sample(s), got {len(samples)}")
-    if any(sample.shape != estimate.shape for sample in samples):
-        raise ValueError(f"estimate {tuple(estimate.shape)} and samples {[tuple(s.shape) for s in samples]} "
-                         "differ in shape")
-    estimate = estimate.float()
-    if len(samples) == 1:
-        return [samples[0].float() - estimate]
-    first, second = samples[0].float(), samples[1].float()
-    return [(first + second) / 2 - estimate, (first - second) / 2]
+def detail_of(estimate: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """D = S − R (B, 3, H, W), float32: the detail the dial weighs."""
+    if sample.shape != estimate.shape:
+        raise ValueError(f"estimate {tuple(estimate.shape)} and sample {tuple(sample.shape)} differ in shape")
+    return sample.float() - estimate.float()
 
 
 def _mirror(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -97,27 +76,26 @@ def _mirror(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 @dataclass(frozen=True)
 class DetailCalibration:
-    """edges: increasing band edges in units of f_N; samples: 1 or 2, the samples the detail is split over
-    (`detail_components`); weights: one value in [0, 1] per component and band (component-major: samples ×
-    (len(edges) + 1)), the share of that detail kept at detail 0 (the MSE-optimal one when fitted); spans: None
-    (every band ramps over [0, 1]) or one (start, end) per weight, 0 ≤ start < end ≤ 1, the stretch of the dial
-    over which it goes from its share to the full detail (`fit_spans`)."""
+    """edges: increasing band edges in units of f_N (empty: one band, the whole spectrum); weights: one value in
+    [0, 1] per band (len(edges) + 1), the share of that band's detail kept at detail 0 (the MSE-optimal one when
+    fitted); spans: None (every band ramps over [0, 1]) or one (start, end) per band, 0 ≤ start < end ≤ 1, the
+    stretch of the dial over which it goes from its share to the full detail (`fit_spans`); sampler,
+    back_project: what it was fitted with (`SamplerConfig.format()`, back-projection steps), None if unknown."""
 
     edges: tuple[float, ...] = DEFAULT_EDGES
     weights: tuple[float, ...] = (0.0,) * (len(DEFAULT_EDGES) + 1)
     spans: tuple[tuple[float, float], ...] | None = None
-    samples: int = 1
+    sampler: str | None = None
+    back_project: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "edges", tuple(float(e) for e in self.edges))
         object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
-        if not self.edges or any(not a < b for a, b in zip((0.0,) + self.edges, self.edges)):
+        if any(not a < b for a, b in zip((0.0,) + self.edges, self.edges)):
             raise ValueError(f"detail_calibration.edges must be positive and increasing, got {list(self.edges)}")
-        if isinstance(self.samples, bool) or self.samples not in DETAIL_SAMPLES:
-            raise ValueError(f"detail_calibration.samples must be one of {list(DETAIL_SAMPLES)}, got {self.samples!r}")
-        if len(self.weights) != self.samples * self.bands:
-            raise ValueError(f"detail_calibration.weights needs {self.samples * self.bands} values (one per band"
-                             f"{' and component' if self.samples > 1 else ''}), got {len(self.weights)}")
+        if len(self.weights) != self.bands:
+            raise ValueError(f"detail_calibration.weights needs {self.bands} values (one per band), got "
+                             f"{len(self.weights)}")
         if any(not (math.isfinite(w) and 0.0 <= w <= 1.0) for w in self.weights):
             raise ValueError(f"detail_calibration.weights must lie in [0, 1], got {list(self.weights)}")
         if self.spans is not None:
@@ -129,11 +107,19 @@ class DetailCalibration:
                 raise ValueError(f"detail_calibration.spans must satisfy 0 <= start < end <= 1, got "
                                  f"{[list(x) for x in spans]}")
             object.__setattr__(self, "spans", spans)
+        if self.back_project is not None and (isinstance(self.back_project, bool)
+                                              or not isinstance(self.back_project, int) or self.back_project < 0):
+            raise ValueError(f"detail_calibration.back_project must be an int >= 0, got {self.back_project!r}")
+
+    @classmethod
+    def uniform(cls) -> DetailCalibration:
+        """The dial of an uncalibrated posterior-mean upsampler: one band, nothing kept at detail 0, so
+        x̂(d) = R + d (S − R)."""
+        return cls(edges=(), weights=(0.0,))
 
     def gains(self, detail: float) -> torch.Tensor:
-        """(len(weights),) float64: the share of the flow's detail kept per band at `detail` ∈ [0, 1]."""
-        if not 0.0 <= detail <= 1.0:
-            raise ValueError(f"detail must be in [0, 1], got {detail}")
+        """(bands,) float64: the share of the flow's detail kept per band at `detail` ∈ [0, 1] (checked by
+        `SamplerConfig`)."""
         kept = torch.tensor(self.weights, dtype=torch.float64)
         if self.spans is None:
             ramp = torch.full_like(kept, detail)
@@ -147,34 +133,46 @@ class DetailCalibration:
         """The number of frequency bands, len(edges) + 1."""
         return len(self.edges) + 1
 
-    def combine(self, estimate: torch.Tensor, samples: torch.Tensor | Sequence[torch.Tensor], detail: float,
-                scale: int) -> torch.Tensor:
-        """estimate R and `samples` (one, or `self.samples` of them): (B, 3, H, W) decoded images → x̂(detail)
-        (B, 3, H, W), see the module docstring."""
-        return self.combine_gains(estimate, samples, self.gains(detail), scale)
+    def combine(self, estimate: torch.Tensor, sample: torch.Tensor, detail: float, scale: int) -> torch.Tensor:
+        """estimate R and sample S, (B, 3, H, W) decoded images → x̂(detail) (B, 3, H, W), see the module
+        docstring."""
+        return self.combine_gains(estimate, sample, self.gains(detail), scale)
 
-    def combine_gains(self, estimate: torch.Tensor, samples: torch.Tensor | Sequence[torch.Tensor],
-                      gains: torch.Tensor, scale: int) -> torch.Tensor:
-        """R + Σ_k Σ_b gains_kb · (component k)_b: `combine` with explicit gains (len(weights),)."""
-        components = detail_components(estimate, samples, self.samples)
-        padded, pad = _mirror(torch.cat(components))
-        padded = padded.view(self.samples, *estimate.shape[:2], *padded.shape[-2:])
+    def combine_gains(self, estimate: torch.Tensor, sample: torch.Tensor, gains: torch.Tensor,
+                      scale: int) -> torch.Tensor:
+        """R + Σ_b gains_b · D_b: `combine` with explicit gains (bands,). One band needs no FFT."""
+        detail = detail_of(estimate, sample)
+        if self.bands == 1:
+            return (estimate.float() + float(gains[0]) * detail).to(estimate.dtype)
+        padded, pad = _mirror(detail)
         bands = band_index(*padded.shape[-2:], scale, self.edges, padded.device)
-        gain = gains.to(device=padded.device, dtype=torch.float32).view(self.samples, self.bands)[:, bands]
-        kept = torch.fft.ifft2(torch.fft.fft2(padded) * gain[:, None, None]).real.sum(0)
+        gain = gains.to(device=padded.device, dtype=torch.float32)[bands]
+        kept = torch.fft.ifft2(torch.fft.fft2(padded) * gain).real
         return (estimate.float() + kept[..., pad:-pad, pad:-pad]).to(estimate.dtype)
+
+    def fitted_for(self, sampler: str, back_project: int) -> bool:
+        """Whether this dial was measured with `sampler` (a `SamplerConfig.format()`) and `back_project` steps
+        (unknown counts as yes: older folders did not record them)."""
+        return self.sampler in (None, sampler) and self.back_project in (None, back_project)
 
     def to_dict(self) -> dict:
         config = {"edges": list(self.edges), "weights": list(self.weights)}
         if self.spans is not None:
             config["spans"] = [list(span) for span in self.spans]
-        if self.samples != 1:
-            config["samples"] = self.samples
+        for key in ("sampler", "back_project"):
+            if getattr(self, key) is not None:
+                config[key] = getattr(self, key)
         return config
 
     @classmethod
     def from_dict(cls, config: dict) -> DetailCalibration:
-        allowed = {"edges", "weights", "spans", "samples"}
+        """From `to_dict()`. Older folders' two-sample dials ("samples": 2) are refused: removed, they earned
+        nothing at the default operating point (RESULTS.md); recalibrate with `fmboost calibrate-detail`."""
+        config = dict(config)
+        if config.pop("samples", 1) != 1:
+            raise ValueError("this detail_calibration blends two samples, which is no longer supported: run "
+                             "`fmboost calibrate-detail DIR --data VALIDATION_IMAGES` to fit a one-sample dial")
+        allowed = {"edges", "weights", "spans", "sampler", "back_project"}
         unknown = sorted(set(config) - allowed)
         if unknown:
             raise ValueError(f"unknown detail_calibration keys {unknown}; allowed: {sorted(allowed)}")
@@ -192,8 +190,8 @@ MIN_SPAN = 0.01
 @dataclass(frozen=True)
 class BandGains:
     """What turning one band on (from its share at detail 0 to the full detail) does on the held-out images:
-    band, its index in the calibration's weights (component-major with two samples); mse_cost, the rise in
-    mean squared error; perceptual_gain, the fall in the perceptual distance."""
+    band, its index; mse_cost, the rise in mean squared error; perceptual_gain, the fall in the perceptual
+    distance."""
 
     band: int
     mse_cost: float
@@ -201,28 +199,26 @@ class BandGains:
 
 
 @torch.no_grad()
-def fit_spans(calibration: DetailCalibration,
-              images: Iterable[tuple[torch.Tensor, torch.Tensor | Sequence[torch.Tensor], torch.Tensor]],
+def fit_spans(calibration: DetailCalibration, images: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
               distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: int,
               post: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
               ) -> tuple[DetailCalibration, list[BandGains]]:
-    """Order the bands by perceptual gain per unit of MSE, measured on held-out `images` — (estimate R, samples
-    (one, or the calibration's number of them), target x), each (B, 3, H, W) in [-1, 1] — one band (of one
-    detail component, with two samples) at a time turned on from detail 0; spans tile [0, 1]
+    """Order the bands by perceptual gain per unit of MSE, measured on held-out `images` — (estimate R, sample S,
+    target x), each (B, 3, H, W) in [-1, 1] — one band at a time turned on from detail 0; spans tile [0, 1]
     in that order, lengths ∝ each band's MSE cost (at least MIN_SPAN). `distance(pred, target)`: a perceptual
-    distance, (B,), on [-1, 1] images (e.g. LPIPS); `post(pred, i)`: what the pipeline does to the dial's
-    image of item i after the dial (e.g. back-projection onto its low-res input). Returns the calibration with
+    distance, (B,), on [-1, 1] images (e.g. LPIPS); `post(pred, i)`: what the render path does to the dial's
+    image of item i after the dial (back-projection onto its low-res input). Returns the calibration with
     spans, and the measured per-band numbers."""
     n = len(calibration.weights)
     base = calibration.gains(0.0)
     mse, dist = torch.zeros(n + 1, dtype=torch.float64), torch.zeros(n + 1, dtype=torch.float64)
     count = 0
-    for index, (estimate, samples, target) in enumerate(images):
+    for index, (estimate, sample, target) in enumerate(images):
         for column in range(n + 1):  # column n: detail 0; column b: band b turned on
             gains = base.clone()
             if column < n:
                 gains[column] = 1.0
-            pred = calibration.combine_gains(estimate, samples, gains, scale).float().clamp(-1, 1)
+            pred = calibration.combine_gains(estimate, sample, gains, scale).float().clamp(-1, 1)
             if post is not None:
                 pred = post(pred, index)
             mse[column] += (pred - target.float()).square().mean((1, 2, 3)).sum().item()
@@ -244,45 +240,34 @@ def fit_spans(calibration: DetailCalibration,
 
 
 class DetailCalibrationFit:
-    """Accumulates, per component k and band b, <C_kb, E_b> and |C_kb|² (C = `detail_components`, E = x − R) over
-    images; `result()` gives w*_kb = <C_kb, E_b> / |C_kb|² clipped to [0, 1] — except for the random detail of
-    two samples, whose share is 0 by construction (module docstring); its w* is still measured, as a check.
-    Use images the flow and R were not trained on."""
+    """Accumulates, per band b, <D_b, E_b> and |D_b|² (D = S − R, E = x − R) over images; `result()` gives
+    w*_b = <D_b, E_b> / |D_b|² clipped to [0, 1]. Use images the flow and R were not trained on."""
 
-    def __init__(self, scale: int, edges: tuple[float, ...] = DEFAULT_EDGES, samples: int = 1):
-        if samples not in DETAIL_SAMPLES:
-            raise ValueError(f"samples must be one of {list(DETAIL_SAMPLES)}, got {samples!r}")
-        self.scale, self.edges, self.samples = scale, tuple(edges), samples
-        self.correlation = torch.zeros(samples, len(self.edges) + 1, dtype=torch.float64)
-        self.energy = torch.zeros(samples, len(self.edges) + 1, dtype=torch.float64)
+    def __init__(self, scale: int, edges: tuple[float, ...] = DEFAULT_EDGES):
+        self.scale, self.edges = scale, tuple(edges)
+        self.correlation = torch.zeros(len(self.edges) + 1, dtype=torch.float64)
+        self.energy = torch.zeros(len(self.edges) + 1, dtype=torch.float64)
         self.images = 0
 
-    def update(self, estimate: torch.Tensor, samples: torch.Tensor | Sequence[torch.Tensor],
-               target: torch.Tensor) -> None:
-        """estimate R, `samples` (one, or `self.samples` of them), target x: (B, 3, H, W) images in one range."""
+    def update(self, estimate: torch.Tensor, sample: torch.Tensor, target: torch.Tensor) -> None:
+        """estimate R, sample S, target x: (B, 3, H, W) images in one range."""
         if target.shape != estimate.shape:
             raise ValueError(f"estimate {tuple(estimate.shape)} and target {tuple(target.shape)} must have one shape")
-        components = detail_components(estimate, samples, self.samples)
         error = torch.fft.fft2(_mirror((target - estimate).float())[0])
+        detail = torch.fft.fft2(_mirror(detail_of(estimate, sample))[0])
         bands = band_index(*error.shape[-2:], self.scale, self.edges, error.device).flatten().cpu()
         n = len(self.edges) + 1
-        for k, component in enumerate(components):
-            detail = torch.fft.fft2(_mirror(component)[0])
-            per_freq = (detail.conj() * error).real.sum((0, 1)).flatten().double().cpu()
-            power = detail.abs().square().sum((0, 1)).flatten().double().cpu()
-            self.correlation[k] += torch.bincount(bands, per_freq, minlength=n)
-            self.energy[k] += torch.bincount(bands, power, minlength=n)
+        per_freq = (detail.conj() * error).real.sum((0, 1)).flatten().double().cpu()
+        power = detail.abs().square().sum((0, 1)).flatten().double().cpu()
+        self.correlation += torch.bincount(bands, per_freq, minlength=n)
+        self.energy += torch.bincount(bands, power, minlength=n)
         self.images += estimate.shape[0]
 
     def raw_weights(self) -> list[float]:
-        """w*_kb before clipping, component-major (0 where a band holds no detail)."""
-        return [c / e if e > 0 else 0.0 for c, e in zip(self.correlation.flatten().tolist(),
-                                                        self.energy.flatten().tolist())]
+        """w*_b before clipping (0 where a band holds no detail)."""
+        return [c / e if e > 0 else 0.0 for c, e in zip(self.correlation.tolist(), self.energy.tolist())]
 
     def result(self) -> DetailCalibration:
         if self.images == 0:
             raise ValueError("no images were given to the detail calibration")
-        weights = [min(1.0, max(0.0, w)) for w in self.raw_weights()]
-        if self.samples == 2:  # the random detail: E[Q | x, input] = 0
-            weights[len(self.edges) + 1:] = [0.0] * (len(self.edges) + 1)
-        return DetailCalibration(self.edges, tuple(weights), samples=self.samples)
+        return DetailCalibration(self.edges, tuple(min(1.0, max(0.0, w)) for w in self.raw_weights()))

@@ -12,7 +12,6 @@ integrates v_θ from t = 0 to 1. Sources:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -24,7 +23,6 @@ from .sampling import SampleResult, sample_ode
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SOURCES = ("coupling", "posterior_mean", "noise")
-DIALS = ("blend", "end_time")
 OBJECTIVES = ("cfm", "regression")
 
 
@@ -64,7 +62,6 @@ class CouplingFlowMatcher:
     source: str = "coupling"  # "posterior_mean": from R(cond) + σ_s ε; "noise": from N(0, I) (ablation)
     posterior_mean_sigma: float = 0.1  # σ_s of the posterior-mean source, in normalised latent units
     concat_cond: bool = True  # concatenate the clean up-sampled latent to x_t; False feeds zeros (PMRF's flow)
-    dial: str = "blend"  # how `detail` < 1 trades detail for PSNR (posterior-mean flows; see `sample`)
     objective: str = "cfm"  # "regression": one-pass baseline, x̂1 = cond + net(cond, 0, cond)
     sigma_min: float = 0.0
     time_sampling: str = "uniform"
@@ -73,7 +70,7 @@ class CouplingFlowMatcher:
 
     def __post_init__(self):
         for name, value, allowed in (("upsample", self.upsample, UPSAMPLE_MODES), ("source", self.source, SOURCES),
-                                     ("objective", self.objective, OBJECTIVES), ("dial", self.dial, DIALS),
+                                     ("objective", self.objective, OBJECTIVES),
                                      ("time_sampling", self.time_sampling, TIME_SAMPLINGS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
@@ -96,6 +93,13 @@ class CouplingFlowMatcher:
 
     @classmethod
     def from_dict(cls, config: dict) -> CouplingFlowMatcher:
+        """From `to_dict()`; older folders' "dial": "blend" (the latent dial, now the image-space one of
+        `Upsampler.finish`) is dropped, their "end_time" refused (removed: it measured on the same curve)."""
+        config = dict(config)
+        dial = config.pop("dial", "blend")
+        if dial != "blend":
+            raise ValueError(f"dial {dial!r} is no longer supported: RESULTS.md measured 'end_time' on the same curve "
+                             "as the image-space dial `detail`, which every upsampler now uses")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
@@ -165,58 +169,20 @@ class CouplingFlowMatcher:
 
     @torch.no_grad()
     def sample(self, model: torch.nn.Module, cond: torch.Tensor, generator: torch.Generator | None = None,
-               posterior_mean: torch.Tensor | None = None, detail: float = 1.0, temperature: float = 1.0,
-               **solver_kwargs) -> SampleResult:
+               posterior_mean: torch.Tensor | None = None, **solver_kwargs) -> SampleResult:
         """x1 (B, C, H, W) from the conditioning: `draw_source` x0, then `transport` it (see there)."""
         x0 = self.draw_source(cond, generator, posterior_mean)
-        return self.transport(model, cond, x0, posterior_mean, detail, temperature, **solver_kwargs)
+        return self.transport(model, cond, x0, **solver_kwargs)
 
     @torch.no_grad()
     def transport(self, model: torch.nn.Module, cond: torch.Tensor, x0: torch.Tensor | None,
-                  posterior_mean: torch.Tensor | None = None, detail: float = 1.0, temperature: float = 1.0,
                   **solver_kwargs) -> SampleResult:
         """x1 (B, C, H, W) from the source x0 (B, C, H, W) made by `draw_source`, by integrating v_θ(·, ·, cond) from
         t = 0 to 1; solver_kwargs go to `sample_ode` (solver, num_steps, schedule, schedule_params, atol, rtol,
         return_intermediates; `SamplerConfig.solve_kwargs()`). Regression: one pass on cond, NFE 1.
-        The NFE reported is the flow's; the caller that computed `posterior_mean` adds R's pass.
-
-        `detail` ∈ [0, 1] is the fidelity dial of posterior-mean flows: 0 returns R(cond) itself (best
-        PSNR), 1 the flow's sample (best perception). In between, with `dial`:
-          "blend"     x̂ = R(cond) + detail · (x̂1 − R(cond)): the straight line between the MMSE estimate and
-                      the sample, which is the optimal distortion–perception trade-off when the sample is the
-                      optimal transport of the MMSE estimate (Freirich et al. 2021) — what a posterior-mean
-                      flow learns. Costs the full flow's NFE.
-          "end_time"  integrate only to τ = detail and remove the known source noise, x̂ = x_τ − (1 − τ) σ_s ε
-                      (on a straight path the same point as "blend"; the flow's curvature makes it differ).
-
-        `temperature` T ≥ 0 scales the source noise of posterior-mean flows, x0 = R(cond) + T σ_s ε (SRFlow's and
-        Glow's temperature): T = 0 starts from the estimate itself, the centre of the source distribution.
-        """
-        if not 0.0 <= detail <= 1.0:
-            raise ValueError(f"detail must be in [0, 1], got {detail}")
-        if not 0.0 <= temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
-        if temperature != 1.0 and self.needs_posterior_mean:
-            x0 = torch.lerp(posterior_mean, x0, temperature)
-        elif temperature != 1.0 and self.objective != "regression":
-            raise ValueError(f"temperature != 1 needs a posterior-mean flow (source 'posterior_mean'), this one's "
-                             f"source is {self.source!r}")
+        The NFE reported is the flow's; the caller that computed R(cond) for a posterior-mean source adds R's pass.
+        The fidelity dial of posterior-mean flows acts on decoded images (`Upsampler.finish`), not here."""
         if self.objective == "regression":
             return SampleResult(self.regress(model, cond), nfe=1)
-        if detail < 1.0 and self.source != "posterior_mean":
-            raise ValueError(f"detail < 1 needs a posterior-mean flow (source 'posterior_mean'), this one's source "
-                             f"is {self.source!r}: its t = 0 end is a noisy source, not an estimate")
-        if detail == 0.0:
-            return SampleResult(posterior_mean, nfe=0)
         net_cond = self.network_cond(cond)
-        if self.dial == "end_time" and detail < 1.0:
-            tau = detail  # t = τ s maps the solver's s ∈ [0, 1] onto [0, τ]: dx/ds = τ v(x, τ s)
-            result = sample_ode(lambda x, s: tau * model(x, tau * s, net_cond), x0, **solver_kwargs)
-            source_noise = x0 - posterior_mean
-            x_hat = result.x1 - (1.0 - tau) * source_noise
-            times = None if result.times is None else result.times * tau
-            return SampleResult(x_hat, result.nfe, times, result.trajectory)
-        result = sample_ode(lambda x, t: model(x, t, net_cond), x0, **solver_kwargs)
-        if detail < 1.0:
-            result.x1 = torch.lerp(posterior_mean, result.x1, detail)
-        return result
+        return sample_ode(lambda x, t: model(x, t, net_cond), x0, **solver_kwargs)

@@ -1,4 +1,4 @@
-"""SamplerConfig: how a CFM upsampler draws a sample — the ODE solve and the detail dial — as one typed value.
+"""SamplerConfig: how an upsampler makes its image — the ODE solve, the detail dial, back-projection — as one value.
 
 One frozen, validated, hashable setting travels everywhere the sampler does: `Upsampler.sampler` and
 boost_config.json ("sampler": `to_dict()`), `BoostPipeline`, training validation, `fmboost eval-sr` and
@@ -9,7 +9,8 @@ boost_config.json ("sampler": `to_dict()`), `BoostPipeline`, training validation
     dopri5    dopri5:atol=1e-5,rtol=1e-3   adaptive solver [: tolerances]
 
 The string names the ODE solve only (what eval-sr results are keyed by); `detail`, the fidelity dial of
-posterior-mean flows, has its own option (`--detail`) wherever a command line offers it.
+posterior-mean flows, and `back_project`, the low-res back-projection steps after it, have their own options
+(`--detail`, `--back-project`) on every command that makes images. Their ranges are checked here and only here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .sampling import ADAPTIVE_SOLVERS, SCHEDULES, SOLVERS, time_grid
 
 ScheduleParams = tuple[tuple[str, float], ...]
 TOLERANCES = ("atol", "rtol")
+#: The fields of the ODE solve, those `format` / `parse` write and read.
+SOLVE_FIELDS = ("solver", "num_steps", "schedule", "schedule_params", *TOLERANCES)
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,9 @@ class SamplerConfig:
     """solver: one of `SOLVERS`; fixed-step solvers take `num_steps` steps on the time grid `schedule`
     (a `SCHEDULES` name) with `schedule_params`, adaptive ones (dopri5, …) choose their steps to meet
     `atol` / `rtol`. detail ∈ [0, 1]: the fidelity dial of posterior-mean flows (0: the regression
-    estimate R(cond), best PSNR; 1: the flow's full detail); temperature ≥ 0 scales their source noise
-    (x0 = R(cond) + T σ_s ε; 1 as trained). See `CouplingFlowMatcher.transport`.
+    estimate R(cond), or the calibrated estimate, best PSNR; 1: the flow's full detail; `Upsampler.finish`).
+    back_project ≥ 0: steps of low-res back-projection applied to the image last (`fmboost.models.consistency`);
+    an upsampler folder saves the value measured best on its validation images.
 
     `schedule_params` may be given as a dict; it is stored as a sorted tuple of (name, float) pairs so
     that equal settings are equal and hash alike (eval-sr keys methods by setting).
@@ -44,7 +48,7 @@ class SamplerConfig:
     atol: float = 1e-6
     rtol: float = 1e-3
     detail: float = 1.0
-    temperature: float = 1.0
+    back_project: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "schedule_params", _schedule_params(self.schedule_params))
@@ -60,8 +64,8 @@ class SamplerConfig:
                 raise ValueError(f"SamplerConfig.{name} must be a positive number, got {value!r}")
         if not _is_number(self.detail) or not 0.0 <= self.detail <= 1.0:
             raise ValueError(f"SamplerConfig.detail must be in [0, 1], got {self.detail!r}")
-        if not _is_number(self.temperature) or not 0.0 <= self.temperature < math.inf:
-            raise ValueError(f"SamplerConfig.temperature must be a finite number >= 0, got {self.temperature!r}")
+        if isinstance(self.back_project, bool) or not isinstance(self.back_project, int) or self.back_project < 0:
+            raise ValueError(f"SamplerConfig.back_project must be an int >= 0, got {self.back_project!r}")
         try:  # the grid itself checks parameter names, ranges and that it increases
             time_grid(self.schedule, self.num_steps, **dict(self.schedule_params))
         except ValueError as err:
@@ -79,9 +83,13 @@ class SamplerConfig:
             raise ValueError(f"unknown sampler keys {unknown}; allowed: {sorted(FIELDS)}")
         return dataclasses.replace(self, **changes)
 
+    def with_solve(self, solve: SamplerConfig) -> SamplerConfig:
+        """This setting with `solve`'s ODE solve (solver, steps, schedule, tolerances: what `format` names);
+        detail and back_project kept. A command line's `--sampler SPEC` applied to a folder's saved setting."""
+        return dataclasses.replace(self, **{name: getattr(solve, name) for name in SOLVE_FIELDS})
+
     def solve_kwargs(self) -> dict:
-        """Keyword arguments of `sample_ode` (and of `CouplingFlowMatcher.sample`, which adds `detail` and
-        `temperature`)."""
+        """Keyword arguments of `sample_ode` (and of `CouplingFlowMatcher.sample`)."""
         return {"solver": self.solver, "num_steps": self.num_steps, "schedule": self.schedule,
                 "schedule_params": dict(self.schedule_params), "atol": self.atol, "rtol": self.rtol}
 
@@ -94,7 +102,14 @@ class SamplerConfig:
     @classmethod
     def from_dict(cls, config: Mapping) -> SamplerConfig:
         """From `to_dict()` or an older boost_config.json "sampler" dict: missing keys take their defaults,
-        schedule_params may be a dict, a list of pairs or null; an unknown key is an error naming it."""
+        schedule_params may be a dict, a list of pairs or null; an unknown key is an error naming it. Older
+        folders saved `temperature` (removed: it moved along the dial's own curve, RESULTS.md); its neutral
+        value 1 is dropped, any other is an error."""
+        config = dict(config)
+        if config.get("temperature", 1.0) != 1.0:
+            raise ValueError(f"sampler temperature {config['temperature']} is no longer supported (only 1, as "
+                             "trained): RESULTS.md measured it on the same curve as `detail`; use detail instead")
+        config.pop("temperature", None)
         return cls().replace(**config)
 
     # ------------------------------------------------------------------ the command-line string
@@ -127,7 +142,8 @@ class SamplerConfig:
 
     def format(self) -> str:
         """The `parse` string of this setting: solver:schedule[:params]:num_steps, or solver[:atol=…,rtol=…]
-        (tolerances written only when they differ from the defaults). `detail` is not part of it."""
+        (tolerances written only when they differ from the defaults). `detail` and `back_project` are not part
+        of it (`describe` names everything)."""
         if self.adaptive:
             tolerances = tuple((name, getattr(self, name)) for name in TOLERANCES)
             if all(value == DEFAULTS[name] for name, value in tolerances):
@@ -135,6 +151,11 @@ class SamplerConfig:
             return f"{self.solver}:{_format_params(tolerances)}"
         params = [_format_params(self.schedule_params)] if self.schedule_params else []
         return ":".join([self.solver, self.schedule, *params, str(self.num_steps)])
+
+
+    def describe(self) -> str:
+        """Every setting that shapes the image, for results rows and logs: 'euler:linear:4 · detail 0.5 · BP2'."""
+        return f"{self.format()} · detail {self.detail:g} · BP{self.back_project}"
 
 
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(SamplerConfig)}

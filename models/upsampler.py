@@ -11,7 +11,13 @@
 Training writes it; `BoostPipeline`, `fmboost upscale` and `fmboost eval-sr` load it, so inference
 uses exactly the coupling and latent normalisation the model was trained with.
 
-`upscale` takes an image of any size: it pads it (replicating the edge pixels) to a canvas the networks
+`upscale` is the one render path from a low-res image to the output, used by every command, the pipeline,
+evaluation, calibration, validation and the benchmarks:
+
+    canvas (edge padding, tiles) → condition → source → ODE → decode → crop   (`draft`)
+        → fidelity dial → back-projection onto the low-res input               (`finish`)
+
+It takes an image of any size: it pads it (replicating the edge pixels) to a canvas the networks
 accept with a margin of context on every side, runs PSU encode, the ODE and decode over overlapping tiles
 when the canvas is large (`fmboost.models.tiling`), and crops the result back to scale × the input. The
 margin is the fix for a frame along the image edges: the networks (zero-padded convolutions; diffusers'
@@ -26,6 +32,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +41,12 @@ import torch
 import torch.nn.functional as F
 
 from .autoencoders import FirstStage, first_stage_from_config
+from .consistency import back_project
 from .detail_bands import DetailCalibration
 from .flow import CouplingFlowMatcher
 from .mixed_precision import MixedPrecisionVelocity
 from .posterior_mean import PosteriorMean
 from .sampler_config import SamplerConfig
-from .sampling import SampleResult
 from .tiling import TiledFirstStage, TiledModule, Tiling
 
 BOOST_CONFIG_NAME = "boost_config.json"
@@ -57,33 +64,17 @@ BORDER_CONTEXT = 2
 
 
 @dataclass
-class FlowSource:
-    """Where sampling starts. cond: (N, C, H, W) the clean conditioning; x0: (N, C, H, W) the ODE's state at t = 0
-    (None for regression upsamplers, which make one pass on cond); posterior_mean: (N, C, H, W) R(cond) for
-    posterior-mean flows, else None. samples: independent source draws per input, stacked sample-major
-    (N = samples · B; the two-sample dial, `DetailCalibration.samples`); the first B rows are the 1-sample source."""
-
-    cond: torch.Tensor
-    x0: torch.Tensor | None
-    posterior_mean: torch.Tensor | None = None
-    samples: int = 1
-
-    @property
-    def inputs(self) -> int:
-        """B, the number of inputs."""
-        return self.cond.shape[0] // self.samples
-
-
-@dataclass
 class Canvas:
     """An image prepared for `Upsampler.upscale`. image: (B, 3, h', w') the input padded by edge replication to
     sizes the networks accept, with context on every side; upsampler: the view that runs on it (tiled, or the
-    upsampler itself); box: (top, left, height, width) of the input inside image; tiles: tiles per pass."""
+    upsampler itself); box: (top, left, height, width) of the input inside image; tiles: tiles per pass;
+    tiling: the tiles' layout (None: one pass)."""
 
     image: torch.Tensor
     upsampler: "Upsampler"
     box: tuple[int, int, int, int]
     tiles: int
+    tiling: Tiling | None = None
 
     def crop(self, output: torch.Tensor) -> torch.Tensor:
         """(B, 3, s·h', s·w') output of the canvas → (B, 3, s·height, s·width), the input's region."""
@@ -93,19 +84,26 @@ class Canvas:
 
 
 @dataclass
-class Rendered:
-    """image: (B, 3, H, W) decoded in [-1, 1]; nfe: network evaluations (R's pass included); latent: (B, C, h, w)
-    the flow's latent result (for a calibrated dial below 1: the full sample the image was blended from)."""
+class Draft:
+    """What the render path makes before the dial, cropped to the input's region: lr (B, 3, h, w) the low-res
+    input (back-projection's target); estimate (B, 3, s·h, s·w) R's estimate decoded (posterior-mean flows, when
+    asked for), else None; sample (B, 3, s·h, s·w) the flow's full sample (or the regression output) decoded, None
+    when not asked for; estimate_nfe: R's pass (1 or 0); flow_nfe: the ODE's (or regression's) evaluations;
+    tiles: tiles per pass (1: untiled)."""
 
-    image: torch.Tensor
-    nfe: int
-    latent: torch.Tensor
+    lr: torch.Tensor
+    estimate: torch.Tensor | None
+    sample: torch.Tensor | None
+    estimate_nfe: int
+    flow_nfe: int
+    tiles: int
 
 
 @dataclass
 class UpscaleResult:
-    """image: (B, 3, s·h, s·w) in [-1, 1]; nfe: network evaluations per sample, as untiled (each tile of a
-    tiled pass runs every one of them); tiles: tiles per pass (1: untiled)."""
+    """image: (B, 3, s·h, s·w) in [-1, 1]; nfe: network evaluations per image, as untiled (each tile of a tiled
+    pass runs every one of them; R's pass included, the flow's only when the image uses it); tiles: tiles per
+    pass (1: untiled)."""
 
     image: torch.Tensor
     nfe: int
@@ -117,11 +115,14 @@ class Upsampler:
     """model: v_θ; first_stage: the latent space it works in; scale: pixel up-sampling factor (e.g. 4);
     posterior_mean: R, required by (and only by) flows with source 'posterior_mean'.
 
-    sampler: the saved default `SamplerConfig` — ODE solver, steps, schedule, tolerances, and `detail`, the
-    fidelity dial of posterior-mean flows (0: R's estimate, best PSNR; 1, the default: full detail).
-    detail_calibration: optional, posterior-mean flows only: images (`render`, `upscale`) then turn the dial per
-    frequency band in pixel space (`fmboost.models.detail_bands`; detail 0 is the calibrated estimate) instead
-    of blending latents. Latent outputs (`upsample`, `sample`) keep the latent blend."""
+    sampler: the saved default `SamplerConfig` — ODE solver, steps, schedule, tolerances, `detail`, the
+    fidelity dial of posterior-mean flows (0: R's estimate, best PSNR; 1: full detail), and `back_project`,
+    the low-res back-projection steps applied last (training saves the count measured best on validation).
+    detail_calibration: optional, posterior-mean flows only: the dial turned per frequency band
+    (`fmboost.models.detail_bands`; detail 0 is the calibrated estimate); without it the one-band dial.
+
+    `upscale` is the one render path: every command, the pipeline, evaluation, calibration, validation and
+    the benchmarks make images through it (`draft` and `finish` are its two halves)."""
 
     model: torch.nn.Module
     first_stage: FirstStage
@@ -215,7 +216,8 @@ class Upsampler:
 
     @property
     def image_multiple(self) -> int:
-        """Low-res image sides `upsample` accepts are multiples of this: f · (CFMUNet multiple / gcd(scale, it))."""
+        """Low-res image sides the networks accept are multiples of this (`canvas` pads to them):
+        f · (CFMUNet multiple / gcd(scale, it))."""
         multiple = self.model.size_multiple
         return self.first_stage.downsample_factor * multiple // math.gcd(self.scale, multiple)
 
@@ -265,168 +267,136 @@ class Upsampler:
             view = dataclasses.replace(
                 self, model=TiledModule(self.model, tiling), first_stage=TiledFirstStage(self.first_stage, tiling),
                 posterior_mean=None if self.posterior_mean is None else TiledModule(self.posterior_mean, tiling))
-        return Canvas(image, view, (top, left, h, w), tiles)
+        return Canvas(image, view, (top, left, h, w), tiles, tiling)
+
+    # ------------------------------------------------------------------ the render path
+
+    @property
+    def dial(self) -> DetailCalibration | None:
+        """The fidelity dial images are made with: the fitted calibration, else the one-band dial
+        (`DetailCalibration.uniform`) for posterior-mean flows; None for upsamplers without an estimate."""
+        if not self.flow.needs_posterior_mean:
+            return None
+        return self.detail_calibration or DetailCalibration.uniform()
+
+    def settings(self, sampler: SamplerConfig | None = None, **overrides) -> SamplerConfig:
+        """`sampler` (default: the saved one) with `overrides` (any SamplerConfig field; None means keep), checked
+        against this upsampler: detail < 1 needs a posterior-mean flow, and a dial used with another sampler or
+        back-projection than it was fitted with warns."""
+        sampler = (sampler or self.sampler).replace(**{k: v for k, v in overrides.items() if v is not None})
+        if sampler.detail < 1.0 and self.dial is None:
+            raise ValueError(f"detail {sampler.detail:g} < 1 needs a posterior-mean upsampler (source "
+                             f"'posterior_mean'); this one's source is {self.flow.source!r} ({self.flow.objective})")
+        calibration = self.detail_calibration
+        if calibration is not None and sampler.detail < 1.0 and \
+                not calibration.fitted_for(sampler.format(), sampler.back_project):
+            warnings.warn(f"the detail dial was fitted on {calibration.sampler} samples with "
+                          f"{calibration.back_project} back-projection steps; used with {sampler.format()} and "
+                          f"{sampler.back_project}, its band weights and order are not the measured ones "
+                          "(fmboost calibrate-detail refits it)", stacklevel=3)
+        return sampler
 
     @torch.no_grad()
     def upscale(self, lr_image: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
                 tile_size: int | None = None, tile_overlap: int | None = None, stages: Stages = None,
-                **overrides) -> UpscaleResult:
-        """(B, 3, h, w) image in [-1, 1], any size → (B, 3, s·h, s·w) in [-1, 1]: `canvas` → PSU encode → source →
-        ODE → decode → crop, each network stage tile by tile on large outputs (see `tiling` for tile_size /
-        tile_overlap, in output pixels). Sampler arguments as in `upsample`; `stages` times them (see `Stages`).
-        The source noise is drawn once for the whole canvas; tiles blend at every velocity evaluation, so they
-        agree along the trajectory."""
+                decoder: FirstStage | None = None, **overrides) -> UpscaleResult:
+        """(B, 3, h, w) image in [-1, 1], any size → (B, 3, s·h, s·w) in [-1, 1], the one render path: `canvas`
+        (edge padding, tiles) → condition → source → ODE → decode → crop (`draft`) → dial → back-projection
+        (`finish`). Samples with `sampler` (default: the saved one) changed by `overrides` (e.g. num_steps=8,
+        detail=0.5, back_project=2; see `settings`); tile_size / tile_overlap in output pixels (see `tiling`);
+        `stages` times 'upsample' (up to the ODE) and 'decode' (the rest); `decoder` replaces the first stage's
+        decoder (a cheaper one for previews). The source noise is drawn once for the whole canvas; tiles blend
+        at every velocity evaluation, so they agree along the trajectory. Stages the dial does not use are
+        skipped: at detail 0 without a calibration the flow, at detail 1 R's decode."""
+        sampler = self.settings(sampler, **overrides)
+        dial = self.dial
+        gains = None if dial is None else dial.gains(sampler.detail)
+        uses_sample = gains is None or bool((gains > 0).any())
+        uses_estimate = gains is not None and bool((gains < 1).any())
+        draft = self.draft(lr_image, generator, sampler, tile_size, tile_overlap, stages, decoder,
+                           estimate=uses_estimate, sample=uses_sample)
+        with (stages or _untimed)("decode"):
+            return self.finish(draft, sampler)
+
+    @torch.no_grad()
+    def draft(self, lr_image: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
+              tile_size: int | None = None, tile_overlap: int | None = None, stages: Stages = None,
+              decoder: FirstStage | None = None, estimate: bool = True, sample: bool = True) -> Draft:
+        """The render path up to the dial (arguments as in `upscale`): R's estimate (posterior-mean flows, if
+        `estimate`) and the full sample (if `sample`), decoded and cropped to the input's region. `finish`
+        turns it into the image for any detail and back-projection: evaluation sweeps the dial over one draft,
+        calibration fits the dial on drafts."""
         stages = stages or _untimed
+        sampler = sampler or self.sampler
         with stages("upsample"):
             canvas = self.canvas(lr_image, tile_size, tile_overlap)
             view = canvas.upsampler
-            cond = view.condition(lr_image=canvas.image)
-        rendered = view.render(cond, generator, sampler, stages, **overrides)
-        return UpscaleResult(canvas.crop(rendered.image), rendered.nfe, canvas.tiles)
-
-    @torch.no_grad()
-    def render(self, cond: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
-               stages: Stages = None, **overrides) -> Rendered:
-        """The decoded image of a sample from the conditioning cond (B, C, H, W): `draw_source` → `transport`
-        (with `image_sampler`) → `decode_sample`; `stages` times them (see `Stages`)."""
-        stages = stages or _untimed
-        sampler = (sampler or self.sampler).replace(**overrides)
-        with stages("upsample"):
-            source = self.draw_source(cond, generator, self.image_samples(sampler))
-            result = self.transport(source, self.image_sampler(sampler))
+            cond = view._condition(canvas.image)
+            r = view._estimate(cond) if self.flow.needs_posterior_mean else None
+            x1, flow_nfe = None, 0
+            if sample:
+                x0 = view._draw_source(cond, generator, r)
+                result = self.flow.transport(view.model, cond, x0, **sampler.solve_kwargs())
+                x1, flow_nfe = result.x1, result.nfe
         with stages("decode"):
-            image = self.decode_sample(source, result, sampler)
-        return Rendered(image, result.nfe, result.x1[:source.inputs])
+            decoder = decoder or self.first_stage
+            if canvas.tiling is not None:
+                decoder = TiledFirstStage(decoder, canvas.tiling)
+            decoded_estimate = canvas.crop(decoder.decode(r)) if r is not None and estimate else None
+            decoded_sample = canvas.crop(decoder.decode(x1)) if x1 is not None else None
+        return Draft(lr_image, decoded_estimate, decoded_sample, int(r is not None), flow_nfe, canvas.tiles)
 
-    def calibrated(self, sampler: SamplerConfig) -> bool:
-        """Whether images from `sampler` take the per-band dial: a detail_calibration and detail < 1."""
-        return self.detail_calibration is not None and sampler.detail < 1.0
-
-    def image_samples(self, sampler: SamplerConfig) -> int:
-        """How many samples per input an image from `sampler` is made of: the calibrated dial's
-        (`DetailCalibration.samples`), else 1. Pass it to `draw_source`."""
-        return self.detail_calibration.samples if self.calibrated(sampler) else 1
-
-    def image_sampler(self, sampler: SamplerConfig) -> SamplerConfig:
-        """What to `transport` with when the result will be decoded to an image: the per-band dial blends the
-        full sample (detail 1) with R's estimate in pixels, so the flow runs to the end."""
-        return sampler.replace(detail=1.0) if self.calibrated(sampler) else sampler
-
-    def decode_sample(self, source: FlowSource, result: SampleResult, sampler: SamplerConfig,
-                      first_stage: FirstStage | None = None) -> torch.Tensor:
-        """Image (B, 3, H, W) of a `transport` result made with `image_sampler(sampler)` from a source drawn with
-        `image_samples(sampler)`: one decode, or — per-band dial — R's estimate and the full sample(s) decoded
-        (one decode each) and blended at `sampler.detail`."""
-        decoder = first_stage or self.first_stage
-        if not self.calibrated(sampler):
-            return decoder.decode(result.x1)
-        if source.samples != self.detail_calibration.samples:
-            raise ValueError(f"the dial blends {self.detail_calibration.samples} sample(s) per input, the source "
-                             f"has {source.samples}: draw it with image_samples(sampler)")
-        estimate, samples = self._decode_estimate_and_samples(source, result, decoder)
-        return self.detail_calibration.combine(estimate, samples, sampler.detail, self.scale)
-
-    @staticmethod
-    def _decode_estimate_and_samples(source: FlowSource, result: SampleResult, decoder: FirstStage,
-                                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """R's estimate (B, 3, H, W) and each of the source's samples (B, 3, H, W), decoded: one decode each."""
-        return (decoder.decode(source.posterior_mean[:source.inputs]),
-                [decoder.decode(x1) for x1 in result.x1.chunk(source.samples)])
-
-    @torch.no_grad()
-    def estimate_and_sample(self, cond: torch.Tensor, generator: Generators = None,
-                            sampler: SamplerConfig | None = None, samples: int | None = None,
-                            ) -> tuple[torch.Tensor, list[torch.Tensor], SampleResult]:
-        """(R's estimate, the flow's full samples, their `transport` result) from cond (B, C, H, W), the images
-        (B, 3, H', W') decoded: what the per-band dial blends (eval-sr sweeps it from one set per image) and is
-        fitted on (`fmboost calibrate-detail`). `samples` per input (default: the calibrated dial's, else 1);
-        `sampler` (default: the saved one) runs at detail 1; the NFE counts every sample."""
-        if samples is None:
-            samples = self.detail_calibration.samples if self.detail_calibration is not None else 1
-        source = self.draw_source(cond, generator, samples)
-        result = self.transport(source, (sampler or self.sampler).replace(detail=1.0))
-        return (*self._decode_estimate_and_samples(source, result, self.first_stage), result)
-
-    # ------------------------------------------------------------------ sampling, in its steps
-
-    @torch.no_grad()
-    def upsample(self, lr_latent: torch.Tensor | None = None, lr_image: torch.Tensor | None = None,
-                 generator: Generators = None, sampler: SamplerConfig | None = None,
-                 return_intermediates: bool = False, **overrides) -> SampleResult:
-        """High-res latent (B, C, s·h, s·w) from a low-res latent (B, C, h, w) and/or image (B, 3, f·h, f·w):
-        `condition` → `draw_source` → `transport`.
-
-        Samples with `sampler` (default: the saved one) changed by `overrides`, any SamplerConfig field
-        (e.g. num_steps=8, detail=0.5), for this call only.
-        """
-        return self.sample(self.condition(lr_latent, lr_image), generator, sampler, return_intermediates,
-                           **overrides)
-
-    @torch.no_grad()
-    def sample(self, cond: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
-               return_intermediates: bool = False, **overrides) -> SampleResult:
-        """x1 (B, C, H, W) from a conditioning made by `condition`; arguments as in `upsample`."""
-        return self.transport(self.draw_source(cond, generator), sampler, return_intermediates, **overrides)
-
-    @torch.no_grad()
-    def condition(self, lr_latent: torch.Tensor | None = None, lr_image: torch.Tensor | None = None) -> torch.Tensor:
-        """The clean up-sampled latent (B, C, s·h, s·w) the model is conditioned on.
-
-        Split from `sample` because it holds the expensive part for PSU (encoding the s×-up-sampled image):
-        callers that draw several samples or compare samplers on one input compute it once.
-        """
-        if lr_latent is None and lr_image is None:
-            raise ValueError("upsample needs lr_latent or lr_image")
-        if lr_latent is not None:
-            h, w = lr_latent.shape[-2:]
+    def finish(self, draft: Draft, sampler: SamplerConfig | None = None) -> UpscaleResult:
+        """The render path after the decode: the dial at `sampler.detail` (R + Σ_b gain_b (S − R)_b; the sample
+        itself where every gain is 1, the estimate where every gain is 0), then `sampler.back_project` steps of
+        back-projection onto the low-res input. The NFE counts the flow only if the image uses the sample.
+        `sampler` is taken as given: `upscale` and eval-sr's methods check it with `settings` first."""
+        sampler = sampler or self.sampler
+        dial = self.dial
+        gains = None if dial is None else dial.gains(sampler.detail)
+        if gains is None or bool((gains == 1).all()):
+            image, nfe = _needed(draft.sample, "sample"), draft.estimate_nfe + draft.flow_nfe
+        elif bool((gains == 0).all()):
+            image, nfe = _needed(draft.estimate, "estimate"), draft.estimate_nfe
         else:
-            f = self.first_stage.downsample_factor
-            if lr_image.shape[-2] % f or lr_image.shape[-1] % f:
-                raise ValueError(f"lr_image size {tuple(lr_image.shape[-2:])} must be a multiple of {f}")
-            h, w = lr_image.shape[-2] // f, lr_image.shape[-1] // f
-        return self.flow.condition(lr_latent, (h * self.scale, w * self.scale), self.first_stage, lr_image)
+            image = dial.combine_gains(_needed(draft.estimate, "estimate"), _needed(draft.sample, "sample"), gains,
+                                       self.scale)
+            nfe = draft.estimate_nfe + draft.flow_nfe
+        image = back_project(image.float().clamp(-1, 1), draft.lr.float(), sampler.back_project)
+        return UpscaleResult(image, nfe, draft.tiles)
 
-    @torch.no_grad()
-    def draw_source(self, cond: torch.Tensor, generator: Generators = None, samples: int = 1) -> FlowSource:
-        """The source x0 the ODE starts from — cond noise-augmented at the trained step, or R(cond) + σ_s ε
-        for posterior-mean flows (R runs here, once). `generator`: one, or a list with one per sample, so that
-        each sample is reproducible on its own whatever batch it is drawn in. `samples` > 1 (posterior-mean
-        flows): that many independent noises per input, drawn one after another from each generator and
-        stacked sample-major, so the first is the 1-sample source and one ODE solve transports them all."""
-        if samples < 1:
-            raise ValueError(f"samples must be ≥ 1, got {samples}")
-        if samples > 1 and not self.flow.needs_posterior_mean:
-            raise ValueError(f"{samples} samples per input need a posterior-mean flow (the dial blends them with R's "
-                             "estimate); this upsampler draws one")
-        estimate = None
-        if self.flow.needs_posterior_mean:
-            estimate = self.posterior_mean(cond, self.first_stage.latent_mean, self.first_stage.latent_std)
+    # ------------------------------------------------------------------ the path's latent steps
+
+    def _condition(self, lr_image: torch.Tensor) -> torch.Tensor:
+        """The clean up-sampled latent (B, C, s·h/f, s·w/f) the model is conditioned on, from lr_image (B, 3, h, w)
+        whose sides are multiples of the first stage's factor f (a canvas's are)."""
+        f = self.first_stage.downsample_factor
+        if lr_image.shape[-2] % f or lr_image.shape[-1] % f:
+            raise ValueError(f"lr_image size {tuple(lr_image.shape[-2:])} must be a multiple of {f}")
+        h, w = lr_image.shape[-2] // f, lr_image.shape[-1] // f
+        return self.flow.condition(None, (h * self.scale, w * self.scale), self.first_stage, lr_image)
+
+    def _estimate(self, cond: torch.Tensor) -> torch.Tensor:
+        """R(cond) (B, C, H, W) in this upsampler's latent normalisation: one network evaluation."""
+        return self.posterior_mean(cond, self.first_stage.latent_mean, self.first_stage.latent_std)
+
+    def _draw_source(self, cond: torch.Tensor, generator: Generators, estimate: torch.Tensor | None
+                     ) -> torch.Tensor | None:
+        """x0 (B, C, H, W), where the ODE starts (None for regression). `generator`: one, or a list with one per
+        input, so that each image is reproducible on its own whatever batch it is drawn in."""
         if not isinstance(generator, list):
-            draws = [self.flow.draw_source(cond, generator, estimate) for _ in range(samples)]
-        else:
-            if len(generator) != cond.shape[0]:
-                raise ValueError(f"got {len(generator)} generators for a batch of {cond.shape[0]}")
-            rows = [[self.flow.draw_source(cond[i:i + 1], g, None if estimate is None else estimate[i:i + 1])
-                     for _ in range(samples)] for i, g in enumerate(generator)]
-            draws = [None if rows[0][k] is None else torch.cat([row[k] for row in rows]) for k in range(samples)]
-        if samples == 1:
-            return FlowSource(cond, draws[0], estimate)
-        repeat = (samples,) + (1,) * (cond.dim() - 1)
-        return FlowSource(cond.repeat(repeat), torch.cat(draws), estimate.repeat(repeat), samples)
+            return self.flow.draw_source(cond, generator, estimate)
+        if len(generator) != cond.shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {cond.shape[0]}")
+        rows = [self.flow.draw_source(cond[i:i + 1], g, None if estimate is None else estimate[i:i + 1])
+                for i, g in enumerate(generator)]
+        return None if rows[0] is None else torch.cat(rows)
 
-    @torch.no_grad()
-    def transport(self, source: FlowSource, sampler: SamplerConfig | None = None, return_intermediates: bool = False,
-                  **overrides) -> SampleResult:
-        """x1 (B, C, H, W), the ODE solved from x0 with `sampler` (default: the saved one) changed by
-        `overrides`. The NFE counts every sample's evaluations, and R's pass for posterior-mean flows."""
-        sampler = (sampler or self.sampler).replace(**overrides)
-        result = self.flow.transport(self.model, source.cond, source.x0, source.posterior_mean, sampler.detail,
-                                     sampler.temperature,
-                                     return_intermediates=return_intermediates, **sampler.solve_kwargs())
-        result.nfe *= source.samples
-        if source.posterior_mean is not None:
-            result.nfe += 1
-        return result
+
+def _needed(image: torch.Tensor | None, what: str) -> torch.Tensor:
+    if image is None:
+        raise ValueError(f"this draft has no {what}: make it with draft(..., {what}=True)")
+    return image
 
 
 def _untimed(stage: str) -> contextlib.AbstractContextManager:

@@ -5,17 +5,18 @@ A diffusers `DiffusionPipeline`, so `save_pretrained` / `from_pretrained`, `.to(
 
     text_encoder, tokenizer, unet, scheduler   the base text-to-image model (any SD-family pipeline)
     vae                                        its autoencoder (also the upsampler's, for SD-VAE upsamplers)
-    upsampler                                  the CFMUNet v_θ
-    posterior_mean                             R, the frozen regression CFMUNet a posterior-mean flow
+    cfm_unet                                   the CFMUNet v_θ
+    regression_unet                            R, the frozen regression CFMUNet a posterior-mean flow
                                                starts from (None for the paper's coupling)
     boost_config (model_index.json)            the upsampler's boost_config.json: first stage + latent
                                                stats, scale, CouplingFlowMatcher, SamplerConfig (and R's
                                                latent stats)
 
-The boost stage is one `fmboost.models.Upsampler` (`boost_upsampler`: coupling + ODE), a view over
+The boost stage is one `fmboost.models.Upsampler` (`pipe.upsampler`: coupling + ODE), a view over
 these components built once; the VAE goes through `DiffusersAutoencoder`, where the scaling factor
 lives. A call reads as the recipe: 1. base latent (or the given image) → 2. condition → 3. source x0 →
-4. ODE → 5. decode. With `image=` the base stage is skipped: the image (or its latents) is
+4. ODE → 5. decode → 6. dial → 7. back-projection, steps 2–7 being `Upsampler.upscale`, the render path every
+command and evaluation uses. With `image=` the base stage is skipped: the image (or its latents) is
 super-resolved directly.
 """
 
@@ -50,10 +51,11 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 @dataclass
 class BoostPipelineOutput(BaseOutput):
-    """images: PIL list, (B, H, W, 3) array or (B, 3, H, W) tensor in [0, 1], or the upsampler's
-    normalised latents for output_type="latent"; nfe: CFM network evaluations per sample (all passes; a
-    tiled pass runs each of them on every tile); timings: seconds per stage (base, upsample, decode);
-    tiles: tiles of the last pass (1: untiled)."""
+    """images: PIL list, (B, H, W, 3) array or (B, 3, H, W) tensor in [0, 1], or the image's latents in the
+    upsampler's normalised space for output_type="latent"; nfe: network evaluations per image (all passes, R's
+    included; a tiled pass runs each of them on every tile); timings: seconds per stage (base; upsample: up to
+    the ODE; decode: decode, dial and back-projection; encode: latent outputs only); tiles: tiles of the last
+    pass (1: untiled)."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nfe: int
@@ -77,33 +79,27 @@ class _Timer:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-def normalise_latents(first_stage: FirstStage, z: torch.Tensor) -> torch.Tensor:
-    """Raw scaled latents (what an SD pipeline returns for output_type="latent") → the upsampler's space."""
-    mean = first_stage.latent_mean.to(z).view(1, -1, 1, 1)
-    return (z - mean) / first_stage.latent_std.to(z).view(1, -1, 1, 1)
-
-
 class BoostPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->unet->posterior_mean->upsampler->vae"
-    _optional_components = ["text_encoder", "tokenizer", "unet", "scheduler", "vae", "posterior_mean"]
+    model_cpu_offload_seq = "text_encoder->unet->regression_unet->cfm_unet->vae"
+    _optional_components = ["text_encoder", "tokenizer", "unet", "scheduler", "vae", "regression_unet"]
 
-    def __init__(self, upsampler, text_encoder=None, tokenizer=None, unet=None, scheduler=None, vae=None,
-                 posterior_mean=None, boost_config: dict | None = None):
+    def __init__(self, cfm_unet, text_encoder=None, tokenizer=None, unet=None, scheduler=None, vae=None,
+                 regression_unet=None, boost_config: dict | None = None):
         super().__init__()
         if boost_config is None:
             raise ValueError("BoostPipeline needs boost_config (an upsampler's boost_config.json); "
                              "build it with BoostPipeline.from_base(base_pipeline, Upsampler.from_pretrained(dir))")
         flow = CouplingFlowMatcher.from_dict(boost_config["flow"])  # validate early, the sampler too
         SamplerConfig.from_dict(boost_config.get("sampler", {}))
-        if flow.needs_posterior_mean and (posterior_mean is None or "posterior_mean_stats" not in boost_config):
-            raise ValueError("this upsampler is a posterior-mean flow: the pipeline needs its posterior_mean "
+        if flow.needs_posterior_mean and (regression_unet is None or "posterior_mean_stats" not in boost_config):
+            raise ValueError("this upsampler is a posterior-mean flow: the pipeline needs its regression_unet "
                              "model (build it with BoostPipeline.from_upsampler / from_base)")
         self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                              vae=vae, upsampler=upsampler, posterior_mean=posterior_mean)
+                              vae=vae, cfm_unet=cfm_unet, regression_unet=regression_unet)
         self.register_to_config(boost_config=dict(boost_config))
         self._own_first_stage: FirstStage | None = None  # TAEF2 / identity upsamplers: not the pipeline's VAE
-        self._boost_upsampler: Upsampler | None = None
-        self._boost_parts: tuple = ()  # the components _boost_upsampler wraps
+        self._upsampler: Upsampler | None = None
+        self._upsampler_parts: tuple = ()  # the components _upsampler wraps
 
     # ------------------------------------------------------------------ construction
 
@@ -115,7 +111,7 @@ class BoostPipeline(DiffusionPipeline):
         if missing:
             raise ValueError(f"base pipeline {type(base_pipeline).__name__} lacks {missing}: not an SD-family pipeline")
         pipe = cls(upsampler.model, parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["scheduler"],
-                   parts["vae"], _posterior_mean_model(upsampler), boost_config=_boost_config(upsampler))
+                   parts["vae"], _regression_unet(upsampler), boost_config=_boost_config(upsampler))
         pipe._adopt_first_stage(upsampler.first_stage)
         return pipe
 
@@ -123,7 +119,7 @@ class BoostPipeline(DiffusionPipeline):
     def from_upsampler(cls, upsampler: Upsampler) -> BoostPipeline:
         """Image-only pipeline (super-resolution with `image=`): no base model."""
         vae = upsampler.first_stage.vae if isinstance(upsampler.first_stage, DiffusersAutoencoder) else None
-        pipe = cls(upsampler.model, vae=vae, posterior_mean=_posterior_mean_model(upsampler),
+        pipe = cls(upsampler.model, vae=vae, regression_unet=_regression_unet(upsampler),
                    boost_config=_boost_config(upsampler))
         pipe._adopt_first_stage(upsampler.first_stage)
         return pipe
@@ -136,14 +132,14 @@ class BoostPipeline(DiffusionPipeline):
                              f"VAE has {self.vae.config.latent_channels}")
 
     @property
-    def boost_upsampler(self) -> Upsampler:
+    def upsampler(self) -> Upsampler:
         """The `fmboost.models.Upsampler` these components form: v_θ (and R) run in their own dtype while the ODE
         state stays fp32, the first stage, the flow and the saved SamplerConfig. Built on first use and kept;
         built anew only when a component it wraps is replaced (e.g. `pipe.vae = ...`)."""
-        parts = (self.upsampler, self.posterior_mean, self.vae)
-        if self._boost_upsampler is None or any(a is not b for a, b in zip(parts, self._boost_parts)):
-            self._boost_upsampler, self._boost_parts = self._build_upsampler(), parts
-        return self._boost_upsampler
+        parts = (self.cfm_unet, self.regression_unet, self.vae)
+        if self._upsampler is None or any(a is not b for a, b in zip(parts, self._upsampler_parts)):
+            self._upsampler, self._upsampler_parts = self._build_upsampler(), parts
+        return self._upsampler
 
     def _build_upsampler(self) -> Upsampler:
         config = self.config.boost_config
@@ -151,16 +147,16 @@ class BoostPipeline(DiffusionPipeline):
         posterior_mean = None
         if flow.needs_posterior_mean:
             stats = config["posterior_mean_stats"]
-            posterior_mean = PosteriorMean(self.posterior_mean, torch.tensor(stats["latent_mean"]),
+            posterior_mean = PosteriorMean(self.regression_unet, torch.tensor(stats["latent_mean"]),
                                            torch.tensor(stats["latent_std"]))
         calibration = config.get("detail_calibration")
-        return Upsampler(self.upsampler, self._make_first_stage(), flow, config["scale"],
+        return Upsampler(self.cfm_unet, self._make_first_stage(), flow, config["scale"],
                          SamplerConfig.from_dict(config.get("sampler", {})), posterior_mean,
                          None if calibration is None else DetailCalibration.from_dict(calibration)).mixed_precision()
 
     def first_stage(self) -> FirstStage:
         """The upsampler's latent space: the pipeline's VAE (SD-VAE upsamplers) or its own (TAEF2, identity)."""
-        return self.boost_upsampler.first_stage
+        return self.upsampler.first_stage
 
     def _make_first_stage(self) -> FirstStage:
         spec = dict(self.config.boost_config["first_stage"])
@@ -208,7 +204,7 @@ class BoostPipeline(DiffusionPipeline):
     def _check_precision(self, device: torch.device) -> None:
         if device.type != "cpu":
             return
-        for name in ("unet", "text_encoder", "vae", "upsampler"):
+        for name in ("unet", "text_encoder", "vae", "cfm_unet"):
             module = getattr(self, name, None)
             if module is not None and module.dtype in HALF_DTYPES:
                 raise ValueError(f"{name} is in {module.dtype} but the pipeline runs on the CPU: half precision "
@@ -283,25 +279,20 @@ class BoostPipeline(DiffusionPipeline):
         preview.scaling_factor, preview.shift_factor = first_stage.scaling_factor, first_stage.shift_factor
         return preview
 
-    def _check_latent_size(self, h: int, w: int, scale: int) -> None:
-        multiple = self.upsampler.size_multiple
-        if (h * scale) % multiple or (w * scale) % multiple:
-            raise ValueError(f"low-res latent {h}x{w} × scale {scale} must be divisible by {multiple} "
-                             "(the upsampler's down-sampling levels): choose another size")
-
-    def _low_res(self, z: torch.Tensor | None, image, first_stage: FirstStage, device: torch.device,
-                 num_images_per_prompt: int, timer: _Timer) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(lr_latent (B, C, h, w), None) or (None, lr_image (B, 3, f·h, f·w) in [-1, 1]) for the first CFM pass:
-        the base latents z in the upsampler's space, z decoded for upsamplers with their own first stage (TAEF2,
-        identity), or the given `image`."""
-        if image is not None:
-            kind, tensor = self._image_to_tensor(image, first_stage, device)
-            tensor = tensor.repeat_interleave(num_images_per_prompt, dim=0)
-            return (tensor, None) if kind == "latent" else (None, tensor)
-        if isinstance(first_stage, DiffusersAutoencoder):
-            return normalise_latents(first_stage, z), None
-        with timer("base"):
-            return None, DiffusersAutoencoder(self.vae, {"kind": "autoencoder_kl"}).decode(z)
+    def _low_res_image(self, z: torch.Tensor | None, image, first_stage: FirstStage, device: torch.device,
+                       num_images_per_prompt: int, timer: _Timer) -> torch.Tensor:
+        """The low-res image (B, 3, h, w) in [-1, 1] the render path starts from, and back-projects onto: the base
+        model's latents z decoded by its VAE (text → image), or the given `image` (latents in the upsampler's
+        space decoded by its first stage)."""
+        if image is None:
+            with timer("base"):
+                return DiffusersAutoencoder(self.vae, {"kind": "autoencoder_kl"}).decode(z)
+        kind, tensor = self._image_to_tensor(image, first_stage, device)
+        tensor = tensor.repeat_interleave(num_images_per_prompt, dim=0)
+        if kind == "image":
+            return tensor
+        with timer("upsample"):
+            return first_stage.decode(tensor)
 
     # ------------------------------------------------------------------ the recipe
 
@@ -310,113 +301,85 @@ class BoostPipeline(DiffusionPipeline):
                  num_inference_steps: int | None = None, guidance_scale: float = 7.5, base_size: int | tuple = 256,
                  sampler: SamplerConfig | None = None, upsample_steps: int | None = None, solver: str | None = None,
                  schedule: str | None = None, schedule_params: dict | None = None, detail: float | None = None,
-                 noising_step: int | None = None, cascade: int = 1, tile_size: int | None = None,
-                 tile_overlap: int | None = None, preview_vae: torch.nn.Module | None = None,
-                 num_images_per_prompt: int = 1,
+                 back_project: int | None = None, noising_step: int | None = None, cascade: int = 1,
+                 tile_size: int | None = None, tile_overlap: int | None = None,
+                 preview_vae: torch.nn.Module | None = None, num_images_per_prompt: int = 1,
                  generator: torch.Generator | list[torch.Generator] | None = None, latents: torch.Tensor | None = None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None, **base_kwargs):
-        """Text → image (prompt) or super-resolution (image); `cascade` CFM passes of ×scale each.
+        """Text → image (prompt) or super-resolution (image); `cascade` passes of ×scale each.
 
         num_inference_steps, guidance_scale, base_size: the base model's (steps default 25, LCM 4).
-        The CFM stage samples with `sampler` (a SamplerConfig; default: the upsampler's saved one) changed by
-        upsample_steps (its ODE steps, `num_steps`) / solver / schedule / schedule_params / detail; `detail`
-        ∈ [0, 1] is the fidelity dial of posterior-mean upsamplers (0: the regression estimate, best PSNR;
-        1: the flow's full detail). `noising_step` replaces the coupling's trained noise level (an ablation
-        knob); `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes instead of the VAE for a fast
-        preview; `base_kwargs` (prompt_embeds, eta, guidance_rescale, ...) go to the base SD loop.
+        The upsampler renders with `sampler` (a SamplerConfig; default: the upsampler's saved one) changed by
+        upsample_steps (its ODE steps, `num_steps`) / solver / schedule / schedule_params / detail /
+        back_project: `detail` ∈ [0, 1] is the fidelity dial of posterior-mean upsamplers (0: the estimate, best
+        PSNR; 1: the flow's full detail), `back_project` the steps of back-projection onto the low-res image
+        (in text → image: the base model's decoded image). `noising_step` replaces the coupling's trained
+        noise level (an ablation knob); `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes instead of the
+        VAE for a fast preview; `base_kwargs` (prompt_embeds, eta, guidance_rescale, ...) go to the base SD loop.
 
-        Images (and PSU upsamplers' latents) of any size go through `Upsampler.upscale`, once per cascade pass:
-        padded with context at the borders, and tiled — PSU encode, every ODE step and decode — when the output
-        is larger than `tile_size` output pixels (default: tiles of 1024 px above 1024 px; 0: never), neighbours
-        overlapping by `tile_overlap` output pixels (default 128) and blended with raised-cosine weights.
-        Latent outputs, preview decodes and latent-space up-sampling modes run untiled on the latents.
+        Every pass is `Upsampler.upscale`, the one render path: the low-res image padded with context at the
+        borders, tiled — PSU encode, every ODE step and decode — when the output is larger than `tile_size`
+        output pixels (default: tiles of 1024 px above 1024 px; 0: never), neighbours overlapping by
+        `tile_overlap` output pixels (default 128); then the dial and back-projection. output_type "latent"
+        returns the final image's latents in the upsampler's normalised space (one more encode), so every
+        output type holds the same image.
         """
         if (prompt is not None or "prompt_embeds" in base_kwargs) == (image is not None):
             raise ValueError("give exactly one of prompt (text → image) or image (super-resolution)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)}, got {output_type!r}")
         if not isinstance(cascade, int) or cascade < 1:
-            raise ValueError(f"cascade must be a positive int (number of CFM passes), got {cascade!r}")
+            raise ValueError(f"cascade must be a positive int (number of passes), got {cascade!r}")
         device = self._execution_device
         self._check_precision(device)
-        upsampler = self.boost_upsampler
+        upsampler = self.upsampler
         if noising_step is not None:
             flow = dataclasses.replace(upsampler.flow, noising_step=noising_step, noise_sigma=None)
             upsampler = dataclasses.replace(upsampler, flow=flow)
-        overrides = {"num_steps": upsample_steps, "solver": solver, "schedule": schedule,
-                     "schedule_params": schedule_params, "detail": detail}
-        sampler = (sampler or upsampler.sampler).replace(**{k: v for k, v in overrides.items() if v is not None})
+        changes = dict(num_steps=upsample_steps, solver=solver, schedule=schedule, schedule_params=schedule_params,
+                       detail=detail, back_project=back_project)  # checked by `Upsampler.settings` in each pass
+        sampler = (sampler or upsampler.sampler).replace(**{k: v for k, v in changes.items() if v is not None})
         first_stage = upsampler.first_stage
         if not isinstance(first_stage, DiffusersAutoencoder):  # the pipeline's VAE is placed by .to() / offload
             first_stage.to(device)
+        decoder = None if preview_vae is None else self._preview_first_stage(preview_vae, first_stage)
         timer = _Timer(device)
         bar = {"desc": "upsample", **getattr(self, "_progress_bar_config", {})}
-        # 1. the low-res input: the base model's latent (text → image), or the given image / latents
+        # 1. the low-res input: the base model's image (text → image), or the given image / latents
         z = None
         if image is None:
             with timer("base"):
                 z = self._base_latents(prompt, negative_prompt, base_size, num_inference_steps, guidance_scale,
                                        num_images_per_prompt, generator, latents, callback_on_step_end, **base_kwargs)
         with self._vae_upcast():
-            lr_latent, lr_image = self._low_res(z, image, first_stage, device, num_images_per_prompt, timer)
-            if output_type != "latent" and preview_vae is None and (lr_image is not None or
-                                                                     upsampler.flow.upsample == "psu"):
-                if lr_image is None:  # what PSU does first anyway
-                    with timer("upsample"):
-                        lr_image = first_stage.decode(lr_latent)
-                nfe = 0
-                for _ in range(cascade):  # 2.–5. each pass `Upsampler.upscale`: padded, tiled when large
-                    with upsampler.model.counting(**bar):
-                        result = upsampler.upscale(lr_image, generator, sampler, tile_size, tile_overlap, timer)
-                    lr_image, nfe = result.image, nfe + result.nfe
-                images = VaeImageProcessor().postprocess(lr_image, output_type=output_type)
-                self.maybe_free_model_hooks()
-                if not return_dict:
-                    return images, nfe, timer.timings
-                return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings, tiles=result.tiles)
-            if tile_size is not None or tile_overlap is not None:
-                raise ValueError("tile_size / tile_overlap tile image outputs: they need output_type 'pil', 'np' or "
-                                 "'pt', no preview_vae, and an image input or a PSU upsampler")
-            f = first_stage.downsample_factor
-            if lr_image is not None and (lr_image.shape[-2] % f or lr_image.shape[-1] % f):
-                raise ValueError(f"image size {lr_image.shape[-1]}x{lr_image.shape[-2]} (WxH) must be a multiple of "
-                                 f"{f} (the autoencoder's down-sampling factor) for latent outputs: crop or pad it")
-            h, w = lr_latent.shape[-2:] if lr_latent is not None else (lr_image.shape[-2] // f, lr_image.shape[-1] // f)
-            self._check_latent_size(h, w, upsampler.scale)  # later passes are larger multiples
-            nfe = 0
-            with timer("upsample"), upsampler.model.counting(**bar):
-                for step in range(cascade):  # each pass ×scale, from the previous pass's latent
-                    # 2. condition: the clean up-sampled latent (PSU: bicubic in pixels, then encode; or latent
-                    #    interpolation)
-                    cond = upsampler.condition(lr_latent, lr_image)
-                    # 3. the source x0 at t = 0: cond noise-augmented at the trained step, or R(cond) + σ_s ε for
-                    #    posterior-mean flows; one generator per sample keeps each sample reproducible on its own
-                    #    (the last pass of an image output: as many sources as the calibrated dial blends, see 5.)
-                    image_pass = step == cascade - 1 and output_type != "latent"
-                    source = upsampler.draw_source(cond, generator,
-                                                   upsampler.image_samples(sampler) if image_pass else 1)
-                    # 4. the ODE from x0 (t = 0) to the high-res latent x1 (t = 1), with the sampler (the last
-                    #    pass of an image output runs to the full sample if the dial is calibrated, see 5.)
-                    result = upsampler.transport(source, upsampler.image_sampler(sampler) if image_pass else sampler)
-                    lr_latent, lr_image, nfe = result.x1, None, nfe + result.nfe
-            # 5. decode (or return the upsampler's normalised latents)
+            lr_image = self._low_res_image(z, image, first_stage, device, num_images_per_prompt, timer)
             if output_type == "latent":
-                images = lr_latent
+                f = first_stage.downsample_factor
+                out_h, out_w = (side * upsampler.scale ** cascade for side in lr_image.shape[-2:])
+                if out_h % f or out_w % f:
+                    raise ValueError(f"output {out_w}x{out_h} (WxH) is not a multiple of {f} (the autoencoder's "
+                                     "down-sampling factor), so it has no latents: ask for an image output_type, "
+                                     "or crop the input")
+            # 2.–7. each pass: `Upsampler.upscale` (canvas → condition → source → ODE → decode → dial → back-projection)
+            nfe = 0
+            for _ in range(cascade):
+                with upsampler.model.counting(**bar):
+                    result = upsampler.upscale(lr_image, generator, sampler, tile_size, tile_overlap, timer, decoder)
+                lr_image, nfe = result.image, nfe + result.nfe
+            if output_type == "latent":
+                with timer("encode"):
+                    images = first_stage.encode(lr_image)
             else:
-                decoder = first_stage if preview_vae is None else self._preview_first_stage(preview_vae, first_stage)
-                with timer("decode"):  # calibrated dial: R's estimate and the sample, blended per frequency band
-                    decoded = upsampler.decode_sample(source, result, sampler, decoder)
-                processor = VaeImageProcessor(vae_scale_factor=first_stage.downsample_factor)
-                images = processor.postprocess(decoded, output_type=output_type)
+                images = VaeImageProcessor().postprocess(lr_image, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, nfe, timer.timings
-        return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings)
+        return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings, tiles=result.tiles)
 
 
 def _boost_config(upsampler: Upsampler) -> dict:
     """The upsampler's boost_config.json, with R's latent stats for posterior-mean flows (R's weights are the
-    pipeline's `posterior_mean` component)."""
+    pipeline's `regression_unet` component)."""
     config = upsampler.config()
     if upsampler.posterior_mean is not None:
         config["posterior_mean_stats"] = {"latent_mean": upsampler.posterior_mean.latent_mean.tolist(),
@@ -424,6 +387,6 @@ def _boost_config(upsampler: Upsampler) -> dict:
     return config
 
 
-def _posterior_mean_model(upsampler: Upsampler) -> torch.nn.Module | None:
-    """R's CFMUNet, registered as the pipeline's `posterior_mean` component (None for coupling flows)."""
+def _regression_unet(upsampler: Upsampler) -> torch.nn.Module | None:
+    """R's CFMUNet, registered as the pipeline's `regression_unet` component (None for coupling flows)."""
     return None if upsampler.posterior_mean is None else upsampler.posterior_mean.model

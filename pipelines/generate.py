@@ -13,23 +13,39 @@ import json
 from pathlib import Path
 
 import torch
+from fmboost.models import SamplerConfig
 from fmboost.pipelines.cli import UserError
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by generate and upscale: the CFM stage, device and output."""
-    parser.add_argument("-o", "--output", required=True, help="output image path (.png, .jpg, ...)")
-    parser.add_argument("--upsample-steps", type=int, default=None,
-                        help="CFM ODE steps (default: the upsampler's saved sampler)")
-    parser.add_argument("--solver", default=None, help="euler, midpoint, heun, rk4, dopri5, ... (default: saved)")
-    parser.add_argument("--schedule", default=None, help="time grid: linear, cosine, logit_normal, …")
+def add_render_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the upsampler renders: the same three options on generate, upscale and serve (eval-sr and
+    calibrate-detail take lists of the same); each defaults to the upsampler folder's saved setting."""
+    parser.add_argument("--sampler", default=None, metavar="SPEC",
+                        help="ODE solve: solver:schedule:steps (euler:linear:4, heun:cosine:2) or an adaptive solver "
+                             "(dopri5) (default: the upsampler's saved sampler)")
     parser.add_argument("--detail", type=float, default=None, metavar="D",
-                        help="fidelity dial of posterior-mean upsamplers, 0..1: 0 = the regression estimate (best "
-                             "PSNR, smooth), 1 = the flow's full detail (default: the upsampler's, 1)")
-    parser.add_argument("--cascade", type=int, default=1, help="CFM passes (2 with a ×2 model: 512 → 1024 → 2048 px)")
+                        help="fidelity dial of posterior-mean upsamplers, 0..1: 0 = the estimate (best PSNR, "
+                             "smooth), 1 = the flow's full detail (default: the upsampler's saved value)")
+    parser.add_argument("--back-project", type=int, default=None, metavar="N",
+                        help="steps of back-projection onto the low-res image after the dial, 0 = none (default: "
+                             "the upsampler's saved value, the one measured best on its validation images)")
+
+
+def render_settings(args: argparse.Namespace, saved: SamplerConfig) -> SamplerConfig:
+    """The folder's saved setting with the command line's --sampler / --detail / --back-project (their ranges
+    are checked by SamplerConfig: a bad value is a ValueError naming it)."""
+    sampler = saved if args.sampler is None else saved.with_solve(SamplerConfig.parse(args.sampler))
+    return sampler.replace(**{k: v for k, v in (("detail", args.detail), ("back_project", args.back_project))
+                              if v is not None})
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by generate and upscale: device, output, passes and tiles."""
+    parser.add_argument("-o", "--output", required=True, help="output image path (.png, .jpg, ...)")
+    parser.add_argument("--cascade", type=int, default=1, help="passes (2 with a ×2 model: 512 → 1024 → 2048 px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
@@ -47,10 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", default=DEFAULT_BASE, help="SD1.5 / LCM pipeline: hub id or folder, or a saved "
                                                              "BoostPipeline folder (then --upsampler is optional)")
     parser.add_argument("--upsampler", default=None, help="upsampler folder (boost_config.json + CFMUNet weights)")
-    parser.add_argument("--steps", type=int, default=None, help="base-model denoising steps (default 25; LCM 4)")
+    parser.add_argument("--base-steps", type=int, default=None, help="base-model denoising steps (default 25; LCM 4)")
     parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale of the base")
     parser.add_argument("--base-size", type=int, default=256, help="base resolution in pixels")
-    add_sampler_arguments(parser)
+    add_render_arguments(parser)
+    add_output_arguments(parser)
 
 
 def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -131,14 +148,10 @@ def load_pipeline(base: str | None, upsampler: str | None, dtype: torch.dtype):
     return BoostPipeline.from_base(base_pipe, load_upsampler(upsampler, base_pipe.vae).cast(dtype))
 
 
-def sampler_kwargs(args: argparse.Namespace, device: torch.device) -> dict:
-    if args.detail is not None and not 0.0 <= args.detail <= 1.0:
-        raise UserError(f"--detail must be in [0, 1], got {args.detail}")
-    for name in ("tile_size", "tile_overlap"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    return dict(upsample_steps=args.upsample_steps, solver=args.solver, schedule=args.schedule, detail=args.detail,
-                cascade=args.cascade, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+def pipeline_kwargs(args: argparse.Namespace, pipe, device: torch.device) -> dict:
+    """The BoostPipeline call's render settings, passes, tiles and seeded generator from the command line."""
+    return dict(sampler=render_settings(args, pipe.upsampler.sampler), cascade=args.cascade,
+                tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                 generator=torch.Generator(device).manual_seed(args.seed))
 
 
@@ -156,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.base, args.upsampler, dtype).to(device)
     if args.tiled:
         pipe.enable_vae_tiling()
-    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-               guidance_scale=args.guidance, base_size=args.base_size, **sampler_kwargs(args, device))
+    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.base_steps,
+               guidance_scale=args.guidance, base_size=args.base_size, **pipeline_kwargs(args, pipe, device))
     save_image(out.images[0], args.output)
     timings = ", ".join(f"{k} {v:.2f} s" for k, v in out.timings.items())
     print(f"wrote {args.output} ({out.images[0].width}x{out.images[0].height}, NFE {out.nfe}; {timings})")

@@ -22,7 +22,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 from fmboost.pipelines.cli import UserError
-from fmboost.pipelines.generate import DTYPES, device_and_dtype, load_pipeline
+from fmboost.pipelines.generate import DTYPES, add_render_arguments, device_and_dtype, load_pipeline, render_settings
 from fmboost.pipelines.upscale import load_image_pipeline
 
 NO_BASE_MODEL = ("Generate needs a base text-to-image model: start the server with `--base-model ID_OR_DIR` "
@@ -30,6 +30,8 @@ NO_BASE_MODEL = ("Generate needs a base text-to-image model: start the server wi
                  "saved BoostPipeline folder as `--upsampler`.")
 BASE_PARTS = ("text_encoder", "tokenizer", "unet", "scheduler", "vae")
 MAX_STEPS = 64
+#: The back-projection slider's end: measured gains stop after a few steps (RESULTS.md).
+MAX_BACK_PROJECT = 8
 IMAGE_HEIGHT = 480  # px on the page; the slider zooms, the download is full resolution
 
 
@@ -54,6 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest input the Upscale tab accepts, in megapixels (memory grows with the output)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
+    add_render_arguments(parser)  # where the page's controls start
 
 
 @dataclass
@@ -73,6 +76,9 @@ class BoostService:
 
     def __init__(self, pipe, device: torch.device, max_megapixels: float = 0.25):
         self.pipe, self.device, self.max_megapixels = pipe, torch.device(device), max_megapixels
+        #: Where the controls start: the upsampler's saved SamplerConfig (`fmboost serve --sampler / --detail /
+        #: --back-project` change it).
+        self.default_sampler = pipe.upsampler.sampler
 
     @classmethod
     def load(cls, upsampler: str, base_model: str | None = None, device: str | None = None,
@@ -88,39 +94,37 @@ class BoostService:
 
     @property
     def scale(self) -> int:
-        return self.pipe.boost_upsampler.scale
-
-    @property
-    def default_sampler(self):
-        """The upsampler's saved SamplerConfig: the controls start from it."""
-        return self.pipe.boost_upsampler.sampler
+        return self.pipe.upsampler.scale
 
     @property
     def has_detail(self) -> bool:
         """Whether the `detail` dial does anything: only posterior-mean flows have it."""
-        return self.pipe.boost_upsampler.flow.needs_posterior_mean
+        return self.pipe.upsampler.flow.needs_posterior_mean
 
     @property
     def generate_unavailable(self) -> str | None:
         """Why the Generate tab is disabled, or None when the pipeline has a base model."""
         return NO_BASE_MODEL if any(getattr(self.pipe, k, None) is None for k in BASE_PARTS) else None
 
-    def sampler(self, solver: str | None = None, steps: int | None = None, detail: float | None = None):
-        """The saved sampler with the controls' solver, steps and detail (validated: a bad value is a ValueError)."""
-        changes = {"solver": solver, "num_steps": None if steps is None else int(steps), "detail": detail}
-        return self.default_sampler.replace(**{k: v for k, v in changes.items() if v is not None})
+    def sampler(self, solver: str | None = None, steps: int | None = None, detail: float | None = None,
+                back_project: int | None = None):
+        """The default sampler with the controls' solver, steps, detail and back-projection steps, checked by
+        `Upsampler.settings` (a bad value is a ValueError)."""
+        return self.pipe.upsampler.settings(
+            self.default_sampler, solver=solver, num_steps=None if steps is None else int(steps), detail=detail,
+            back_project=None if back_project is None else int(back_project))
 
     # ------------------------------------------------------------------ the two jobs
 
     def upscale(self, image: PIL.Image.Image, solver: str | None = None, steps: int | None = None,
-                detail: float | None = None, seed: int = 0) -> Upscaled:
+                detail: float | None = None, back_project: int | None = None, seed: int = 0) -> Upscaled:
         """Super-resolve `image` (any size up to max_megapixels; the output is exactly scale × the input)."""
         megapixels = image.width * image.height / 1e6
         if megapixels > self.max_megapixels:
             raise UserError(f"the image is {image.width}x{image.height} ({megapixels:.2f} MP), above this server's "
                             f"limit of {self.max_megapixels:g} MP: downscale it or restart with --max-megapixels")
         image = image.convert("RGB")
-        sampler = self.sampler(solver, steps, detail)
+        sampler = self.sampler(solver, steps, detail, back_project)
         start = time.perf_counter()
         out = self.pipe(image=image, sampler=sampler, generator=self._generator(seed))
         result = out.images[0]
@@ -129,14 +133,15 @@ class BoostService:
 
     def generate(self, prompt: str, negative_prompt: str | None = None, base_steps: int | None = None,
                  guidance: float = 7.5, base_size: int = 256, solver: str | None = None, steps: int | None = None,
-                 detail: float | None = None, seed: int = 0) -> tuple[PIL.Image.Image, str]:
+                 detail: float | None = None, back_project: int | None = None, seed: int = 0,
+                 ) -> tuple[PIL.Image.Image, str]:
         """Text → base image (base_size²) → boosted image, and a one-line summary; a UserError when there is no
         base model."""
         if self.generate_unavailable:
             raise UserError(self.generate_unavailable)
         if not prompt or not prompt.strip():
             raise UserError("write a prompt first")
-        sampler = self.sampler(solver, steps, detail)
+        sampler = self.sampler(solver, steps, detail, back_project)
         start = time.perf_counter()
         out = self.pipe(prompt, negative_prompt=negative_prompt or None,
                         num_inference_steps=None if base_steps is None else int(base_steps),
@@ -150,7 +155,8 @@ class BoostService:
         return torch.Generator(self.device).manual_seed(int(seed))
 
     def _sampler_text(self, sampler) -> str:
-        return f"sampler {sampler.format()}" + (f", detail {sampler.detail:g}" if self.has_detail else "")
+        return f"sampler {sampler.format()}" + (f", detail {sampler.detail:g}" if self.has_detail else "") + \
+            f", back-projection {sampler.back_project}"
 
     def _summary(self, image, result, sampler, nfe: int, start: float) -> str:
         return (f"{image.width}x{image.height} → {result.width}x{result.height}, {self._sampler_text(sampler)}, "
@@ -162,9 +168,9 @@ class BoostService:
 
 def build_app(service: BoostService, output_dir: str | Path | None = None):
     """The Gradio Blocks page over `service`; results for download are written to `output_dir` (a new temporary
-    folder by default). Events: `/upscale` (image, solver, steps, detail, seed → slider, PNG, summary) and
-    `/generate` (prompt, negative prompt, base steps, guidance, base size, solver, steps, detail, seed → image,
-    summary)."""
+    folder by default). Events: `/upscale` (image, solver, steps, detail, back-projection steps, seed → slider, PNG,
+    summary) and `/generate` (prompt, negative prompt, base steps, guidance, base size, solver, steps, detail,
+    back-projection steps, seed → image, summary)."""
     gr = import_gradio()
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="fmboost-serve-"))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -180,27 +186,30 @@ def build_app(service: BoostService, output_dir: str | Path | None = None):
                                interactive=service.has_detail,
                                info="0: the regression estimate (best PSNR, smooth); 1: full detail" if
                                service.has_detail else "only posterior-mean upsamplers have this dial")
+            back_project = gr.Slider(0, MAX_BACK_PROJECT, value=default.back_project, step=1,
+                                     label="back-projection steps",
+                                     info="make the result agree with the input when scaled back down; 0: none")
             seed = gr.Number(0, precision=0, label="seed")
-        return [solver, steps, detail, seed]
+        return [solver, steps, detail, back_project, seed]
 
-    def upscale(image, solver, steps, detail, seed, progress=progress_bar):
+    def upscale(image, solver, steps, detail, back_project, seed, progress=progress_bar):
         if image is None:
             raise gr.Error("upload an image first")
         progress(0, desc="upscaling")
         try:
-            done = service.upscale(image, solver, steps, detail, seed)
+            done = service.upscale(image, solver, steps, detail, back_project, seed)
         except (UserError, ValueError) as err:
             raise gr.Error(str(err)) from None
         path = output_dir / f"fmboost_{done.result.width}x{done.result.height}_seed{int(seed)}.png"
         done.result.save(path)
         return (done.bicubic, done.result), str(path), done.summary
 
-    def generate(prompt, negative_prompt, base_steps, guidance, base_size, solver, steps, detail, seed,
-                 progress=progress_bar):
+    def generate(prompt, negative_prompt, base_steps, guidance, base_size, solver, steps, detail, back_project,
+                 seed, progress=progress_bar):
         progress(0, desc="generating")
         try:
             return service.generate(prompt, negative_prompt, base_steps, guidance, base_size, solver, steps, detail,
-                                    seed)
+                                    back_project, seed)
         except (UserError, ValueError) as err:
             raise gr.Error(str(err)) from None
 
@@ -258,6 +267,7 @@ def _default_base_steps(pipe) -> int:
 def run(args: argparse.Namespace) -> int:
     import_gradio()  # before loading models: a missing extra fails at once
     service = BoostService.load(args.upsampler, args.base_model, args.device, args.dtype, args.max_megapixels)
+    service.default_sampler = service.pipe.upsampler.settings(render_settings(args, service.default_sampler))
     print(f"fmboost serve: ×{service.scale} upsampler from {args.upsampler}"
           + (f", base model {args.base_model}" if args.base_model else "") + f", on {service.device}")
     build_app(service).queue().launch(server_name=args.host, server_port=args.port, show_error=True)

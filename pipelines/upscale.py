@@ -14,12 +14,13 @@ from pathlib import Path
 import PIL.Image
 from fmboost.pipelines.cli import UserError
 from fmboost.pipelines.generate import (
-    add_sampler_arguments,
+    add_output_arguments,
+    add_render_arguments,
     device_and_dtype,
     is_boost_pipeline,
     load_diffusers,
     load_upsampler,
-    sampler_kwargs,
+    pipeline_kwargs,
     save_image,
 )
 
@@ -28,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="input image, any size")
     parser.add_argument("--upsampler", required=True, help="upsampler or BoostPipeline folder")
     parser.add_argument("--compare", action="store_true", help="also write a side-by-side with bicubic up-sampling")
-    add_sampler_arguments(parser)
+    add_render_arguments(parser)
+    add_output_arguments(parser)
 
 
 def side_by_side(left: PIL.Image.Image, right: PIL.Image.Image) -> PIL.Image.Image:
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_image_pipeline(args.upsampler, dtype).to(device)
     if args.tiled:
         pipe.enable_vae_tiling()
-    out = pipe(image=image, **sampler_kwargs(args, device))
+    out = pipe(image=image, **pipeline_kwargs(args, pipe, device))
     result = out.images[0]
     save_image(result, args.output)
     tiles = f" in {out.tiles} tiles" if out.tiles > 1 else ""

@@ -1,7 +1,7 @@
 """Draw PSNR–LPIPS curves from several `fmboost eval-sr` results.json files on one plot, with a target corner.
 
-    python scripts/plot_frontier.py OUT.png --reference "regression + BP2" \
-        --curve "blend, 2 Euler steps=runs/x/results.json|CFM[pm] euler:linear:2 · detail {d} + BP2|0.5,0.75,1" ...
+    python scripts/plot_frontier.py OUT.png --reference "regression · BP2" \
+        --curve "blend, 2 Euler steps=runs/x/results.json|CFM[pm] euler:linear:2 · detail {d} · BP2|0.5,0.75,1" ...
 
 A curve is LABEL=RESULTS_JSON|METHOD_PATTERN|VALUES — METHOD_PATTERN names the methods with `{d}` replaced
 by each of VALUES (comma-separated). The reference method (from the first curve's file) is drawn as a star,
@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
     parser.add_argument("--curve", action="append", required=True, metavar="LABEL=JSON|PATTERN|VALUES")
-    parser.add_argument("--reference", default="regression + BP2")
+    parser.add_argument("--reference", default="regression · BP2")
     parser.add_argument("--psnr-margin", type=float, default=0.1)
     parser.add_argument("--lpips-ratio", type=float, default=0.9)
     parser.add_argument("--title", default="")

@@ -153,7 +153,7 @@ def measure_read(config: TrainConfig, gigabytes: float, shape: tuple[int, int, i
 @torch.no_grad()
 def measure_dtype_psnr(config: TrainConfig, patches: int) -> dict:
     """PSNR (dB, images in [-1, 1]) of decode(latent cast to each dtype) against decode(float32 latent)."""
-    from fmboost.eval.metrics import psnr
+    from fmboost.models.metrics import psnr
 
     from .cfm_upsampler import build_first_stage
     from .data import image_records, split_records

@@ -28,10 +28,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from fmboost.eval.calibrate_detail import calibrate, describe
-from fmboost.eval.metrics import LPIPS_MIN_SIZE, MetricUnavailable, load_lpips
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, load_first_stage
-from fmboost.models.detail_bands import DetailCalibration
+from fmboost.models.calibration import calibrate, describe
+from fmboost.models.metrics import LPIPS_MIN_SIZE, MetricUnavailable, load_lpips
 from fmboost.models.posterior_mean import PosteriorMean
 from fmboost.train import checkpoint as ckpt
 from fmboost.train.config import TrainConfig, load_config
@@ -355,8 +354,9 @@ def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs
 def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
                    posterior_mean: PosteriorMean | None = None, val_records=()) -> Path:
     """The (EMA) weights as an `Upsampler` folder: CFMUNet + boost_config.json (incl. latent stats), and R
-    for posterior-mean flows, so the folder runs on its own — with their per-band fidelity dial fitted on
-    the validation images (`calibrate_detail`)."""
+    for posterior-mean flows, so the folder runs on its own — with its render settings fitted on the validation
+    images (`fit_render_settings`): the back-projection steps that measure best, and for posterior-mean flows
+    the per-band fidelity dial."""
     accelerator.wait_for_everyone()
     target = Path(config.output_dir) / "upsampler"
     unwrapped = accelerator.unwrap_model(model)
@@ -368,8 +368,8 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
         upsampler = as_upsampler(config, unwrapped, first_stage, flow, posterior_mean)
-        if config.calibrate_detail and flow.needs_posterior_mean and val_records:
-            upsampler.detail_calibration = fit_detail_calibration(upsampler, val_records, config)
+        if val_records:
+            fit_render_settings(upsampler, val_records, config)
         upsampler.save_pretrained(target)
         accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}"
                           + replicas)
@@ -378,15 +378,17 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
     return target
 
 
-def fit_detail_calibration(upsampler: Upsampler, val_records, config: TrainConfig) -> DetailCalibration:
-    """The per-band dial (`fmboost.models.detail_bands`) fitted on CALIBRATION_CROPS patches of each
-    validation image, images the flow and R never trained on, blending `detail_samples` samples; its band order
-    measured with LPIPS (`detail_path: lpips`) when the LPIPS weights load, else all bands together (said why)."""
+def fit_render_settings(upsampler: Upsampler, val_records, config: TrainConfig) -> None:
+    """`fmboost.models.calibration` on CALIBRATION_CROPS patches of each validation image, images the flow
+    and R never trained on: the folder's back-projection steps, and (posterior-mean flows, `calibrate_detail`)
+    the per-band dial, its band order measured with LPIPS (`detail_path: lpips`) when the LPIPS weights load,
+    else all bands together (said why)."""
     lpips = None
-    if config.detail_path == "lpips" and config.crop_size < LPIPS_MIN_SIZE:
+    dial = config.calibrate_detail and upsampler.flow.needs_posterior_mean
+    if dial and config.detail_path == "lpips" and config.crop_size < LPIPS_MIN_SIZE:
         tqdm.write(f"detail path: uniform, LPIPS needs patches of at least {LPIPS_MIN_SIZE}², crop_size is "
                    f"{config.crop_size}")
-    elif config.detail_path == "lpips":
+    elif dial and config.detail_path == "lpips":
         try:
             lpips = load_lpips(None, next(upsampler.model.parameters()).device)
         except MetricUnavailable as err:
@@ -395,10 +397,9 @@ def fit_detail_calibration(upsampler: Upsampler, val_records, config: TrainConfi
     was_training = upsampler.model.training
     upsampler.model.eval()
     result = calibrate(upsampler, zip(pairs["lr"].split(1), pairs["hr"].split(1)), seed=config.seed,
-                       total=len(pairs["hr"]), lpips=lpips, samples=config.detail_samples)
+                       total=len(pairs["hr"]), lpips=lpips, fit_dial=dial)
     upsampler.model.train(was_training)
-    tqdm.write("detail calibration:\n" + describe(result, upsampler.scale))
-    return result.calibration
+    tqdm.write("render settings fitted on the validation images:\n" + describe(result, upsampler.scale))
 
 
 def replicas_digest(accelerator: Accelerator, params) -> str:

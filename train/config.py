@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 from fmboost.models import FIRST_STAGES, PRESETS, CouplingFlowMatcher, SamplerConfig
-from fmboost.models.detail_bands import DETAIL_PATHS, DETAIL_SAMPLES
+from fmboost.models.detail_bands import DETAIL_PATHS
 from fmboost.models.unet import PADDING_MODES
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -68,7 +68,6 @@ class TrainConfig:
     concat_cond: bool = True  # feed the clean up-sampled latent beside x_t (False: PMRF's unconditional flow)
     calibrate_detail: bool = True  # posterior-mean flows: fit the per-band fidelity dial on the validation images
     detail_path: str = "lpips"  # its band order: "lpips" (measured; uniform without LPIPS weights) or "uniform"
-    detail_samples: int = 1  # samples it blends: 2 splits the detail into consistent and random (2× flow NFE)
     objective: str = "cfm"
     time_sampling: str = "uniform"
     logit_normal_mu: float = 0.0
@@ -107,7 +106,7 @@ class TrainConfig:
         _check_types(self)
         choices = {"first_stage": FIRST_STAGES, "model_preset": tuple(PRESETS), "mixed_precision": MIXED_PRECISIONS,
                    "latent_cache_dtype": tuple(CACHE_DTYPES),
-                   "padding_mode": PADDING_MODES, "detail_path": DETAIL_PATHS, "detail_samples": DETAIL_SAMPLES}
+                   "padding_mode": PADDING_MODES, "detail_path": DETAIL_PATHS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
@@ -138,7 +137,8 @@ class TrainConfig:
                                    logit_normal_std=self.logit_normal_std)
 
     def sampler(self) -> SamplerConfig:
-        """How validation samples, saved with the Upsampler as its default."""
+        """How validation samples, saved with the Upsampler as its default (with the back-projection steps measured
+        best on the validation images, `fmboost.models.calibration`)."""
         return SamplerConfig(solver=self.solver, num_steps=self.upsample_steps, schedule=self.schedule)
 
     def to_dict(self) -> dict:

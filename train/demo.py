@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fmboost.eval import metrics
-from fmboost.models import Upsampler
+from fmboost.models import Upsampler, metrics
 
 from .cfm_upsampler import train
 from .config import load_config

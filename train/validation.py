@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fmboost.eval.metrics import psnr, ssim
 from fmboost.models import Upsampler
+from fmboost.models.metrics import psnr, ssim
 from PIL import Image, ImageDraw
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fmboost.eval.pairs import iter_pairs, list_images, load_image, make_pair, square_crop
+from fmboost.eval.pairs import iter_pairs, list_images, load_image, make_pair, resize, square_crop, to_8bit
 from PIL import Image
 
 
@@ -24,6 +24,19 @@ def test_pair_sizes_range_and_antialiased_lr(generator):
     area = F.avg_pool2d(pair.hr[None], 4)[0]
     aliased = F.interpolate(pair.hr[None], size=(16, 16), mode="bicubic", align_corners=False)[0]
     assert (pair.lr - area).abs().mean() < 0.5 * (aliased - area).abs().mean()
+
+
+def test_pairs_are_on_8_bit_levels_as_image_files_hold_them(generator, tmp_path):
+    image = torch.rand(3, 90, 70, generator=generator) * 2 - 1
+    pair = make_pair(image, hr_size=64, lr_size=16)
+    for x in (pair.hr, pair.lr):
+        levels = (x + 1) * 127.5
+        torch.testing.assert_close(levels, levels.round(), rtol=0, atol=1e-4)
+    torch.testing.assert_close(pair.lr, to_8bit(resize(pair.hr, (16, 16))), rtol=0, atol=0)  # hr ↓, then rounded
+    torch.testing.assert_close(to_8bit(pair.lr), pair.lr, rtol=0, atol=0)
+    # lr written as a PNG reads back as lr exactly: a saved input reproduces what the methods were given
+    Image.fromarray(((pair.lr + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / "lr.png")
+    assert torch.equal(load_image(tmp_path / "lr.png"), pair.lr)
 
 
 def test_resize_keeps_the_whole_image_and_center_crop_is_centered():

@@ -100,6 +100,16 @@ def test_config_validation_names_the_key():
     assert CouplingFlowMatcher.from_dict(fm.to_dict()) == fm
 
 
+def test_older_flow_dicts_drop_the_latent_dial_and_refuse_end_time():
+    fm = CouplingFlowMatcher(source="posterior_mean", posterior_mean_sigma=0.2)
+    assert "dial" not in fm.to_dict()
+    assert CouplingFlowMatcher.from_dict({**fm.to_dict(), "dial": "blend"}) == fm  # what older folders wrote
+    with pytest.raises(ValueError, match="dial 'end_time' is no longer supported"):
+        CouplingFlowMatcher.from_dict({**fm.to_dict(), "dial": "end_time"})
+    with pytest.raises(TypeError):
+        CouplingFlowMatcher(dial="blend")  # not a field any more
+
+
 def test_loss_and_sampling_for_both_objectives(generator):
     net = CFMUNet.from_preset("tiny", latent_channels=4)
     cond = torch.randn(2, 4, 8, 8, generator=generator)

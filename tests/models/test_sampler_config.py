@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from fmboost.models import SamplerConfig, sample_ode
+from fmboost.models.sampler_config import SOLVE_FIELDS
 
 STRINGS = ["euler:linear:10", "euler:logit_normal:mu=0.5,std=3:10", "midpoint:cosine:4",
            "euler:polynomial:power=1.25:3", "dopri5", "dopri5:atol=1e-05,rtol=0.001"]
@@ -27,6 +28,7 @@ def test_parse_reads_fields_and_keeps_the_old_names():
     assert adaptive.format() == "dopri5:atol=1e-05,rtol=0.001"  # eval-sr's method name, as before
     assert SamplerConfig.parse("dopri5:atol=1e-6,rtol=1e-3").format() == "dopri5"  # the defaults
     assert SamplerConfig(detail=0.5).format() == "euler:linear:4"  # detail has its own option
+    assert SamplerConfig(back_project=2).format() == "euler:linear:4"  # and so has back-projection
 
 
 @pytest.mark.parametrize("text, match", [
@@ -45,6 +47,8 @@ def test_parse_errors_name_the_bad_part(text, match):
     ({"solver": "leapfrog"}, "solver"), ({"num_steps": 0}, "num_steps"), ({"num_steps": 2.0}, "num_steps"),
     ({"num_steps": True}, "num_steps"), ({"schedule": "wiggly"}, "schedule"), ({"atol": 0.0}, "atol"),
     ({"rtol": -1.0}, "rtol"), ({"detail": 1.5}, "detail"), ({"detail": -0.1}, "detail"),
+    ({"back_project": -1}, "back_project"), ({"back_project": 1.5}, "back_project"),
+    ({"back_project": True}, "back_project"), ({"back_project": "2"}, "back_project"),
     ({"schedule_params": {"mu": "a"}}, "schedule_params"), ({"schedule_params": "mu"}, "schedule_params"),
 ])
 def test_construction_is_validated(fields, bad):
@@ -63,9 +67,10 @@ def test_replace_accepts_a_dict_and_names_unknown_keys():
 
 
 def test_json_round_trip():
-    config = SamplerConfig("heun", 6, "logit_normal", {"mu": -1.0, "std": 3.0}, detail=0.25)
+    config = SamplerConfig("heun", 6, "logit_normal", {"mu": -1.0, "std": 3.0}, detail=0.25, back_project=3)
     stored = json.loads(json.dumps(config.to_dict()))
-    assert stored["schedule_params"] == {"mu": -1.0, "std": 3.0}
+    assert stored["schedule_params"] == {"mu": -1.0, "std": 3.0} and stored["back_project"] == 3
+    assert "temperature" not in stored
     assert SamplerConfig.from_dict(stored) == config
 
 
@@ -77,9 +82,36 @@ def test_json_round_trip():
       "detail": 0.5}, SamplerConfig("euler", 8, "logit_normal", (("mu", 0.5), ("std", 3.0)), detail=0.5)),
     ({"solver": "dopri5", "atol": 1e-5, "rtol": 1e-4, "schedule_params": None},
      SamplerConfig("dopri5", atol=1e-5, rtol=1e-4)),
+    ({"solver": "euler", "num_steps": 4, "schedule": "linear", "temperature": 1.0, "detail": 0.5},
+     SamplerConfig(detail=0.5)),  # the removed temperature at its neutral value: dropped
+    ({"temperature": 1}, SamplerConfig()),
 ])
 def test_older_sampler_dicts_load(old, expected):
     assert SamplerConfig.from_dict(old) == expected
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.5, 0.0])
+def test_a_stored_temperature_other_than_1_is_refused(temperature):
+    with pytest.raises(ValueError, match=f"temperature {temperature} is no longer supported.*use detail instead"):
+        SamplerConfig.from_dict({"num_steps": 4, "temperature": temperature})
+    with pytest.raises(TypeError):
+        SamplerConfig(temperature=temperature)  # not a field any more
+
+
+def test_with_solve_takes_the_ode_fields_and_keeps_detail_and_back_projection():
+    saved = SamplerConfig("euler", 4, "linear", detail=0.3, back_project=2)
+    solve = SamplerConfig.parse("heun:logit_normal:std=3:6")
+    combined = saved.with_solve(solve)
+    assert combined.format() == solve.format() == "heun:logit_normal:std=3:6"
+    assert (combined.detail, combined.back_project) == (0.3, 2)
+    adaptive = saved.with_solve(SamplerConfig.parse("dopri5:atol=1e-05,rtol=0.001"))
+    assert (adaptive.solver, adaptive.atol, adaptive.rtol, adaptive.detail) == ("dopri5", 1e-5, 1e-3, 0.3)
+    assert set(SOLVE_FIELDS) == set(SamplerConfig().solve_kwargs())  # what the ODE takes, no more
+
+
+def test_describe_names_everything_that_shapes_the_image():
+    assert SamplerConfig(detail=0.5, back_project=2).describe() == "euler:linear:4 · detail 0.5 · BP2"
+    assert SamplerConfig.parse("dopri5").describe() == "dopri5 · detail 1 · BP0"
 
 
 def test_unknown_key_in_a_stored_dict_is_named():

@@ -3,8 +3,9 @@ seconds on the wheel sample photos (the demo's data, zero-padded CFMUNet: the se
 
 Measures, each on the same crops as its reference so image content cancels:
   border  PSNR of the 8-px border band minus the interior's (≥ 16 px in), against bicubic's on the same
-          crops: `upscale` within BORDER_MARGIN_DB of it; the network without context (`upsample`) is not —
-          the frame this test exists to catch.
+          crops: `upscale` within BORDER_MARGIN_DB of it; the network without context (`upscale` on a canvas
+          without margin, BORDER_CONTEXT = 0) is not — the frame this test exists to catch. Both without
+          back-projection, which would mend some of the frame after the fact: the margin is what is tested.
   tiles   tiled vs untiled `upscale` of a photo: PSNR ≥ TILES[model][2], and the gradient energy across
           tile edges within SEAM_MARGIN of the untiled image's at the same columns / rows. TAEF2's decoder
           normalises (GroupNorm) over what it sees, so its tiles differ more from one whole pass.
@@ -17,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fmboost.models import Upsampler
+from fmboost.models import upsampler as upsampler_module
 from fmboost.models.consistency import downsample
 from fmboost.train.cfm_upsampler import train
 from fmboost.train.config import load_config
@@ -91,23 +93,29 @@ def border_gap_db(pred: torch.Tensor, hr: torch.Tensor, band: int = 8, interior:
     return 10 * math.log10(se[..., dist >= interior].mean().item() / se[..., dist < band].mean().item())
 
 
-def check_borders(upsampler: Upsampler, photos, frame_without_context: bool):
+def check_borders(upsampler: Upsampler, photos, frame_without_context: bool, monkeypatch):
     hr, lr = crops(photos)
     bicubic = border_gap_db(F.interpolate(lr, scale_factor=4, mode="bicubic", align_corners=False), hr)
-    fixed = border_gap_db(upsampler.upscale(lr, torch.Generator().manual_seed(0)).image, hr)
-    bare = border_gap_db(upsampler.first_stage.decode(upsampler.upsample(lr_image=lr).x1), hr)
-    print(f"border band − interior PSNR: bicubic {bicubic:+.2f} dB, upscale {fixed:+.2f}, no context {bare:+.2f}")
+    fixed = border_gap_db(upsampler.upscale(lr, torch.Generator().manual_seed(0), back_project=0).image, hr)
+    saved = border_gap_db(upsampler.upscale(lr, torch.Generator().manual_seed(0)).image, hr)
+    with monkeypatch.context() as patch:
+        patch.setattr(upsampler_module, "BORDER_CONTEXT", 0)
+        assert upsampler.canvas(lr).image.shape == lr.shape  # no margin: the network sees the crop alone
+        bare = border_gap_db(upsampler.upscale(lr, torch.Generator().manual_seed(0), back_project=0).image, hr)
+    print(f"border band − interior PSNR: bicubic {bicubic:+.2f} dB, upscale {fixed:+.2f} (with the folder's "
+          f"{upsampler.sampler.back_project} back-projection steps {saved:+.2f}), no context {bare:+.2f}")
     assert fixed >= bicubic - BORDER_MARGIN_DB
     if frame_without_context:  # the network alone shows the frame: the measure sees it
         assert bare < bicubic - BORDER_MARGIN_DB
 
 
-def test_no_frame_pixel_space(pixel_upsampler, photos):
-    check_borders(pixel_upsampler, photos, frame_without_context=True)
+def test_no_frame_pixel_space(pixel_upsampler, photos, monkeypatch):
+    check_borders(pixel_upsampler, photos, frame_without_context=True, monkeypatch=monkeypatch)
 
 
-def test_no_frame_taef2(taef2_upsampler, photos):
-    check_borders(taef2_upsampler, photos, frame_without_context=False)  # too briefly trained to show one
+def test_no_frame_taef2(taef2_upsampler, photos, monkeypatch):
+    # too briefly trained to show a frame without context
+    check_borders(taef2_upsampler, photos, frame_without_context=False, monkeypatch=monkeypatch)
 
 
 def tile_edges(upsampler: Upsampler, lr: torch.Tensor, tile_size: int, tile_overlap: int) -> tuple[list, list]:

@@ -1,5 +1,8 @@
 """BoostPipeline end to end with tiny random SD-style components (offline, CPU)."""
 
+import contextlib
+import warnings
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -59,7 +62,8 @@ def test_text_to_image_every_output_type(pipe):
     pil = pipe("a photo of a cat", generator=seeded(), output_type="pil", **BASE).images
     assert isinstance(pil[0], PIL.Image.Image) and pil[0].size == (128, 128)
     latent = pipe("a photo of a cat", generator=seeded(), output_type="latent", **BASE)
-    assert latent.images.shape == (1, 4, 16, 16) and "decode" not in latent.timings
+    assert latent.images.shape == (1, 4, 16, 16) and "encode" in latent.timings  # the latents of the same image
+    torch.testing.assert_close(latent.images, pipe.first_stage().encode(out.images * 2 - 1), atol=1e-4, rtol=1e-4)
     images, nfe, timings = pipe("a photo of a cat", generator=seeded(), output_type="pt", return_dict=False, **BASE)
     torch.testing.assert_close(images, out.images)
 
@@ -86,7 +90,7 @@ def test_batch_num_images_and_generator_list(pipe):
 def test_sampler_config_and_its_overrides(pipe):
     midpoint = SamplerConfig("midpoint", 3, "logit_normal", {"std": 1.0})
     out = pipe("a cat", sampler=midpoint, generator=seeded(), output_type="latent", **BASE)
-    assert out.nfe == 6 and pipe.boost_upsampler.sampler == SamplerConfig(num_steps=2)  # the saved one is kept
+    assert out.nfe == 6 and pipe.upsampler.sampler == SamplerConfig(num_steps=2)  # the saved one is kept
     same = pipe("a cat", upsample_steps=3, solver="midpoint", schedule="logit_normal", schedule_params={"std": 1.0},
                 generator=seeded(), output_type="latent", **BASE)
     torch.testing.assert_close(same.images, out.images)
@@ -100,14 +104,14 @@ def test_upsampler_is_built_once(parts, monkeypatch):
     builds = []
     build = BoostPipeline._build_upsampler
     monkeypatch.setattr(BoostPipeline, "_build_upsampler", lambda self: builds.append(self) or build(self))
-    held = pipe.boost_upsampler
+    held = pipe.upsampler
     pipe("a cat", generator=seeded(), output_type="latent", noising_step=100, **BASE)
     pipe(image=torch.rand(1, 3, 32, 32), output_type="latent")
-    assert pipe.boost_upsampler is held and len(builds) == 1
+    assert pipe.upsampler is held and len(builds) == 1
     assert held.flow.noising_step == 400  # a per-call override does not stick
     assert pipe.first_stage() is held.first_stage and held.first_stage.vae is pipe.vae
     pipe.vae = random_sd_components("tiny", tokenizer=parts["tokenizer"])["vae"]  # a replaced component is picked up
-    assert pipe.boost_upsampler is not held and pipe.boost_upsampler.first_stage.vae is pipe.vae
+    assert pipe.upsampler is not held and pipe.upsampler.first_stage.vae is pipe.vae
 
 
 def test_lcm_base_and_latent_coupling(parts):
@@ -206,8 +210,6 @@ def test_taef2_upsampler_text_and_image(parts, taef2_dir, faces_dir):
 def test_bad_inputs(pipe):
     with pytest.raises(ValueError, match="multiple of 8"):  # any size for images out, not for latents out
         pipe(image=np.zeros((50, 64, 3), dtype=np.uint8), output_type="latent")
-    with pytest.raises(ValueError, match="tile image outputs"):
-        pipe(image=np.zeros((48, 64, 3), dtype=np.uint8), output_type="latent", tile_size=256)
     with pytest.raises(ValueError, match="exactly one of prompt"):
         pipe("a cat", image=np.zeros((64, 64, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="exactly one of prompt"):
@@ -218,14 +220,15 @@ def test_bad_inputs(pipe):
         pipe("a cat", cascade=0)
     with pytest.raises(ValueError, match="3 channels"):
         pipe(image=torch.zeros(1, 5, 16, 16))
-    with pytest.raises(ValueError, match="divisible by 2"):  # tiny CFMUNet needs even latents: 8 px × 1 latent × 2 ok
-        BoostPipeline.from_upsampler(make_upsampler(IdentityAutoencoder(), "bicubic", scale=1))(
-            image=torch.rand(1, 3, 5, 6), output_type="latent")
+    with pytest.raises(ValueError, match="needs a posterior-mean upsampler"):
+        pipe("a cat", detail=0.5, **BASE)
+    with pytest.raises(ValueError, match="back_project"):
+        pipe("a cat", back_project=-1, **BASE)
 
 
 def test_half_precision_on_cpu_is_a_clear_error(parts):
     pipe = boost(random_sd_components("tiny", tokenizer=parts["tokenizer"]))
-    pipe.upsampler.to(torch.float16)
+    pipe.cfm_unet.to(torch.float16)
     with pytest.raises(ValueError, match="half precision needs a GPU"):
         pipe("a cat", **BASE)
 
@@ -261,22 +264,22 @@ def test_posterior_mean_pipeline_text_image_save_load_and_detail(parts, tmp_path
     assert out.nfe == 2 + 1
     image = torch.rand(1, 3, 48, 48, generator=seeded())
     estimate = pipe(image=image, detail=0.0, output_type="latent")
-    expected = upsampler.upsample(lr_image=image * 2 - 1, detail=0.0).x1
-    assert estimate.nfe == 1
+    expected = first_stage.encode(upsampler.upscale(image * 2 - 1, detail=0.0).image)
+    assert estimate.nfe == 1  # R's pass: the flow is skipped where the dial does not use it
     torch.testing.assert_close(estimate.images, expected, atol=1e-5, rtol=1e-4)
     pipe.save_pretrained(tmp_path)
     loaded = BoostPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     again = loaded("a cat", generator=seeded(), output_type="latent", **BASE)
     torch.testing.assert_close(again.images, out.images, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="needs its posterior_mean model"):
-        BoostPipeline(pipe.upsampler, boost_config=pipe.config.boost_config)
+    with pytest.raises(ValueError, match="needs its regression_unet"):
+        BoostPipeline(pipe.cfm_unet, boost_config=pipe.config.boost_config)
 
 
 @pytest.mark.parametrize("upsample", ["psu", "bilinear"])
-def test_two_sample_dial_reaches_the_pipeline_and_counts_both_samples(parts, upsample, tmp_path):
-    """The calibrated dial over two samples, through both of the pipeline's paths (tiled image path for PSU, latent
-    cascade for latent up-sampling): the same image as `Upsampler.upscale`, and the NFE of both samples and R."""
+def test_pipeline_renders_through_upscale_with_the_dial_and_back_projection(parts, upsample, tmp_path):
+    """A calibrated dial and back-projection, for PSU and latent up-sampling: the pipeline's image is
+    `Upsampler.upscale`'s, the NFE counts R and the flow, and the calibration travels with the pipeline."""
     from fmboost.models.detail_bands import DetailCalibration
     from fmboost.models.posterior_mean import PosteriorMean
 
@@ -287,18 +290,39 @@ def test_two_sample_dial_reaches_the_pipeline_and_counts_both_samples(parts, ups
                   CouplingFlowMatcher(objective="regression", upsample=upsample), scale=2)
     upsampler = make_upsampler(first_stage)
     upsampler = Upsampler(upsampler.model, first_stage, CouplingFlowMatcher(source="posterior_mean", upsample=upsample),
-                          scale=2, sampler=upsampler.sampler, posterior_mean=PosteriorMean.from_upsampler(r),
-                          detail_calibration=DetailCalibration((1.0,), (0.2, 0.6, 0.0, 0.0), samples=2))
+                          scale=2, sampler=upsampler.sampler.replace(back_project=2),
+                          posterior_mean=PosteriorMean.from_upsampler(r),
+                          detail_calibration=DetailCalibration((1.0,), (0.2, 0.6), sampler="euler:linear:2",
+                                                               back_project=2))
     pipe = BoostPipeline.from_base(base, upsampler)
     pipe.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 48, 48, generator=seeded())
-    out = pipe(image=image, detail=0.5, generator=seeded(3), output_type="pt")
-    assert out.nfe == 2 * 2 + 1
-    expected = upsampler.upscale(image * 2 - 1, seeded(3), detail=0.5)
-    torch.testing.assert_close(out.images, (expected.image / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=1e-4)
-    assert pipe(image=image, detail=1.0, generator=seeded(3), output_type="pt").nfe == 2 + 1
+    for detail, back_project in ((0.5, None), (0.5, 0), (1.0, 3)):
+        fitted = back_project is None or detail == 1.0  # a dial used with other settings than it was fitted with warns
+        with contextlib.nullcontext() if fitted else pytest.warns(UserWarning, match="fitted on euler:linear:2"):
+            out = pipe(image=image, detail=detail, back_project=back_project, generator=seeded(3), output_type="pt")
+        assert out.nfe == 2 + 1
+        with warnings.catch_warnings(action="ignore"):
+            expected = upsampler.upscale(image * 2 - 1, seeded(3), detail=detail, back_project=back_project)
+        torch.testing.assert_close(out.images, (expected.image / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=1e-4)
     pipe.save_pretrained(tmp_path)
     loaded = BoostPipeline.from_pretrained(tmp_path)
-    assert loaded.boost_upsampler.detail_calibration == upsampler.detail_calibration
+    assert loaded.upsampler.detail_calibration == upsampler.detail_calibration
+    assert loaded.upsampler.sampler.back_project == 2
     from_upsampler = BoostPipeline.from_upsampler(upsampler)
-    assert from_upsampler.boost_upsampler.detail_calibration == upsampler.detail_calibration
+    assert from_upsampler.upsampler.detail_calibration == upsampler.detail_calibration
+
+
+def test_text_to_image_back_projects_onto_the_base_image(parts):
+    """In text → image, back-projection makes the output agree with the base model's own decoded image."""
+    from fmboost.models.consistency import downsample
+
+    pipe = boost(parts)
+    base = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    base.set_progress_bar_config(disable=True)
+    low_res = base("a cat", generator=seeded(), output_type="pt", height=64, width=64, num_inference_steps=2).images
+    errors = []
+    for steps in (0, 4):
+        out = pipe("a cat", back_project=steps, generator=seeded(), output_type="pt", **BASE).images
+        errors.append((downsample(out * 2 - 1, (64, 64)) - (low_res * 2 - 1)).square().mean().item())
+    assert errors[1] < 0.25 * errors[0], errors

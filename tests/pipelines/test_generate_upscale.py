@@ -17,7 +17,7 @@ from fmboost.pipelines import BoostPipeline
 from fmboost.pipelines.cli import main
 from fmboost.pipelines.random_sd import random_sd_components
 
-FAST = ["--steps", "1", "--base-size", "64", "--upsample-steps", "2"]
+FAST = ["--base-steps", "1", "--base-size", "64", "--sampler", "euler:linear:2"]
 
 
 def tiny_upsampler(first_stage, upsample="psu"):
@@ -56,8 +56,8 @@ def test_generate_from_base_and_upsampler(saved, tmp_path, capsys):
 
 def test_generate_from_boost_pipeline_folder_with_options(saved, tmp_path):
     out = tmp_path / "cat.png"
-    assert main(["generate", "a cat", "-o", str(out), "--base", str(saved / "boost"), "--solver", "heun",
-                 "--schedule", "cosine", "--seed", "3", "--cascade", "2", "--tiled"] + FAST) == 0
+    assert main(["generate", "a cat", "-o", str(out), "--base", str(saved / "boost"), "--seed", "3", "--cascade", "2",
+                 "--tiled", "--back-project", "2"] + FAST[:-2] + ["--sampler", "heun:cosine:2"]) == 0
     assert PIL.Image.open(out).size == (256, 256)
 
 
@@ -115,13 +115,13 @@ def test_user_errors_are_one_line(saved, tmp_path, capsys):
                               "--dtype", "float16", "--device", "cpu"])
     assert "needs a GPU" in err
     err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(saved / "pixel"), "--detail", "2"])
-    assert "--detail must be in [0, 1]" in err
+    assert "SamplerConfig.detail must be in [0, 1]" in err
     err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(saved / "pixel"),
                               "--detail", "0.5"])
-    assert "detail < 1 needs a posterior-mean flow" in err
+    assert "needs a posterior-mean upsampler" in err
     err = error_line(capsys, ["upscale", str(source), "-o", out, "--upsampler", str(saved / "pixel"),
                               "--tile-size", "-1"])
-    assert "--tile-size must be >= 0" in err
+    assert "tile_size and tile_overlap must be >= 0" in err
 
 
 def test_upscale_with_a_posterior_mean_upsampler_and_the_detail_dial(tmp_path, capsys):

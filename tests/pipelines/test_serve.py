@@ -105,17 +105,21 @@ def test_upscale_event_returns_slider_download_and_summary(upsampler_dir, photo,
     service = BoostService.load(str(upsampler_dir))
     app = build_app(service, output_dir=tmp_path)
     assert isinstance(app, gr.Blocks) and service.scale == SCALE and not service.has_detail
-    (left, right), download, summary = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 7)
+    (left, right), download, summary = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 0, 7)
     np.testing.assert_array_equal(np.asarray(left, dtype=np.float32), bicubic(photo))  # before: bicubic
     assert_upscaled(right, photo)
     assert_upscaled(PIL.Image.open(download), photo)
     assert Path(download).parent == tmp_path
     assert "64x48 → 256x192" in summary and "heun:linear:3" in summary and "NFE 6" in summary
+    assert "back-projection 0" in summary
     # same seed, same image; the steps control reaches the sampler
-    again = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 7)[0][1]
+    again = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 0, 7)[0][1]
     np.testing.assert_array_equal(np.asarray(again), np.asarray(right))
+    projected = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 2, 7)  # the back-projection control
+    assert "back-projection 2" in projected[2]
+    assert not np.array_equal(np.asarray(projected[0][1]), np.asarray(right))
     with pytest.raises(gr.Error, match="upload an image"):
-        event(app, "upscale")(None, "euler", 2, 1.0, 0)
+        event(app, "upscale")(None, "euler", 2, 1.0, 0, 0)
 
 
 @needs_gradio
@@ -130,7 +134,7 @@ def test_generate_tab_is_disabled_with_the_reason_without_a_base_model(upsampler
     assert button["props"]["interactive"] is False
     assert any(NO_BASE_MODEL in str(c["props"].get("value")) for c in config["components"])
     with pytest.raises(gr.Error, match="--base-model"):
-        event(build_app(service), "generate")("a cat", "", 1, 7.5, 64, "euler", 2, 1.0, 0)
+        event(build_app(service), "generate")("a cat", "", 1, 7.5, 64, "euler", 2, 1.0, 0, 0)
 
 
 @needs_gradio
@@ -139,7 +143,7 @@ def test_generate_event_with_a_base_model(upsampler_dir, base_dir, tmp_path):
 
     service = BoostService.load(str(upsampler_dir), base_model=str(base_dir))
     assert service.generate_unavailable is None
-    image, summary = event(build_app(service), "generate")("a cat", "", 1, 7.5, 64, "euler", 2, 1.0, 0)
+    image, summary = event(build_app(service), "generate")("a cat", "", 1, 7.5, 64, "euler", 2, 1.0, 0, 0)
     assert image.size == (64 * SCALE, 64 * SCALE) and summary.startswith("256x256, sampler euler:linear:2")
     service.pipe.save_pretrained(tmp_path / "boost")  # a saved BoostPipeline as --upsampler brings its base along
     assert BoostService.load(str(tmp_path / "boost")).generate_unavailable is None
@@ -151,7 +155,11 @@ def test_large_inputs_and_bad_settings_are_user_errors(upsampler_dir):
         service.upscale(PIL.Image.new("RGB", (64, 64)))
     with pytest.raises(ValueError, match="solver must be one of"):
         service.sampler("nope", 2)
-    assert service.sampler("dopri5", 9, 0.5).format() == "dopri5"
+    assert service.sampler("dopri5", 9).format() == "dopri5"
+    with pytest.raises(ValueError, match="needs a posterior-mean upsampler"):
+        service.sampler("euler", 2, 0.5)
+    with pytest.raises(ValueError, match="back_project must be an int >= 0"):
+        service.sampler("euler", 2, 1.0, -1)
 
 
 def test_serve_without_gradio_names_the_extra(upsampler_dir, monkeypatch, capsys):
@@ -209,7 +217,7 @@ def test_server_upscale_endpoint_returns_a_4x_image_to_gradio_client(server, pho
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
-    slider, download, summary = client.predict(handle_file(str(photo)), "euler", 2, 1.0, 0, api_name="/upscale")
+    slider, download, summary = client.predict(handle_file(str(photo)), "euler", 2, 1.0, 0, 0, api_name="/upscale")
     assert_upscaled(PIL.Image.open(download), photo)
     assert "NFE 2" in summary
 

@@ -1,8 +1,11 @@
 """Tiny training setups: a few random 24² PNGs, pixel space, a 2-level UNet without attention."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
+from fmboost.models.calibration import BACK_PROJECT_CANDIDATES
 from fmboost.train.config import load_config
 from PIL import Image
 from safetensors.torch import load_file
@@ -24,6 +27,22 @@ def weights(folder) -> dict[str, torch.Tensor]:
     """The UNet weights of a training checkpoint or of a saved upsampler folder."""
     name = "model.safetensors" if (folder / "model.safetensors").is_file() else "diffusion_pytorch_model.safetensors"
     return load_file(folder / name)
+
+
+def fitted_back_projection(printed: str) -> tuple[dict[int, float], int]:
+    """What the last training in `printed` said when it fitted the saved folder's render settings → ({steps: mean
+    validation PSNR} for every default candidate, the steps marked kept), checked to be the best PSNR (the fewest
+    steps within 0.01 dB; the printed values are rounded to 0.01)."""
+    marker = "render settings fitted on the validation images:\n"
+    assert marker in printed, "training did not fit the render settings"
+    line = printed.rsplit(marker, 1)[1].splitlines()[0]
+    found = re.findall(r"(\d+): (-?[\d.]+) dB(?: / LPIPS [\d.]+)?( \(kept\))?", line)
+    scores, kept = {int(n): float(db) for n, db, _ in found}, [int(n) for n, _, mark in found if mark]
+    assert tuple(scores) == BACK_PROJECT_CANDIDATES and len(kept) == 1, line
+    best = max(scores.values())
+    assert scores[kept[0]] >= best - 0.02, line  # within 0.01 dB of the best, up to the rounding
+    assert all(scores[n] < best - 0.005 for n in scores if n < kept[0]), line  # fewer steps: measurably worse
+    return scores, kept[0]
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from fmboost.train.cfm_upsampler import make_accelerator
 from fmboost.train.config import load_config
 from fmboost.train.latent_cache import weights_digest
 
+from .conftest import fitted_back_projection
+
 ROOT = Path(__file__).resolve().parents[2]
 ENTRY = ROOT / "train" / "cfm_upsampler.py"
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -102,6 +104,8 @@ def test_two_processes_train_resume_with_one_and_finish_with_two(tmp_path):
     assert digest, third.stdout[-3000:]
     saved = Upsampler.from_pretrained(out / "upsampler")
     assert weights_digest(saved.model.parameters()) == digest[1]  # rank 0's EMA weights are the saved ones
+    assert third.stdout.count("render settings fitted") == 1  # by rank 0 alone, before it saved
+    assert saved.sampler.back_project == fitted_back_projection(third.stdout)[1]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-14", "checkpoint-16", "upsampler", "validation"]
 
 

@@ -1,5 +1,6 @@
 """Training a posterior-mean flow: R loaded from a regression run, R(cond) cached, the folder self-contained."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from fmboost.train.cfm_upsampler import train
 from fmboost.train.config import load_config
 from safetensors.torch import load_file
 
-from .conftest import write_images
+from .conftest import fitted_back_projection, write_images
 
 
 @pytest.fixture
@@ -23,35 +24,47 @@ def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_f
     config = tiny_config("pm", source="posterior_mean", posterior_mean_model=str(regression_folder),
                          posterior_mean_sigma=0.05, concat_cond=False, use_latent_cache=cached,
                          latent_cache_dir=str(Path(regression_folder).parent.parent / "cache"),
-                         calibrate_detail=cached, detail_samples=2 if cached else 1)
+                         calibrate_detail=cached)
+    capsys.readouterr()
     folder = train(config)
+    printed = capsys.readouterr().out
     if cached:
         estimates = list((Path(config.latent_cache_dir)).glob("*/posterior_mean_*/shard_*.safetensors"))
         assert len(estimates) == 1 and load_file(estimates[0])["posterior_mean"].shape[0] == 5  # 5 images × 1 crop
     upsampler = Upsampler.from_pretrained(folder)
     assert upsampler.flow.source == "posterior_mean" and upsampler.posterior_mean is not None
-    if cached:  # the per-band dial, fitted on the validation images when saving, over two samples
+    # the back-projection steps measured best on the validation images, with or without the dial
+    _, kept = fitted_back_projection(printed)
+    assert upsampler.sampler.back_project == kept
+    assert upsampler.sampler.replace(back_project=0) == config.sampler()  # otherwise the configured sampler
+    if cached:  # the per-band dial, fitted on the validation images when saving, records what it was fitted with
         calibration = upsampler.detail_calibration
-        assert calibration.samples == 2 and len(calibration.weights) == 2 * (len(calibration.edges) + 1)
-        assert upsampler.detail_calibration.spans is None  # 16² patches: too small for LPIPS, said so
-        assert "detail path: uniform, LPIPS needs patches of at least 32², crop_size is 16" in capsys.readouterr().out
+        assert len(calibration.weights) == len(calibration.edges) + 1
+        assert calibration.sampler == upsampler.sampler.format() == config.sampler().format()
+        assert calibration.back_project == upsampler.sampler.back_project
+        assert calibration.spans is None  # 16² patches: too small for LPIPS, said so
+        assert "detail path: uniform, LPIPS needs patches of at least 32², crop_size is 16" in printed
+        assert printed.count("band [") == len(calibration.weights)
     else:
-        assert upsampler.detail_calibration is None
+        assert upsampler.detail_calibration is None and "band [" not in printed
     regression = Upsampler.from_pretrained(regression_folder)
     for name, tensor in regression.model.state_dict().items():  # R is the regression run's weights, frozen
         torch.testing.assert_close(upsampler.posterior_mean.model.state_dict()[name], tensor)
     validation = [json.loads(line) for line in (Path(config.output_dir) / "validation" / "metrics.jsonl").open()]
     assert validation[-1]["nfe"] == config.upsample_steps + 1
-    image = torch.zeros(1, 3, 4, 4)
-    torch.testing.assert_close(upsampler.upsample(lr_image=image, detail=0.0).x1,
-                               regression.upsample(lr_image=image).x1)
+    # detail 0 of the one-band dial is R's estimate, with the same back-projection as the regression model's
+    image = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    uncalibrated = dataclasses.replace(upsampler, detail_calibration=None)
+    estimate = uncalibrated.upscale(image, detail=0.0, back_project=2)
+    assert estimate.nfe == 1
+    torch.testing.assert_close(estimate.image, regression.upscale(image, back_project=2).image)
 
 
 def test_config_errors_name_the_key(tiny_config, regression_folder, tmp_path):
     with pytest.raises(ValueError, match="needs posterior_mean_model"):
         tiny_config(source="posterior_mean")
-    with pytest.raises(ValueError, match=r"detail_samples must be one of \[1, 2\], got 3"):
-        tiny_config(detail_samples=3)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['detail_samples'\]"):  # two-sample dials: removed
+        tiny_config(detail_samples=2)
     with pytest.raises(ValueError, match="only used with source 'posterior_mean'"):
         tiny_config(posterior_mean_model=str(regression_folder))
     with pytest.raises(ValueError, match="posterior_mean_model: no boost_config.json"):
@@ -87,3 +100,6 @@ def test_posterior_mean_training_orders_the_dial_by_lpips(tiny_config, tmp_path,
                                                             posterior_mean_model=str(regression), **sizes)))
     spans = sorted(upsampler.detail_calibration.spans)
     assert spans[0][0] == 0.0 and spans[-1][1] == 1.0
+    # the order was measured after the folder's back-projection, which the dial records with its sampler
+    assert upsampler.detail_calibration.back_project == upsampler.sampler.back_project
+    assert upsampler.detail_calibration.sampler == upsampler.sampler.format()

@@ -8,10 +8,13 @@ import pytest
 import torch
 import yaml
 from fmboost.models import CouplingFlowMatcher, SamplerConfig, Upsampler
+from fmboost.models.calibration import BACK_PROJECT_CANDIDATES
 from fmboost.train import checkpoint as ckpt
 from fmboost.train import demo
 from fmboost.train.cfm_upsampler import NonFiniteLossError, main, train
 from fmboost.train.config import load_config
+
+from .conftest import fitted_back_projection
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_config, monkeypatch):
@@ -49,13 +52,17 @@ def test_regression_objective_trains_and_saves(tiny_config, capsys):
     folder = train(config)
     upsampler = Upsampler.from_pretrained(folder)
     params = sum(p.numel() for p in upsampler.model.parameters())
+    printed = capsys.readouterr().out
     assert (f"training a regression upsampler of {params / 1e6:.3g} M parameters: 20 samples of 5 images "
-            "(1 held out for validation), batch 2, 12 steps (1.2 epochs)") in capsys.readouterr().out
+            "(1 held out for validation), batch 2, 12 steps (1.2 epochs)") in printed
     assert upsampler.flow.objective == "regression"
     losses = [json.loads(line) for line in (Path(config.output_dir) / "validation" / "metrics.jsonl").open()]
     assert losses[-1]["nfe"] == 1
-    result = upsampler.upsample(lr_image=torch.zeros(1, 3, 4, 4))
-    assert result.nfe == 1 and result.x1.shape == (1, 3, 16, 16)
+    # saved with the back-projection steps measured best on the validation images; no dial without an estimate
+    _, kept = fitted_back_projection(printed)
+    assert upsampler.sampler.back_project == kept and upsampler.detail_calibration is None
+    result = upsampler.upscale(torch.zeros(1, 3, 4, 4))
+    assert result.nfe == 1 and result.image.shape == (1, 3, 16, 16)
 
 
 def test_saved_upsampler_has_latent_stats_and_ema_weights(tiny_config):
@@ -64,7 +71,10 @@ def test_saved_upsampler_has_latent_stats_and_ema_weights(tiny_config):
     saved = json.loads((folder / "boost_config.json").read_text())
     assert saved["scale"] == 4 and saved["flow"]["upsample"] == "psu"
     assert saved["first_stage"]["latent_std"] != [1.0, 1.0, 1.0]  # computed on the training data
-    assert saved["sampler"] == SamplerConfig(solver="euler", num_steps=4, schedule="linear").to_dict()
+    fitted = saved["sampler"]["back_project"]  # measured on the validation images (test_regression_objective_…)
+    assert fitted in BACK_PROJECT_CANDIDATES
+    assert saved["sampler"] == SamplerConfig(solver="euler", num_steps=4, schedule="linear",
+                                             back_project=fitted).to_dict()
     training = Upsampler.from_pretrained(folder).model.state_dict()
     from safetensors.torch import load_file
     last = load_file(Path(config.output_dir) / "checkpoint-4" / "model.safetensors")

