@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from fmboost.models import FIRST_STAGES, SamplerConfig, Upsampler, load_first_stage
 from fmboost.models import metrics as M
+from fmboost.models.degradations import Degradation
 
 from . import plots
 from .baselines import (
@@ -52,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hr-size", type=int, default=1024)
     parser.add_argument("--lr-size", type=int, default=256)
     parser.add_argument("--crop", choices=CROPS, default="center", help="square crop to --hr-size")
+    parser.add_argument("--degradation", default="bicubic", metavar="NAME",
+                        help="how the low-res inputs are made: bicubic (antialiased reduction) or jpeg:Q (the same, "
+                             "then a JPEG at quality Q); every method sees the same inputs (default: %(default)s)")
     parser.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
                         help="scale the shorter side to --hr-size before cropping (whole images; default)")
     parser.add_argument("--sampler", action="append", default=[], metavar="SPEC",
@@ -219,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hr_size % args.lr_size:
         raise ValueError(f"--hr-size {args.hr_size} must be a multiple of --lr-size {args.lr_size}")
     scale = args.hr_size // args.lr_size
+    Degradation.parse(args.degradation)  # a bad name fails before any model loads
     upsamplers, regression, first_stage = load_models(args, scale)
     baselines = default_baselines(first_stage, scale) if args.baselines is None else \
         [b for b in args.baselines.split(",") if b]
@@ -239,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{metric} skipped: {reason}")
 
     num_images = count_images(args.data, args.max_images)
-    pairs = iter_pairs(args.data, args.hr_size, args.lr_size, args.crop, args.resize, args.seed, args.max_images)
+    pairs = iter_pairs(args.data, args.hr_size, args.lr_size, args.crop, args.resize, args.seed, args.max_images,
+                       Degradation.parse(args.degradation))
     evaluation = evaluate(pairs, methods, scale, networks, args.seed, reference, args.device, args.grid_images,
                           num_images, Path(args.out) / "images" if args.save_images else None)
     write_outputs(Path(args.out), evaluation, rows, args)
@@ -252,7 +258,8 @@ def describe(args: argparse.Namespace, evaluation: Evaluation) -> str:
     data = ", ".join(args.data)
     fit = "shorter side resized to hr, then" if args.resize else "native resolution,"
     return (f"{evaluation.num_images} images from {data}; {fit} {args.crop} crop {args.hr_size}² → antialiased "
-            f"bicubic {args.lr_size}² (×{args.hr_size // args.lr_size}), 8-bit; seed {args.seed}. "
+            f"bicubic {args.lr_size}² (×{args.hr_size // args.lr_size}), 8-bit, degradation {args.degradation}; "
+            f"seed {args.seed}. "
             f"Upsampler: {', '.join(args.upsampler) or '–'}; regression: {args.regression or '–'}; every model row "
             f"is `fmboost upscale` with the settings it names (BPn: n back-projection steps). "
             f"PSNR/SSIM on RGB in [0, 1]; -Y: BT.601 luma with a {args.hr_size // args.lr_size}-px border crop. "
@@ -262,7 +269,7 @@ def describe(args: argparse.Namespace, evaluation: Evaluation) -> str:
 
 def write_outputs(out: Path, evaluation: Evaluation, rows: ModelRows, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    results = {**evaluation.results, "defaults": rows.defaults}
+    results = {**evaluation.results, "defaults": rows.defaults, "degradation": args.degradation}
     (out / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
     (out / "per_image.json").write_text(json.dumps(json_safe(evaluation.per_image), indent=1, allow_nan=False))
     skipped = "".join(f"\n- {metric} skipped: {reason}" for metric, reason in evaluation.skipped.items())

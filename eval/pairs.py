@@ -1,7 +1,8 @@
 """Evaluation pairs from image folders: a square high-res crop and its antialiased down-sampling.
 
     image ──(resize: shorter side → hr_size)──► crop hr_size² (center, or random with a per-image seed)
-          ──► hr (3, hr, hr) ──(bicubic, antialias)──► lr (3, lr, lr)          both in [-1, 1], on 8-bit levels
+          ──► hr (3, hr, hr) ──(degradation: bicubic, antialias; or + JPEG)──► lr (3, lr, lr)
+                                                                       both in [-1, 1], on 8-bit levels
 
 Both are rounded to 8-bit levels, as image files hold them: a low-res PNG saved from a pair is exactly the
 input every method saw, so `fmboost upscale` on it reproduces what eval-sr scored.
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fmboost.models.consistency import downsample
+from fmboost.models.degradations import BICUBIC, Degradation, to_8bit
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -81,8 +83,10 @@ def square_crop(image: torch.Tensor, size: int, crop: str = "center",
 
 
 def make_pair(image: torch.Tensor, hr_size: int, lr_size: int, crop: str = "center", resize_image: bool = True,
-              generator: torch.Generator | None = None, name: str = "") -> Pair:
-    """hr = crop of (3, H, W) `image` (after scaling its shorter side to hr_size if `resize_image`), lr = hr ↓."""
+              generator: torch.Generator | None = None, name: str = "",
+              degradation: Degradation = BICUBIC) -> Pair:
+    """hr = crop of (3, H, W) `image` (after scaling its shorter side to hr_size if `resize_image`), lr = hr
+    degraded (default: the antialiased bicubic reduction)."""
     if hr_size % lr_size:
         raise ValueError(f"hr_size {hr_size} must be a multiple of lr_size {lr_size}")
     if resize_image:
@@ -90,21 +94,17 @@ def make_pair(image: torch.Tensor, hr_size: int, lr_size: int, crop: str = "cent
         factor = hr_size / min(height, width)
         image = resize(image, (max(hr_size, round(height * factor)), max(hr_size, round(width * factor))))
     hr = to_8bit(square_crop(image, hr_size, crop, generator))
-    return Pair(name, hr, to_8bit(resize(hr, (lr_size, lr_size))))
-
-
-def to_8bit(image: torch.Tensor) -> torch.Tensor:
-    """An image in [-1, 1] rounded to the 256 levels an 8-bit file stores (what `load_image` reads back)."""
-    return ((image.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
+    return Pair(name, hr, degradation(hr[None], (lr_size, lr_size))[0])
 
 
 def iter_pairs(folders: Sequence[str | Path], hr_size: int = 1024, lr_size: int = 256, crop: str = "center",
-               resize_image: bool = True, seed: int = 0, max_images: int | None = None) -> Iterator[Pair]:
+               resize_image: bool = True, seed: int = 0, max_images: int | None = None,
+               degradation: Degradation = BICUBIC) -> Iterator[Pair]:
     """Pairs for the first `max_images` images of `folders`; image i's random crop uses seed + i (reproducible)."""
     paths = list_images(folders)[:max_images]
     for index, path in enumerate(paths):
         generator = torch.Generator().manual_seed(seed + index)
-        yield make_pair(load_image(path), hr_size, lr_size, crop, resize_image, generator, path.stem)
+        yield make_pair(load_image(path), hr_size, lr_size, crop, resize_image, generator, path.stem, degradation)
 
 
 def count_images(folders: Sequence[str | Path], max_images: int | None = None) -> int:
