@@ -269,7 +269,7 @@ def describe(args: argparse.Namespace, evaluation: Evaluation) -> str:
 
 def write_outputs(out: Path, evaluation: Evaluation, rows: ModelRows, args) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    results = {**evaluation.results, "defaults": rows.defaults, "degradation": args.degradation}
+    results = {**evaluation.results, "defaults": rows.defaults}
     (out / "results.json").write_text(json.dumps(json_safe(results), indent=2, allow_nan=False))
     (out / "per_image.json").write_text(json.dumps(json_safe(evaluation.per_image), indent=1, allow_nan=False))
     skipped = "".join(f"\n- {metric} skipped: {reason}" for metric, reason in evaluation.skipped.items())
