@@ -7,20 +7,20 @@ first-stage ceiling decodes the autoencoder's own high-res latent (no up-sampler
 that latent space, so it needs hr). Trained `Upsampler`s (CFM, regression) are methods through
 `Upsampler.upscale`'s two halves, the one render path: evaluation chooses settings and never re-implements a
 step. Settings that differ only after the decode (detail, back-projection) share one `Upsampler.draft` per
-image through a `DraftMemo`, so a sweep over the dial samples and decodes once.
+image through an `InputMemo`, so a sweep over the dial samples and decodes once.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from fmboost.models import FirstStage, IdentityAutoencoder, SamplerConfig, Upsampler, consistency
-from fmboost.models.upsampler import Draft
 
 #: Baseline keys for `baseline_methods(include=...)` → the method names they appear under in results
 #: (Real-ESRGAN: one row per back-projection setting, 'Real-ESRGAN · BP2').
@@ -57,26 +57,25 @@ def default_baselines(first_stage: FirstStage | None, scale: int) -> list[str]:
     return keys + (["realesrgan"] if scale == REALESRGAN_SCALE and peer is not None and peer.is_file() else [])
 
 
-class DraftMemo:
-    """Drafts of the current low-res input, keyed by upsampler and ODE solve; a new input clears it. Holds the
-    input so its identity stays unique."""
+class InputMemo:
+    """Work done once per low-res input and reused by several rows — an upsampler's draft (shared by the rows
+    that differ only in detail and back-projection), Real-ESRGAN's output (shared by its back-projection rows) —
+    keyed by what makes it; a new input clears it. Holds the input so its identity stays unique."""
 
     def __init__(self):
         self._lr: torch.Tensor | None = None
-        self._store: dict[tuple, tuple[Draft, float]] = {}
+        self._store: dict[Hashable, tuple[Any, float]] = {}
 
-    def get(self, upsampler: Upsampler, sampler: SamplerConfig, lr: torch.Tensor,
-            generator: torch.Generator) -> tuple[Draft, float]:
-        """(draft with R's estimate and the full sample, seconds it took when made earlier — 0.0 if made now)."""
+    def get(self, key: Hashable, lr: torch.Tensor, make: Callable[[], Any]) -> tuple[Any, float]:
+        """(make()'s value for this input, seconds it took when made by an earlier call — 0.0 if made now)."""
         if lr is not self._lr:
             self._lr, self._store = lr, {}
-        key = (id(upsampler), sampler.format())
         if key in self._store:
             return self._store[key]
         start = time.perf_counter()
-        draft = upsampler.draft(lr, generator, sampler)
-        self._store[key] = (draft, time.perf_counter() - start)
-        return draft, 0.0
+        value = make()
+        self._store[key] = (value, time.perf_counter() - start)
+        return value, 0.0
 
 
 def pixel_upsample(lr: torch.Tensor, scale: int, mode: str = "bicubic") -> torch.Tensor:
@@ -142,32 +141,28 @@ def realesrgan_methods(scale: int, projections: Sequence[int], device: str) -> d
 
     if scale != REALESRGAN_SCALE:
         raise ValueError(f"Real-ESRGAN x4plus up-samples ×{REALESRGAN_SCALE}, this evaluation is ×{scale}")
-    network = load_realesrgan(device=device)
-    memo: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    network, memo = load_realesrgan(device=device), InputMemo()
 
     def method_for(steps: int) -> Method:
         def method(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> MethodOutput:
-            shared = 0.0
-            if memo.get("lr", (None,))[0] is not lr:
-                start = time.perf_counter()
-                memo["lr"] = (lr, realesrgan_upscale(network, lr), time.perf_counter() - start)
-            else:
-                shared = memo["lr"][2]
-            return MethodOutput(consistency.back_project(memo["lr"][1], lr, steps), shared_seconds=shared)
+            image, shared = memo.get("realesrgan", lr, lambda: realesrgan_upscale(network, lr))
+            return MethodOutput(consistency.back_project(image, lr, steps), shared_seconds=shared)
 
         return method
 
     return {f"Real-ESRGAN · BP{steps}": method_for(steps) for steps in dict.fromkeys(projections)}
 
 
-def upsampler_method(upsampler: Upsampler, sampler: SamplerConfig, memo: DraftMemo | None = None) -> Method:
+def upsampler_method(upsampler: Upsampler, sampler: SamplerConfig, memo: InputMemo | None = None) -> Method:
     """An Upsampler (CFM or regression) rendering with `sampler` (detail and back-projection included):
-    `Upsampler.finish` on the image's draft, so the image is exactly what `Upsampler.upscale` makes."""
-    memo = memo or DraftMemo()
+    `Upsampler.finish` on the image's draft (R's estimate and the full sample, one per upsampler and ODE solve,
+    kept in `memo`), so the image is exactly what `Upsampler.upscale` makes."""
+    memo = memo or InputMemo()
     sampler = upsampler.settings(sampler)
 
     def method(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> MethodOutput:
-        draft, shared = memo.get(upsampler, sampler, lr, generator)
+        draft, shared = memo.get((id(upsampler), sampler.format()), lr,
+                                 lambda: upsampler.draft(lr, generator, sampler))
         result = upsampler.finish(draft, sampler)
         return MethodOutput(result.image, result.nfe, shared)
 

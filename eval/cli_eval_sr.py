@@ -30,7 +30,7 @@ from fmboost.models.degradations import Degradation
 from . import plots
 from .baselines import (
     BASELINES,
-    DraftMemo,
+    InputMemo,
     Method,
     baseline_methods,
     default_baselines,
@@ -180,7 +180,7 @@ class ModelRows:
 
 
 def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, args: argparse.Namespace,
-               memo: DraftMemo) -> ModelRows:
+               memo: InputMemo) -> ModelRows:
     """Every upsampler × ODE solve × --back-project × --detail (posterior-mean flows), and the regression model ×
     --back-project, each a row rendering through `Upsampler.upscale`'s halves."""
     if args.study and len(upsamplers) > 1:
@@ -233,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
     except M.MetricUnavailable as err:  # only Real-ESRGAN's weights can be missing here
         print(f"Real-ESRGAN skipped: {err}")
         methods = baseline_methods(scale, first_stage, [b for b in baselines if b != "realesrgan"])
-    rows = model_rows(upsamplers, regression, args, DraftMemo())
+    rows = model_rows(upsamplers, regression, args, InputMemo())
     methods.update(rows.methods)
     reference = next((name for name, sampler in rows.samplers.items() if sampler.solver == "dopri5"), None)
 

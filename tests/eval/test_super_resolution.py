@@ -8,7 +8,7 @@ import pytest
 import torch
 from fmboost.eval.baselines import (
     LATENT_BASELINES,
-    DraftMemo,
+    InputMemo,
     MethodOutput,
     default_baselines,
     load_regression,
@@ -201,7 +201,7 @@ def test_rows_of_one_model_share_one_draft_per_image_and_are_timed_as_if_alone(f
     calls = []
     draft = upsampler.draft
     upsampler.draft = lambda *args, **kwargs: calls.append(1) or draft(*args, **kwargs)
-    memo = DraftMemo()
+    memo = InputMemo()
     sampler = SamplerConfig(num_steps=2)
     plain, projected = upsampler_method(upsampler, sampler, memo), \
         upsampler_method(upsampler, sampler.replace(back_project=2), memo)
