@@ -309,10 +309,7 @@ class Upsampler:
         at every velocity evaluation, so they agree along the trajectory. Stages the dial does not use are
         skipped: at detail 0 without a calibration the flow, at detail 1 R's decode."""
         sampler = self.settings(sampler, **overrides)
-        dial = self.dial
-        gains = None if dial is None else dial.gains(sampler.detail)
-        uses_sample = gains is None or bool((gains > 0).any())
-        uses_estimate = gains is not None and bool((gains < 1).any())
+        _, uses_estimate, uses_sample = self._dial_uses(sampler)
         draft = self.draft(lr_image, generator, sampler, tile_size, tile_overlap, stages, decoder,
                            estimate=uses_estimate, sample=uses_sample)
         with (stages or _untimed)("decode"):
@@ -352,18 +349,27 @@ class Upsampler:
         back-projection onto the low-res input. The NFE counts the flow only if the image uses the sample.
         `sampler` is taken as given: `upscale` and eval-sr's methods check it with `settings` first."""
         sampler = sampler or self.sampler
-        dial = self.dial
-        gains = None if dial is None else dial.gains(sampler.detail)
-        if gains is None or bool((gains == 1).all()):
+        gains, uses_estimate, uses_sample = self._dial_uses(sampler)
+        if not uses_estimate:
             image, nfe = _needed(draft.sample, "sample"), draft.estimate_nfe + draft.flow_nfe
-        elif bool((gains == 0).all()):
+        elif not uses_sample:
             image, nfe = _needed(draft.estimate, "estimate"), draft.estimate_nfe
         else:
-            image = dial.combine_gains(_needed(draft.estimate, "estimate"), _needed(draft.sample, "sample"), gains,
-                                       self.scale)
+            image = self.dial.combine_gains(_needed(draft.estimate, "estimate"), _needed(draft.sample, "sample"),
+                                            gains, self.scale)
             nfe = draft.estimate_nfe + draft.flow_nfe
         image = back_project(image.float().clamp(-1, 1), draft.lr.float(), sampler.back_project)
         return UpscaleResult(image, nfe, draft.tiles)
+
+    def _dial_uses(self, sampler: SamplerConfig) -> tuple[torch.Tensor | None, bool, bool]:
+        """(the dial's gains at sampler.detail — None without a dial —, whether the image uses R's estimate,
+        whether it uses the flow's sample): what `upscale` asks `draft` for and `finish` blends. Without a dial
+        the image is the sample; every gain 1, the sample; every gain 0, the estimate."""
+        dial = self.dial
+        if dial is None:
+            return None, False, True
+        gains = dial.gains(sampler.detail)
+        return gains, bool((gains < 1).any()), bool((gains > 0).any())
 
     # ------------------------------------------------------------------ the path's latent steps
 
