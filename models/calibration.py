@@ -43,13 +43,14 @@ class Calibration:
     """What was fitted: back_project, the step count kept, with psnr / lpips per candidate (mean over the
     images; lpips only with an LPIPS network); for posterior-mean flows the dial (`calibration`), the
     least-squares fit behind its weights and, with an LPIPS network, the per-band measurements behind its order
-    (`bands`) and the LPIPS at the end of each band's stretch of the dial (`detail_lpips`, the folder's detail
-    being the lowest); images: how many were used."""
+    (`bands`), the LPIPS at the end of each band's stretch of the dial (`detail_lpips`) and the folder's detail
+    chosen from them (`detail`, the lowest); images: how many were used."""
 
     back_project: int
     psnr: dict[int, float]
     lpips: dict[int, float] = field(default_factory=dict)
     detail_lpips: dict[float, float] = field(default_factory=dict)
+    detail: float | None = None
     calibration: DetailCalibration | None = None
     fit: DetailCalibrationFit | None = None
     bands: list[BandGains] | None = None
@@ -76,7 +77,7 @@ def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Te
         draft = upsampler.draft(lr.to(device), torch.Generator(device).manual_seed(seed + index), upsampler.sampler)
         if fit is not None:
             fit.update(draft.estimate, draft.sample, hr.to(device))
-        kept.append((_to_cpu_half(draft), hr.half().cpu()))
+        kept.append((_cast(draft, lambda x: x.half().cpu()), hr.half().cpu()))
     if not kept:
         raise ValueError("no images were given to calibrate on")
     if fit is not None:
@@ -93,10 +94,12 @@ def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Te
                   for draft, hr in tqdm(kept, desc="detail path", unit="img"))
         calibration, bands = fit_spans(calibration, images, _distance(lpips), upsampler.scale, post)
         upsampler.detail_calibration = calibration
-        result.detail_lpips = _score_details(upsampler, kept, sorted({end for _, end in calibration.spans}), lpips)
-        detail = min(result.detail_lpips, key=lambda d: (result.detail_lpips[d], -d))
+        ends = sorted({end for _, end in calibration.spans})
+        _, detail_lpips = _score(upsampler, kept, {d: upsampler.sampler.replace(detail=d) for d in ends}, lpips)
+        detail = min(detail_lpips, key=lambda d: (detail_lpips[d], -d))
         upsampler.sampler = upsampler.sampler.replace(detail=detail)
-        result = replace(_choose_back_project(upsampler, kept, candidates, lpips), detail_lpips=result.detail_lpips)
+        result = replace(_choose_back_project(upsampler, kept, candidates, lpips), detail_lpips=detail_lpips,
+                         detail=detail)
     upsampler.detail_calibration = replace(calibration, back_project=result.back_project)
     result.calibration, result.fit, result.bands = upsampler.detail_calibration, fit, bands
     return result
@@ -106,38 +109,35 @@ def _choose_back_project(upsampler: Upsampler, kept: list[tuple[Draft, torch.Ten
                          lpips: torch.nn.Module | None) -> Calibration:
     """Score every back-projection step count at the folder's detail and keep the best PSNR (the fewest steps
     within BACK_PROJECT_TOLERANCE_DB of it) as the folder's setting."""
-    psnr, lpips_scores = _score_back_projection(upsampler, kept, candidates, lpips)
+    psnr, lpips_scores = _score(upsampler, kept, {n: upsampler.sampler.replace(back_project=n) for n in candidates},
+                                lpips)
     best = max(psnr.values())
     steps = min(n for n in candidates if psnr[n] >= best - BACK_PROJECT_TOLERANCE_DB)
     upsampler.sampler = upsampler.sampler.replace(back_project=steps)
     return Calibration(steps, psnr, lpips_scores, images=len(kept))
 
 
-def _score_details(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], details: Sequence[float],
-                   lpips: torch.nn.Module) -> dict[float, float]:
-    """Mean LPIPS of the finished images (the folder's back-projection) at each of `details`."""
-    distance = _distance(lpips)
-    scores = {d: 0.0 for d in details}
+def _score(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], samplers: dict, lpips: torch.nn.Module | None
+           ) -> tuple[dict, dict]:
+    """Mean PSNR and (with an LPIPS network, else {}) LPIPS of the finished images (`Upsampler.finish` of each
+    kept draft) for each of `samplers` ({key: SamplerConfig}), keyed alike."""
+    psnr = dict.fromkeys(samplers, 0.0)
+    lpips_scores = dict.fromkeys(samplers, 0.0) if lpips is not None else {}
+    distance = _distance(lpips) if lpips is not None else None
     for draft, hr in kept:
-        full = _to_float(draft)
-        for d in details:
-            image = upsampler.finish(full, upsampler.sampler.replace(detail=d)).image
-            scores[d] += distance(image, hr.float()).mean().item() / len(kept)
-    return scores
+        full, target = _cast(draft, lambda x: x.float()), hr.float()
+        for key, sampler in samplers.items():
+            image = upsampler.finish(full, sampler).image
+            psnr[key] += M.psnr((image + 1) / 2, (target + 1) / 2).mean().item() / len(kept)
+            if distance is not None:
+                lpips_scores[key] += distance(image, target).mean().item() / len(kept)
+    return psnr, lpips_scores
 
 
-def _to_float(draft: Draft) -> Draft:
-    def single(x):
-        return None if x is None else x.float()
-
-    return replace(draft, lr=draft.lr.float(), estimate=single(draft.estimate), sample=single(draft.sample))
-
-
-def _to_cpu_half(draft: Draft) -> Draft:
-    def half(x):
-        return None if x is None else x.half().cpu()
-
-    return replace(draft, lr=half(draft.lr), estimate=half(draft.estimate), sample=half(draft.sample))
+def _cast(draft: Draft, cast: Callable[[torch.Tensor], torch.Tensor]) -> Draft:
+    """The draft with `cast` applied to its images (e.g. to half precision on the CPU, to keep; back to float)."""
+    return replace(draft, lr=cast(draft.lr), estimate=None if draft.estimate is None else cast(draft.estimate),
+                   sample=None if draft.sample is None else cast(draft.sample))
 
 
 def _distance(lpips: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -150,22 +150,6 @@ def _distance(lpips: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], 
     return distance
 
 
-def _score_back_projection(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], candidates: Sequence[int],
-                           lpips: torch.nn.Module | None) -> tuple[dict[int, float], dict[int, float]]:
-    """Mean PSNR (and LPIPS) of the finished images at the folder's detail, per back-projection step count."""
-    psnr = {n: 0.0 for n in candidates}
-    lpips_scores = {n: 0.0 for n in candidates} if lpips is not None else {}
-    distance = _distance(lpips) if lpips is not None else None
-    for draft, hr in kept:
-        full = _to_float(draft)
-        for n in candidates:
-            image = upsampler.finish(full, upsampler.sampler.replace(back_project=n)).image
-            psnr[n] += M.psnr((image + 1) / 2, (hr.float() + 1) / 2).mean().item() / len(kept)
-            if distance is not None:
-                lpips_scores[n] += distance(image, hr.float()).mean().item() / len(kept)
-    return psnr, lpips_scores
-
-
 def describe(result: Calibration, scale: int) -> str:
     """The back-projection scores (the kept count marked) and, for a dial, one line per band: its frequencies,
     w*, the share kept at detail 0 and (path lpips) its measured cost, gain and stretch of the dial."""
@@ -173,9 +157,9 @@ def describe(result: Calibration, scale: int) -> str:
         f"{n}: {result.psnr[n]:.2f} dB" + (f" / LPIPS {result.lpips[n]:.4f}" if result.lpips else "")
         + (" (kept)" if n == result.back_project else "") for n in result.psnr)]
     if result.detail_lpips:
-        best = min(result.detail_lpips, key=lambda d: (result.detail_lpips[d], -d))
         lines.append("LPIPS at the end of each band's stretch of the dial: " + ", ".join(
-            f"detail {d:.3f}: {v:.4f}" + (" (kept)" if d == best else "") for d, v in result.detail_lpips.items()))
+            f"detail {d:.3f}: {v:.4f}" + (" (kept)" if d == result.detail else "")
+            for d, v in result.detail_lpips.items()))
     if result.calibration is None:
         return "\n".join(lines)
     calibration, nyquist = result.calibration, 0.5 / scale
