@@ -23,6 +23,7 @@ import PIL.Image
 import torch
 from fmboost.models import SamplerConfig
 from fmboost.models import metrics as M
+from fmboost.models.degradations import to_uint8
 from fmboost.models.sampling import SCHEDULES
 from tqdm.auto import tqdm
 
@@ -191,8 +192,7 @@ def method_folder(name: str) -> str:
 def save_png(image: torch.Tensor, path: Path) -> None:
     """(3, H, W) in [0, 1] → an 8-bit RGB PNG (folders created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    PIL.Image.fromarray(array).save(path)
+    PIL.Image.fromarray(to_uint8(image[None] * 2 - 1)[0]).save(path)
 
 
 def _append_features(store: tuple[list, list], new: tuple[torch.Tensor, torch.Tensor]) -> None:

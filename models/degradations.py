@@ -27,6 +27,11 @@ DEGRADATIONS = ("bicubic", "jpeg:Q")
 JPEG_QUALITY = (1, 95)
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8: what an 8-bit image file stores."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def to_8bit(image: torch.Tensor) -> torch.Tensor:
     """An image in [-1, 1] rounded to the 256 levels an 8-bit file stores."""
     return ((image.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1.0
@@ -77,8 +82,7 @@ BICUBIC = Degradation()
 
 def _jpeg(image: torch.Tensor, quality: int) -> torch.Tensor:
     """(3, h, w) in [-1, 1] on 8-bit levels → the same image saved and read back as a JPEG at `quality`."""
-    array = ((image.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
-    PIL.Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+    PIL.Image.fromarray(to_uint8(image[None].float())[0]).save(buffer, format="JPEG", quality=quality)
     decoded = np.asarray(PIL.Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32)
     return torch.from_numpy(decoded).permute(2, 0, 1) / 127.5 - 1.0

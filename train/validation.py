@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fmboost.models import Upsampler
+from fmboost.models.degradations import to_uint8
 from fmboost.models.metrics import psnr, ssim
 from PIL import Image, ImageDraw
 
@@ -39,11 +40,6 @@ def upsample_images(upsampler: Upsampler, lr: torch.Tensor, seed: int = 0, batch
         outputs.append(result.image.float())
         nfe = result.nfe
     return torch.cat(outputs), nfe
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] → (N, H, W, 3) uint8."""
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 def save_grid(columns: list[torch.Tensor], labels: list[str], path: str | Path) -> None:
