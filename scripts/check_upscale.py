@@ -19,18 +19,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
-import torch
 from fmboost.eval.baselines import pixel_upsample
-from fmboost.eval.pairs import count_images, iter_pairs
+from fmboost.eval.pairs import count_images, iter_pairs, load_image
 from fmboost.eval.super_resolution import save_png, to_unit
 from fmboost.models import metrics as M
-
-
-def load_unit(path: Path) -> torch.Tensor:
-    """(1, 3, H, W) in [0, 1] from an image file."""
-    array = np.asarray(PIL.Image.open(path).convert("RGB"), dtype=np.float32) / 255
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
 
 
 def main() -> None:
@@ -55,7 +47,7 @@ def main() -> None:
                        stdout=subprocess.DEVNULL)
         target = to_unit(pair.hr[None])
         bicubic = to_unit(pixel_upsample(pair.lr[None], args.hr_size // args.lr_size))  # eval-sr's bicubic row
-        for name, image in (("upscale", load_unit(written)), ("bicubic", bicubic)):
+        for name, image in (("upscale", to_unit(load_image(written)[None])), ("bicubic", bicubic)):
             scores[name]["psnr"].append(M.psnr(image, target).item())
             scores[name]["lpips"].append(M.lpips(image, target, lpips).item())
         print(f"{index + 1}/{total} {pair.name}: upscale {scores['upscale']['psnr'][-1]:.2f} dB, "
