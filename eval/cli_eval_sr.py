@@ -54,8 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr-size", type=int, default=256)
     parser.add_argument("--crop", choices=CROPS, default="center", help="square crop to --hr-size")
     parser.add_argument("--degradation", default="bicubic", metavar="NAME",
-                        help="how the low-res inputs are made: bicubic (antialiased reduction) or jpeg:Q (the same, "
-                             "then a JPEG at quality Q); every method sees the same inputs (default: %(default)s)")
+                        help="how the low-res inputs are made: bicubic (antialiased reduction), jpeg:Q (the same, "
+                             "then a JPEG at quality Q) or second-order (Real-ESRGAN's blur → resize → noise → JPEG, "
+                             "twice, drawn from seed + image index); every method sees the same inputs "
+                             "(default: %(default)s)")
     parser.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
                         help="scale the shorter side to --hr-size before cropping (whole images; default)")
     parser.add_argument("--sampler", action="append", default=[], metavar="SPEC",
@@ -257,8 +259,8 @@ def describe(args: argparse.Namespace, evaluation: Evaluation) -> str:
     """One paragraph stating exactly what produced the table."""
     data = ", ".join(args.data)
     fit = "shorter side resized to hr, then" if args.resize else "native resolution,"
-    return (f"{evaluation.num_images} images from {data}; {fit} {args.crop} crop {args.hr_size}² → antialiased "
-            f"bicubic {args.lr_size}² (×{args.hr_size // args.lr_size}), 8-bit, degradation {args.degradation}; "
+    return (f"{evaluation.num_images} images from {data}; {fit} {args.crop} crop {args.hr_size}² → "
+            f"{args.lr_size}² (×{args.hr_size // args.lr_size}), 8-bit, degradation {args.degradation}; "
             f"seed {args.seed}. "
             f"Upsampler: {', '.join(args.upsampler) or '–'}; regression: {args.regression or '–'}; every model row "
             f"is `fmboost upscale` with the settings it names (BPn: n back-projection steps). "

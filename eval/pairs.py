@@ -1,7 +1,7 @@
 """Evaluation pairs from image folders: a square high-res crop and its antialiased down-sampling.
 
     image ──(resize: shorter side → hr_size)──► crop hr_size² (center, or random with a per-image seed)
-          ──► hr (3, hr, hr) ──(degradation: bicubic, antialias; or + JPEG)──► lr (3, lr, lr)
+          ──► hr (3, hr, hr) ──(degradation: bicubic, antialias; + JPEG; second-order)──► lr (3, lr, lr)
                                                                        both in [-1, 1], on 8-bit levels
 
 Both are rounded to 8-bit levels, as image files hold them: a low-res PNG saved from a pair is exactly the
@@ -84,9 +84,9 @@ def square_crop(image: torch.Tensor, size: int, crop: str = "center",
 
 def make_pair(image: torch.Tensor, hr_size: int, lr_size: int, crop: str = "center", resize_image: bool = True,
               generator: torch.Generator | None = None, name: str = "",
-              degradation: Degradation = BICUBIC) -> Pair:
+              degradation: Degradation = BICUBIC, degradation_seed: int = 0) -> Pair:
     """hr = crop of (3, H, W) `image` (after scaling its shorter side to hr_size if `resize_image`), lr = hr
-    degraded (default: the antialiased bicubic reduction)."""
+    degraded (default: the antialiased bicubic reduction; a random degradation draws from `degradation_seed`)."""
     if hr_size % lr_size:
         raise ValueError(f"hr_size {hr_size} must be a multiple of lr_size {lr_size}")
     if resize_image:
@@ -94,17 +94,19 @@ def make_pair(image: torch.Tensor, hr_size: int, lr_size: int, crop: str = "cent
         factor = hr_size / min(height, width)
         image = resize(image, (max(hr_size, round(height * factor)), max(hr_size, round(width * factor))))
     hr = to_8bit(square_crop(image, hr_size, crop, generator))
-    return Pair(name, hr, degradation(hr[None], (lr_size, lr_size))[0])
+    return Pair(name, hr, degradation(hr[None], (lr_size, lr_size), seeds=[degradation_seed])[0])
 
 
 def iter_pairs(folders: Sequence[str | Path], hr_size: int = 1024, lr_size: int = 256, crop: str = "center",
                resize_image: bool = True, seed: int = 0, max_images: int | None = None,
                degradation: Degradation = BICUBIC) -> Iterator[Pair]:
-    """Pairs for the first `max_images` images of `folders`; image i's random crop uses seed + i (reproducible)."""
+    """Pairs for the first `max_images` images of `folders`; image i's random crop and random degradation use
+    seed + i (reproducible: every method of an evaluation sees the same degraded input)."""
     paths = list_images(folders)[:max_images]
     for index, path in enumerate(paths):
         generator = torch.Generator().manual_seed(seed + index)
-        yield make_pair(load_image(path), hr_size, lr_size, crop, resize_image, generator, path.stem, degradation)
+        yield make_pair(load_image(path), hr_size, lr_size, crop, resize_image, generator, path.stem, degradation,
+                        seed + index)
 
 
 def count_images(folders: Sequence[str | Path], max_images: int | None = None) -> int:

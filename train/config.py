@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import yaml
 from fmboost.models import FIRST_STAGES, PRESETS, CouplingFlowMatcher, SamplerConfig
+from fmboost.models.degradations import Degradation
 from fmboost.models.detail_bands import DETAIL_PATHS
 from fmboost.models.unet import PADDING_MODES
 
@@ -38,6 +39,8 @@ class TrainConfig:
     center_crop: bool = False  # the square `resolution` crop of each image: centred, else random
                                # (patches inside it are always at random aligned positions)
     random_flip: bool = True
+    degradation: str = "bicubic"  # how the low-res input is made: bicubic | jpeg:Q | second-order (real photos;
+                                  # `fmboost.models.degradations`), seeded per image, keyed into the latent cache
     num_validation_images: int = 2  # the last N valid images are held out as the fixed validation split
     max_train_samples: int | None = None  # use only the first N training images (quick runs, benchmarks)
     dataloader_num_workers: int = 0
@@ -115,6 +118,10 @@ class TrainConfig:
                     "latent_cache_shard_images"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        try:
+            Degradation.parse(self.degradation)
+        except ValueError as err:
+            raise ValueError(f"degradation: {err}") from None
         if self.crop_size % self.scale:
             raise ValueError(f"crop_size {self.crop_size} must be a multiple of scale {self.scale}")
         if self.resolution and (self.resolution % self.scale or self.crop_size > self.resolution):

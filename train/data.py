@@ -1,4 +1,4 @@
-"""Training pairs made on the fly: a high-res image at `resolution` and its antialiased ÷`scale` version.
+"""Training pairs made on the fly: a high-res image at `resolution` and its ÷`scale` version (`degradation`).
 
 Patch training: both are cropped at aligned positions (a `crop_size`² high-res patch ↔ the matching
 (`crop_size`/`scale`)² low-res patch), so small machines train a fully convolutional UNet on patches
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fmboost.models import consistency
+from fmboost.models.degradations import Degradation
 from PIL import Image
 
 from .config import TrainConfig
@@ -73,23 +74,31 @@ def _crop_origin(full: tuple[int, int], size: tuple[int, int], step: int,
     return tuple(int(torch.randint(n + 1, (1,), generator=generator)) * step for n in slots)
 
 
-def downsample(images: torch.Tensor, scale: int) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] → (B, 3, H/s, W/s): the low-res generator's stand-in. It is the degradation D
-    that evaluation pairs use and back-projection inverts (`fmboost.models.consistency.downsample`), so
-    training, evaluation and back-projection agree on what "low-res" means."""
-    height, width = images.shape[-2:]
-    if height % scale or width % scale:
-        raise ValueError(f"image size {height}x{width} is not a multiple of scale {scale}")
-    return consistency.downsample(images, (height // scale, width // scale)).clamp(-1, 1)
+def low_res(hr_image: torch.Tensor, config: TrainConfig, seed: int) -> torch.Tensor:
+    """(3, H, W) high-res image in [-1, 1] → (3, H/s, W/s): the low-res input the upsampler learns to invert,
+    `config.degradation` of the whole image (patches are cut from it, as from a low-res generator's output).
+
+    bicubic is the antialiased reduction D that evaluation pairs use and back-projection inverts
+    (`fmboost.models.consistency.downsample`), not rounded to 8-bit levels, so latent caches built before
+    degradations existed stay valid. The others are `fmboost.models.degradations.Degradation`, the function
+    `eval-sr --degradation` degrades its inputs with; `seed` draws the random one (one seed per image)."""
+    height, width = hr_image.shape[-2:]
+    if height % config.scale or width % config.scale:
+        raise ValueError(f"image size {height}x{width} is not a multiple of scale {config.scale}")
+    size = (height // config.scale, width // config.scale)
+    if config.degradation == "bicubic":
+        return consistency.downsample(hr_image[None], size)[0].clamp(-1, 1)
+    return Degradation.parse(config.degradation)(hr_image[None], size, seeds=[seed])[0]
 
 
 def make_pair(hr_image: torch.Tensor, config: TrainConfig, generator: torch.Generator | None = None,
-              lr_image: torch.Tensor | None = None, flip: bool = True, crop_size: int | None = None
-              ) -> dict[str, torch.Tensor]:
+              lr_image: torch.Tensor | None = None, flip: bool = True, crop_size: int | None = None,
+              seed: int = 0) -> dict[str, torch.Tensor]:
     """(3, H, W) high-res image → {"hr": (3, c, c), "lr": (3, c/s, c/s)} aligned patches, random
-    (with `generator`, + random flip if `flip`) or centred. `lr_image`: the image already ÷scale."""
+    (with `generator`, + random flip if `flip`) or centred. `lr_image`: the image already degraded (`low_res`),
+    else it is degraded here with `seed`."""
     s, c = config.scale, crop_size or config.crop_size
-    lr_full = downsample(hr_image[None], s)[0] if lr_image is None else lr_image
+    lr_full = low_res(hr_image, config, seed) if lr_image is None else lr_image
     top, left = _crop_origin(tuple(hr_image.shape[-2:]), (c, c), s, generator)
     hr = hr_image[:, top:top + c, left:left + c]
     lr = lr_full[:, top // s:(top + c) // s, left // s:(left + c) // s]
@@ -145,9 +154,9 @@ def validation_pairs(records: list[ImageRecord], config: TrainConfig, crop_size:
     """The fixed validation set: for each image, `crops_per_image` aligned patches on an even grid of
     its centred high-res image → {"hr": (N, 3, c, c), "lr": (N, 3, c/s, c/s)}."""
     hr, lr = [], []
-    for record in records:
+    for number, record in enumerate(records):
         hr_image = prepare_image(record.open(), config)
-        lr_image = downsample(hr_image[None], config.scale)[0]
+        lr_image = low_res(hr_image, config, config.seed * 1_000_003 + number)
         H, W = hr_image.shape[-2:]
         if min(H, W) < crop_size:
             raise ValueError(f"validation image {record.name} ({W}x{H}) is smaller than the crop {crop_size}")
@@ -198,10 +207,11 @@ class PairDataset(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(hash((self.config.seed, self.epoch, index)) % 2 ** 62)
+        seed = hash((self.config.seed, self.epoch, index)) % 2 ** 62
+        generator = torch.Generator().manual_seed(seed)
         image = self._image(index % len(self.records))
         hr_image = prepare_image(image, self.config, None if self.config.center_crop else generator)
-        return make_pair(hr_image, self.config, generator)
+        return make_pair(hr_image, self.config, generator, seed=seed)
 
     def _image(self, index: int):
         for offset in range(len(self.records)):

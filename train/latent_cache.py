@@ -8,7 +8,7 @@ encoded). Random flips are applied to the cached latents at load time — exact 
 approximation for convolutional encoders, which are close to flip-equivariant.
 
 The folder name is a hash of everything the latents depend on (the images' bytes, the first stage, the
-resolution / crop / scale / up-sampling settings, the seed of the crop positions, the storage dtype), so
+resolution / crop / scale / up-sampling settings, the degradation, the seed of the crop positions, the storage dtype), so
 a changed setting is a cache miss and an unchanged one a hit. Inside it:
 
     latent_stats.json          per-channel latent mean/std, computed first (by the main process): every
@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import CACHE_DTYPES, TrainConfig
-from .data import downsample, make_pair, open_usable, prepare_image, records_fingerprint, warn_skipped
+from .data import low_res, make_pair, open_usable, prepare_image, records_fingerprint, warn_skipped
 from .image_sources import ImageSource
 
 MANIFEST = "manifest.json"
@@ -74,6 +74,8 @@ def cache_key(config: TrainConfig, records: ImageSource, first_stage: FirstStage
     settings = {name: getattr(config, name) for name in (
         "resolution", "crop_size", "scale", "center_crop", "crops_per_image", "latent_stats_images", "upsample",
         "seed", "latent_cache_dtype", "latent_cache_shard_images")}
+    if config.degradation != "bicubic":  # absent for bicubic: the entries built before degradations existed
+        settings["degradation"] = config.degradation
     spec = {k: v for k, v in first_stage.spec.items()}
     key = json.dumps({"version": CACHE_VERSION, "data": records_fingerprint(records), "first_stage": spec,
                       **settings}, sort_keys=True)
@@ -98,7 +100,7 @@ def cache_patches(records: ImageSource, config: TrainConfig, indices: range | No
             continue
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + i)
         hr_image = prepare_image(image, config, None if config.center_crop else generator)
-        lr_image = downsample(hr_image[None], config.scale)[0]
+        lr_image = low_res(hr_image, config, config.seed * 1_000_003 + i)
         for _ in range(config.crops_per_image):
             yield make_pair(hr_image, config, generator, lr_image, flip=False)
 
@@ -189,6 +191,10 @@ def build_or_load(records: ImageSource, config: TrainConfig, first_stage: FirstS
     if not hit:
         _build(records, config, first_stage, flow, path, state)
     meta = json.loads((path / MANIFEST).read_text())
+    built_with = meta["settings"].get("degradation", "bicubic")
+    if built_with != config.degradation:
+        raise ValueError(f"the latent cache {path} holds inputs degraded with {built_with!r}, not the configured "
+                         f"degradation {config.degradation!r}: it is never reused for another degradation")
     mean, std = torch.tensor(meta["latent_mean"]), torch.tensor(meta["latent_std"])
     first_stage.set_latent_stats(mean, std)
     return LatentCache(path, hit, meta["num_samples"], mean, std,

@@ -7,7 +7,7 @@ import PIL.Image
 import pytest
 import torch
 from fmboost.models.consistency import downsample
-from fmboost.models.degradations import BICUBIC, Degradation, to_8bit
+from fmboost.models.degradations import BICUBIC, SECOND_ORDER, Degradation, add_noise, blur, to_8bit
 from fmboost.pipelines.cli import main
 from fmboost.train.sample_photos import load_sample_photos
 
@@ -31,7 +31,8 @@ def block_edge_ratio(image: torch.Tensor) -> float:
 def test_parse_and_name_round_trip_and_bad_names_are_refused():
     assert Degradation.parse("bicubic") == BICUBIC and str(BICUBIC) == "bicubic"
     assert Degradation.parse("jpeg:75") == Degradation("jpeg", 75) and str(Degradation("jpeg", 75)) == "jpeg:75"
-    for bad in ("jpeg", "jpeg:0", "jpeg:96", "jpeg:x", "bicubic:3", "blur"):
+    assert str(Degradation.parse("second-order")) == "second-order" and Degradation.parse("second-order").seeded
+    for bad in ("jpeg", "jpeg:0", "jpeg:96", "jpeg:x", "bicubic:3", "blur", "second-order:2"):
         with pytest.raises(ValueError, match="degradation"):
             Degradation.parse(bad)
 
@@ -57,13 +58,62 @@ def test_jpeg_is_deterministic_and_adds_8_pixel_blocks_growing_with_compression(
     assert ratios[10] > ratios[30] > 1.1 and ratios[10] > 1.3, ratios
 
 
+def test_second_order_is_deterministic_per_seed_and_needs_one_seed_per_image():
+    hr = photo(128).repeat(3, 1, 1, 1)
+    second_order = Degradation("second-order")
+    lr = second_order(hr, (32, 32), seeds=[5, 6, 7])
+    assert lr.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(lr, to_8bit(lr), rtol=0, atol=0)  # what an 8-bit file holds
+    torch.testing.assert_close(lr[1:2], second_order(hr[:1], (32, 32), seeds=[6]), rtol=0, atol=0)
+    assert min((lr[i] - lr[j]).abs().mean() for i, j in ((0, 1), (0, 2), (1, 2))) > 1e-2  # other seeds, other draws
+    clean = BICUBIC(hr[:1], (32, 32))
+    assert all((image - clean[0]).abs().mean() > 0.02 for image in lr)  # degraded well beyond the 8-bit rounding
+    for seeds in (None, [1, 2]):
+        with pytest.raises(ValueError, match="needs one seed per image"):
+            second_order(hr, (32, 32), seeds=seeds)
+
+
+def test_second_order_ends_with_8_pixel_jpeg_blocks():
+    hr = photo(512)
+    ratios = [block_edge_ratio(Degradation("second-order")(hr, (128, 128), seeds=[seed])) for seed in range(8)]
+    assert sum(ratios) / len(ratios) > 1.1, ratios  # the last stage's JPEG, at quality 30–95
+
+
+def test_blur_width_is_the_documented_sigma():
+    """The blur of an impulse is the kernel: its spread along each axis is the σ it was asked for."""
+    impulse = torch.zeros(3, 41, 41)
+    impulse[:, 20, 20] = 1
+    widest = SECOND_ORDER[0].blur_sigma[1]  # (σ under ~0.5 px samples to nearly an impulse on the pixel grid)
+    for sigma_y, sigma_x in ((0.8, 0.8), (1.5, 2.5), (widest, widest)):
+        kernel = blur(impulse, (sigma_y, sigma_x))[0]
+        offsets = torch.arange(41.0) - 20
+        spread_y = ((kernel.sum(1) * offsets ** 2).sum() / kernel.sum()).sqrt()
+        spread_x = ((kernel.sum(0) * offsets ** 2).sum() / kernel.sum()).sqrt()
+        assert abs(spread_y - sigma_y) < 0.05 * sigma_y + 0.02 and abs(spread_x - sigma_x) < 0.05 * sigma_x + 0.02
+        assert abs(kernel.sum() - 1) < 1e-4  # blurring keeps the mean brightness
+
+
+def test_noise_level_is_the_documented_sigma():
+    grey = torch.full((3, 128, 128), 0.5)
+    generator = torch.Generator().manual_seed(0)
+    for sigma in (1 / 255, 10 / 255, 30 / 255):
+        noise = add_noise(grey, generator, sigma=sigma) - grey
+        assert abs(noise.std() / sigma - 1) < 0.03 and abs(noise.mean()) < sigma / 20
+    shared = add_noise(grey, generator, sigma=0.1, grey=True) - grey
+    assert torch.equal(shared[0], shared[1]) and torch.equal(shared[1], shared[2])
+    for level, scale in ((0.2, 1.0), (0.8, 2.5)):
+        shot = add_noise(torch.full((3, 128, 128), level), generator, poisson_scale=scale) - level
+        expected = scale * (level * 255) ** 0.5 / 255  # Poisson: variance = mean count, in 8-bit counts
+        assert abs(shot.std() / expected - 1) < 0.05
+
+
 def test_eval_sr_degrades_every_input_and_names_the_degradation(tmp_path):
     data = tmp_path / "photos"
     data.mkdir()
     for name, image in load_sample_photos(["coffee", "chelsea"]).items():
         image.resize((128, 96), PIL.Image.LANCZOS).save(data / f"{name}.png")
     scores = {}
-    for degradation in ("bicubic", "jpeg:20"):
+    for degradation in ("bicubic", "jpeg:20", "second-order"):
         out = tmp_path / degradation.replace(":", "_")
         assert main(["eval-sr", "--data", str(data), "--first-stage", "identity", "--hr-size", "64", "--lr-size", "16",
                      "--baselines", "bicubic", "--no-fid", "--out", str(out), "--degradation", degradation]) == 0
@@ -71,5 +121,6 @@ def test_eval_sr_degrades_every_input_and_names_the_degradation(tmp_path):
         assert f"degradation {degradation};" in (out / "results.md").read_text()
         scores[degradation] = results["bicubic"]["psnr"]
     assert scores["jpeg:20"] < scores["bicubic"] - 0.3, scores  # bicubic up-sampling of a JPEG input is worse
+    assert scores["second-order"] < scores["bicubic"] - 0.3, scores
     assert main(["eval-sr", "--data", str(data), "--first-stage", "identity", "--hr-size", "64", "--lr-size", "16",
                  "--out", str(tmp_path / "bad"), "--degradation", "jpeg:200"]) == 2  # a one-line user error

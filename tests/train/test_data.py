@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from fmboost.models.degradations import Degradation
 from fmboost.eval.pairs import resize
 from fmboost.train.config import load_config
-from fmboost.train.data import PairDataset, downsample, image_records, make_pair, split_records, validation_pairs
+from fmboost.train.data import PairDataset, image_records, low_res, make_pair, split_records, validation_pairs
 from PIL import Image
 
 from .conftest import write_images
@@ -53,13 +54,38 @@ def test_pairs_are_aligned_crops_of_the_downsampled_image(tiny_config):
     torch.testing.assert_close(pair["lr"], low[:, :4, left // 4:left // 4 + 4].clamp(-1, 1))
 
 
-def test_training_low_res_is_the_evaluation_degradation():
+def test_training_low_res_is_the_evaluation_degradation(tiny_config):
     """Training pairs, evaluation pairs and back-projection share one degradation D: a model trained
     on one and scored on another would be penalised for the mismatch, not for its up-sampling."""
     image = torch.rand(3, 48, 64) * 2 - 1
-    assert torch.equal(downsample(image[None], 4)[0], resize(image, (12, 16)))
+    assert torch.equal(low_res(image, tiny_config(), seed=0), resize(image, (12, 16)))
     with pytest.raises(ValueError, match="multiple of scale 4"):
-        downsample(image[None, :, :46], 4)
+        low_res(image[:, :46], tiny_config(), seed=0)
+    jpeg = low_res(image, tiny_config(degradation="jpeg:40"), seed=0)
+    torch.testing.assert_close(jpeg, Degradation("jpeg", 40)(image[None], (12, 16))[0], rtol=0, atol=0)
+
+
+def test_second_order_training_inputs_are_seeded_per_sample(tiny_config):
+    """The random degradation is drawn from the sample's seed: the same sample is the same input in every
+    epoch replay and every process, and different samples see different degradations."""
+    config = tiny_config(degradation="second-order")
+    image = torch.rand(3, 48, 64) * 2 - 1
+    first = low_res(image, config, seed=3)
+    assert first.shape == (3, 12, 16)
+    assert torch.equal(first, low_res(image, config, seed=3))
+    torch.testing.assert_close(first, Degradation("second-order")(image[None], (12, 16), seeds=[3])[0], rtol=0,
+                               atol=0)
+    assert (first - low_res(image, config, seed=4)).abs().mean() > 1e-2
+    dataset = PairDataset(image_records(config), config)
+    assert torch.equal(dataset[1]["lr"], dataset[1]["lr"]) and not torch.equal(dataset[1]["lr"], dataset[7]["lr"])
+    bicubic = PairDataset(image_records(tiny_config()), tiny_config())
+    assert torch.equal(dataset[1]["hr"], bicubic[1]["hr"])  # the degradation draws do not move the crops
+    assert not torch.equal(dataset[1]["lr"], bicubic[1]["lr"])
+
+
+def test_an_unknown_degradation_names_the_key(tiny_config):
+    with pytest.raises(ValueError, match="degradation: .*'blur'"):
+        tiny_config(degradation="blur")
 
 
 def test_validation_pairs_are_fixed(tiny_config):

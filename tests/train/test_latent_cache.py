@@ -44,6 +44,26 @@ def test_changed_settings_miss(tmp_path, tiny_config):
     assert key != latent_cache.cache_key(config, records[:-1], IdentityAutoencoder())
 
 
+def test_a_cache_built_with_one_degradation_refuses_another(tmp_path, tiny_config):
+    """Each degradation has its own entry (the key holds it), bicubic keeps the key of caches built before
+    degradations existed, and an entry whose manifest names another degradation is refused, not reused."""
+    bicubic = tiny_config(use_latent_cache=True)
+    records, _ = split_records(image_records(bicubic), bicubic)
+    keys = {name: latent_cache.cache_key(tiny_config(use_latent_cache=True, degradation=name), records,
+                                         IdentityAutoencoder()) for name in ("bicubic", "jpeg:50", "second-order")}
+    assert len(set(keys.values())) == 3
+    degraded = tiny_config(use_latent_cache=True, degradation="second-order")
+    built = latent_cache.build_or_load(records, degraded, IdentityAutoencoder(), degraded.flow(), tmp_path / "cache")
+    assert built.path.name == keys["second-order"]
+    assert json.loads((built.path / latent_cache.MANIFEST).read_text())["settings"]["degradation"] == "second-order"
+    plain = latent_cache.build_or_load(records, bicubic, IdentityAutoencoder(), bicubic.flow(), tmp_path / "cache")
+    assert plain.path != built.path
+    shutil.rmtree(plain.path)
+    shutil.copytree(built.path, plain.path)  # a second-order entry under the bicubic key
+    with pytest.raises(ValueError, match="degraded with 'second-order', not the configured degradation 'bicubic'"):
+        latent_cache.build_or_load(records, bicubic, IdentityAutoencoder(), bicubic.flow(), tmp_path / "cache")
+
+
 def test_a_copy_of_the_photos_hits_and_an_edited_photo_misses(tmp_path, tiny_config, image_dir):
     """A re-provisioned data folder (same bytes, new paths and times) must reuse the cache."""
     def key(folder):
