@@ -109,9 +109,10 @@ class CFMUNet(ModelMixin, ConfigMixin):
         if H % self.size_multiple or W % self.size_multiple:
             raise ValueError(f"latent size {H}x{W} must be divisible by {self.size_multiple}")
         # Range-checked while t is on the host (a float or CPU tensor): checking a GPU tensor's values would
-        # stall the host every NFE and cannot be captured in a CUDA graph, so a t already on the GPU is trusted.
+        # stall the host every NFE and cannot be captured in a CUDA graph, so a t already on the GPU is trusted;
+        # so is t under torch.compile (a value test is data-dependent control flow, which breaks the graph).
         t = torch.as_tensor(t, dtype=x_t.dtype)
-        if t.device.type == "cpu" and bool(((t < 0) | (t > 1)).any()):
+        if t.device.type == "cpu" and not torch.compiler.is_compiling() and bool(((t < 0) | (t > 1)).any()):
             raise ValueError(f"t must lie in [0, 1], got range [{t.min().item():.3g}, {t.max().item():.3g}]")
         t = t.to(x_t.device)
         if t.ndim == 0:

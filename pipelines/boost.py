@@ -18,13 +18,18 @@ lives. A call reads as the recipe: 1. base latent (or the given image) → 2. co
 4. ODE → 5. decode → 6. dial → 7. back-projection, steps 2–7 being `Upsampler.upscale`, the render path every
 command and evaluation uses. With `image=` the base stage is skipped: the image (or its latents) is
 super-resolved directly.
+
+`enable_fast_path()` compiles the base UNet, v_θ and R the way diffusers compiles a pipeline's UNet
+(`fmboost.pipelines.fast_path`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +38,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import is_compiled_module
 from fmboost.models import (
     CouplingFlowMatcher,
     DiffusersAutoencoder,
@@ -43,6 +49,9 @@ from fmboost.models import (
 )
 from fmboost.models.detail_bands import DetailCalibration
 from fmboost.models.posterior_mean import PosteriorMean
+from fmboost.pipelines.fast_path import FAST_PATH_COMPONENTS, compile_module, compile_unavailable
+
+logger = logging.getLogger(__name__)
 
 DIFFUSERS_KINDS = ("autoencoder_kl", "autoencoder_tiny")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -100,6 +109,7 @@ class BoostPipeline(DiffusionPipeline):
         self._own_first_stage: FirstStage | None = None  # TAEF2 / identity upsamplers: not the pipeline's VAE
         self._upsampler: Upsampler | None = None
         self._upsampler_parts: tuple = ()  # the components _upsampler wraps
+        self._announce_compile = False  # enable_fast_path was called and no call has said it compiles yet
 
     # ------------------------------------------------------------------ construction
 
@@ -187,6 +197,44 @@ class BoostPipeline(DiffusionPipeline):
 
     def disable_vae_slicing(self) -> None:
         self.vae.disable_slicing()
+
+    # ------------------------------------------------------------------ the fast path
+
+    def enable_fast_path(self, **compile_kwargs) -> bool:
+        """Compile the base UNet, v_θ and R (each when present) as diffusers compiles a pipeline's UNet: channels-last
+        weights, `torch.compile(mode="reduce-overhead", fullgraph=True)`, static shapes (`compile_kwargs` change
+        these settings). Call it after `.to(device)`. The first call at each size compiles (slow; the first call
+        says so); later calls at the same sizes reuse the compiled networks without recompiling.
+
+        Where torch.compile cannot run on this device (no C++ compiler for inductor on a CPU, no Triton on a GPU,
+        torch.compile itself raising) it warns and every component stays eager. The image is eager's up to float
+        rounding: on a CPU in fp32 the largest difference is below 1e-4 of the [0, 1] range (tested; measured
+        4.5e-6). Returns whether the networks are now compiled."""
+        reason = compile_unavailable(self._execution_device, **compile_kwargs)
+        if reason is not None:
+            warnings.warn(f"fast path unavailable on {self._execution_device}, running eager (the same image, "
+                          f"uncompiled): torch.compile failed: {reason}", stacklevel=2)
+            return False
+        for name in FAST_PATH_COMPONENTS:
+            module = getattr(self, name, None)
+            if module is not None and not is_compiled_module(module):
+                setattr(self, name, compile_module(module, **compile_kwargs))
+        self._announce_compile = True
+        return True
+
+    def disable_fast_path(self) -> None:
+        """Back to the eager networks (contiguous weights), e.g. to compare with the fast path or to stop compiling
+        for every new size."""
+        for name in FAST_PATH_COMPONENTS:
+            module = getattr(self, name, None)
+            if module is not None and is_compiled_module(module):
+                setattr(self, name, module._orig_mod.to(memory_format=torch.contiguous_format))
+        self._announce_compile = False
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether the networks run compiled (`enable_fast_path`)."""
+        return any(is_compiled_module(getattr(self, name, None)) for name in FAST_PATH_COMPONENTS)
 
     @contextlib.contextmanager
     def _vae_upcast(self):
@@ -332,6 +380,11 @@ class BoostPipeline(DiffusionPipeline):
             raise ValueError(f"cascade must be a positive int (number of passes), got {cascade!r}")
         device = self._execution_device
         self._check_precision(device)
+        if self._announce_compile:
+            self._announce_compile = False
+            logger.warning("fast path: compiling %s with torch.compile; this first call is slow (and so is the "
+                           "first at any new size), later calls at the same sizes are fast",
+                           ", ".join(n for n in FAST_PATH_COMPONENTS if getattr(self, n, None) is not None))
         upsampler = self.upsampler
         if noising_step is not None:
             flow = dataclasses.replace(upsampler.flow, noising_step=noising_step, noise_sigma=None)

@@ -22,7 +22,14 @@ from pathlib import Path
 import PIL.Image
 import torch
 from fmboost.pipelines.cli import UserError
-from fmboost.pipelines.generate import DTYPES, add_render_arguments, device_and_dtype, load_pipeline, render_settings
+from fmboost.pipelines.generate import (
+    DTYPES,
+    add_fast_argument,
+    add_render_arguments,
+    device_and_dtype,
+    load_pipeline,
+    render_settings,
+)
 from fmboost.pipelines.upscale import load_image_pipeline
 
 NO_BASE_MODEL = ("Generate needs a base text-to-image model: start the server with `--base-model ID_OR_DIR` "
@@ -57,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
     add_render_arguments(parser)  # where the page's controls start
+    add_fast_argument(parser)
 
 
 @dataclass
@@ -82,13 +90,17 @@ class BoostService:
 
     @classmethod
     def load(cls, upsampler: str, base_model: str | None = None, device: str | None = None,
-             dtype: str | None = None, max_megapixels: float = 0.25) -> BoostService:
-        """From folders / hub ids as the command line takes them; a missing model is a UserError."""
+             dtype: str | None = None, max_megapixels: float = 0.25, fast: bool = False) -> BoostService:
+        """From folders / hub ids as the command line takes them; a missing model is a UserError. `fast`: the
+        pipeline's fast path (`BoostPipeline.enable_fast_path`)."""
         device, torch_dtype = device_and_dtype(argparse.Namespace(device=device, dtype=dtype))
         pipe = load_pipeline(base_model, upsampler, torch_dtype) if base_model else \
             load_image_pipeline(upsampler, torch_dtype)
         pipe.set_progress_bar_config(leave=False)
-        return cls(pipe.to(device), device, max_megapixels)
+        pipe.to(device)
+        if fast:
+            pipe.enable_fast_path()
+        return cls(pipe, device, max_megapixels)
 
     # ------------------------------------------------------------------ what the controls offer
 
@@ -266,7 +278,8 @@ def _default_base_steps(pipe) -> int:
 
 def run(args: argparse.Namespace) -> int:
     import_gradio()  # before loading models: a missing extra fails at once
-    service = BoostService.load(args.upsampler, args.base_model, args.device, args.dtype, args.max_megapixels)
+    service = BoostService.load(args.upsampler, args.base_model, args.device, args.dtype, args.max_megapixels,
+                                args.fast)
     service.default_sampler = service.pipe.upsampler.settings(render_settings(args, service.default_sampler))
     print(f"fmboost serve: ×{service.scale} upsampler from {args.upsampler}"
           + (f", base model {args.base_model}" if args.base_model else "") + f", on {service.device}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import PIL.Image
 from fmboost.pipelines.cli import UserError
 from fmboost.pipelines.generate import (
+    add_fast_argument,
     add_output_arguments,
     add_render_arguments,
     device_and_dtype,
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true", help="also write a side-by-side with bicubic up-sampling")
     add_render_arguments(parser)
     add_output_arguments(parser)
+    add_fast_argument(parser)
 
 
 def side_by_side(left: PIL.Image.Image, right: PIL.Image.Image) -> PIL.Image.Image:
@@ -58,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"cannot read {args.image!r} as an image: {err}") from None
     device, dtype = device_and_dtype(args)
     pipe = load_image_pipeline(args.upsampler, dtype).to(device)
+    if args.fast:
+        pipe.enable_fast_path()
     if args.tiled:
         pipe.enable_vae_tiling()
     out = pipe(image=image, **pipeline_kwargs(args, pipe, device))
