@@ -37,8 +37,6 @@ from .metrics import MetricUnavailable
 REALESRGAN_SHARED_PATH = "weights/realesrgan/RealESRGAN_x4plus_fp16.safetensors"
 #: Up-scaling factor of the x4plus network (two nearest ×2 up-samplings).
 REALESRGAN_SCALE = 4
-#: Default reflection padding (low-resolution pixels) around the input: none, the forward the reference was made with.
-DEFAULT_PAD = 0
 #: Default low-resolution context each tile borrows from its neighbours when ``tile`` is given.
 DEFAULT_TILE_OVERLAP = 16
 
@@ -142,16 +140,10 @@ def load_realesrgan(path: str | Path | None = None, device: str | torch.device =
     return model.float().eval().to(device)
 
 
-def _pad_mode(h: int, w: int, pad: int) -> str:
-    """Reflection needs ``pad`` < each side; tiny inputs fall back to replicating the edge pixels."""
-    return "reflect" if pad < h and pad < w else "replicate"
-
-
 def realesrgan_upscale(
     model: RRDBNet,
     lr: torch.Tensor,
     tile: int | None = None,
-    pad: int = DEFAULT_PAD,
     tile_overlap: int = DEFAULT_TILE_OVERLAP,
 ) -> torch.Tensor:
     """Upscales ``lr`` (B, 3, h, w) in [-1, 1] (the project's image convention) to (B, 3, 4h, 4w) in [-1, 1].
@@ -159,14 +151,12 @@ def realesrgan_upscale(
     The network works in [0, 1], so the input is mapped there and the output mapped back and clamped (the raw
     network output overshoots slightly around edges).
 
-    ``pad`` adds that many pixels of reflection padding (edge replication for inputs smaller than ``pad``) around
-    the input and crops the corresponding 4·pad pixels from the output. It defaults to 0, the plain forward: the
-    shared reference output was made without padding, and padding does not just touch the border, it changes the
-    whole prediction of this large-receptive-field GAN (on the 48² reference input, ``pad=10`` drops the match to
-    the reference from exact to about 28.5 dB, 34 dB even 16 px away from the border).
+    The input is not padded: the shared reference output was made without padding, and padding changes the whole
+    prediction of this large-receptive-field GAN, not just its border (10 px of reflection padding drops the match
+    to the 48² reference from exact to about 28.5 dB, and made 0.1–0.8 dB worse borders).
 
     ``tile`` bounds memory on large inputs (each 64-channel fp32 map of the ×4 tail costs 64·16·4 B = 4 KiB per
-    input pixel, 1 GiB for a 512² input): the (padded) input is cut into tiles of at most ``tile``×``tile``
+    input pixel, 1 GiB for a 512² input): the input is cut into tiles of at most ``tile``×``tile``
     low-resolution pixels, each run with up to ``tile_overlap`` pixels of real neighbouring context on every side
     that has a neighbour, and the ×4 interiors stitched. Tiled output is close to, not equal to, the untiled one
     (the receptive field is far larger than any practical overlap). Runs under ``torch.no_grad()`` on the model's
@@ -176,30 +166,26 @@ def realesrgan_upscale(
         raise ValueError(f"lr must be a (B, 3, h, w) tensor, got {tuple(lr.shape)}")
     if tile is not None and tile < 1:
         raise ValueError(f"tile must be a positive number of pixels, got {tile}")
-    if pad < 0 or tile_overlap < 0:
-        raise ValueError(f"pad and tile_overlap must be >= 0, got {pad} and {tile_overlap}")
+    if tile_overlap < 0:
+        raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap}")
     param = next(model.parameters())
     scale = REALESRGAN_SCALE
-    h, w = lr.shape[-2:]
     with torch.no_grad():
         x = ((lr.to(device=param.device, dtype=param.dtype) + 1) / 2).clamp(0, 1)
-        if pad:
-            x = F.pad(x, (pad, pad, pad, pad), mode=_pad_mode(h, w, pad))
-        big_h, big_w = x.shape[-2:]
-        if tile is None or (tile >= big_h and tile >= big_w):
+        height, width = x.shape[-2:]
+        if tile is None or (tile >= height and tile >= width):
             out = model(x)
         else:
-            out = x.new_empty(x.shape[0], 3, big_h * scale, big_w * scale)
-            for top in range(0, big_h, tile):
-                for left in range(0, big_w, tile):
-                    bottom, right = min(top + tile, big_h), min(left + tile, big_w)
+            out = x.new_empty(x.shape[0], 3, height * scale, width * scale)
+            for top in range(0, height, tile):
+                for left in range(0, width, tile):
+                    bottom, right = min(top + tile, height), min(left + tile, width)
                     # Run the tile with its context window, then keep only the tile's own ×4 pixels.
                     c_top, c_left = max(top - tile_overlap, 0), max(left - tile_overlap, 0)
-                    c_bottom, c_right = min(bottom + tile_overlap, big_h), min(right + tile_overlap, big_w)
+                    c_bottom, c_right = min(bottom + tile_overlap, height), min(right + tile_overlap, width)
                     sr = model(x[..., c_top:c_bottom, c_left:c_right])
                     dy, dx = (top - c_top) * scale, (left - c_left) * scale
                     out[..., top * scale : bottom * scale, left * scale : right * scale] = sr[
                         ..., dy : dy + (bottom - top) * scale, dx : dx + (right - left) * scale
                     ]
-        out = out[..., pad * scale : (pad + h) * scale, pad * scale : (pad + w) * scale]
         return (out.clamp(0, 1) * 2 - 1).to(device=lr.device, dtype=lr.dtype)

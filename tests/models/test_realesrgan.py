@@ -63,16 +63,14 @@ def test_tiny_rrdbnet_shape_and_basicsr_keys(generator):
     assert net.state_dict()["body.0.rdb1.conv5.weight"].shape == (8, 8 + 4 * 4, 3, 3)
 
 
-def test_upscale_padding_and_tiling(generator):
+def test_upscale_tiling(generator):
     net = _tiny_net(num_block=1)
     lr = torch.rand(1, 3, 40, 33, generator=generator) * 2 - 1
     full = realesrgan_upscale(net, lr)
     # One RRDB: 17 convs at low resolution plus the ×4 tail see < 20 px, so a 20 px overlap makes tiling exact.
     torch.testing.assert_close(realesrgan_upscale(net, lr, tile=16, tile_overlap=20), full)
     assert realesrgan_upscale(net, lr, tile=16, tile_overlap=2).shape == full.shape
-    # Reflection padding (and the edge-replicating fallback on inputs smaller than the pad) keeps the ×4 shape.
-    assert realesrgan_upscale(net, lr, pad=10).shape == full.shape
-    assert realesrgan_upscale(net, lr[..., :5, :6], pad=10, tile=16).shape == (1, 3, 20, 24)
+    assert realesrgan_upscale(net, lr[..., :5, :6], tile=16).shape == (1, 3, 20, 24)
 
 
 @pytest.mark.shared
@@ -84,8 +82,7 @@ def test_pretrained_weights_reproduce_reference_output():
     lr = _read_png(folder / "reference_input_48.png") / 127.5 - 1
     reference = _read_png(folder / "reference_output_192.png")
 
-    # The reference was made without padding: compare the unpadded forward (pad=0, the default).
-    out = realesrgan_upscale(model, lr, pad=0)
+    out = realesrgan_upscale(model, lr)
     assert out.shape == (1, 3, 192, 192)
     ours = ((out + 1) * 127.5).round()
     mse = (ours - reference).pow(2).mean().item()
