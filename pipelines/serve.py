@@ -1,10 +1,11 @@
 """`fmboost serve --upsampler DIR [--base-model ID_OR_DIR]`: a web page to upscale photos and generate images.
 
-*Upscale*: upload a photo → the CFM result beside bicubic on a before / after slider, with the sampler (ODE
-solver, steps), the fidelity dial `detail` (posterior-mean upsamplers only), the seed, a progress bar and the
-full-resolution PNG to download. *Generate*: prompt → base image → CFM → high-resolution image, when the
-pipeline has a base text-to-image model (`--base-model`, or a saved BoostPipeline folder as `--upsampler`);
-without one the tab says so and its button is disabled.
+*Upscale*: upload a photo → the CFM result beside a reference on a before / after slider — bicubic, or Real-ESRGAN
+x4plus (the upscaler most people already use; offered for ×4 upsamplers when its weights are found) — with the
+sampler (ODE solver, steps), the fidelity dial `detail` (posterior-mean upsamplers only), back-projection, the
+seed, a progress bar and the full-resolution PNG to download. *Generate*: prompt → base image → CFM →
+high-resolution image, when the pipeline has a base text-to-image model (`--base-model`, or a saved BoostPipeline
+folder as `--upsampler`); without one the tab says so and its button is disabled.
 
 `BoostService` holds the pipeline and does the work on PIL images (tested without a browser); `build_app`
 lays out the Gradio page and names its events `/upscale` and `/generate` for `gradio_client`. Gradio is an
@@ -19,8 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import torch
+from fmboost.models.degradations import to_uint8
+from fmboost.models.realesrgan import REALESRGAN_SCALE, default_realesrgan_path, load_realesrgan, realesrgan_upscale
 from fmboost.pipelines.cli import UserError
 from fmboost.pipelines.generate import (
     DTYPES,
@@ -40,6 +44,11 @@ MAX_STEPS = 64
 #: The back-projection slider's end: measured gains stop after a few steps (RESULTS.md).
 MAX_BACK_PROJECT = 8
 IMAGE_HEIGHT = 480  # px on the page; the slider zooms, the download is full resolution
+#: What the slider can show beside fmboost's result.
+REFERENCES = ("bicubic", "Real-ESRGAN")
+#: Real-ESRGAN's tile side (low-res px): bounds its memory at --max-megapixels inputs (4 KiB per input pixel
+#: per feature map of its ×4 tail, `fmboost.models.realesrgan`).
+REALESRGAN_TILE = 256
 
 
 def import_gradio():
@@ -69,21 +78,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass
 class Upscaled:
-    """One upscale: the input (RGB), bicubic and CFM at the output size (exactly scale × the input), and a
-    one-line summary (sizes, sampler, NFE, seconds)."""
+    """One upscale: the input (RGB), the reference (bicubic or Real-ESRGAN) and CFM at the output size (exactly
+    scale × the input), and a one-line summary (sizes, sampler, NFE, seconds)."""
 
     input: PIL.Image.Image
-    bicubic: PIL.Image.Image
+    reference: PIL.Image.Image
     result: PIL.Image.Image
     summary: str
 
 
 class BoostService:
     """The pipeline behind the page. `pipe`: a BoostPipeline, already on `device`; inputs above
-    `max_megapixels` are refused with a message (the output, scale² times larger, is what costs memory)."""
+    `max_megapixels` are refused with a message (the output, scale² times larger, is what costs memory).
+    `realesrgan_path`: the Real-ESRGAN x4plus weights for the reference (default: the shared-assets copy)."""
 
-    def __init__(self, pipe, device: torch.device, max_megapixels: float = 0.25):
+    def __init__(self, pipe, device: torch.device, max_megapixels: float = 0.25,
+                 realesrgan_path: str | Path | None = None):
         self.pipe, self.device, self.max_megapixels = pipe, torch.device(device), max_megapixels
+        self.realesrgan_path = Path(realesrgan_path) if realesrgan_path else default_realesrgan_path()
+        self._realesrgan = None  # loaded at the first Real-ESRGAN reference
         #: Where the controls start: the upsampler's saved SamplerConfig (`fmboost serve --sampler / --detail /
         #: --back-project` change it).
         self.default_sampler = pipe.upsampler.sampler
@@ -114,6 +127,36 @@ class BoostService:
         return self.pipe.upsampler.flow.needs_posterior_mean
 
     @property
+    def realesrgan_unavailable(self) -> str | None:
+        """Why the Real-ESRGAN reference is not offered, or None when it is."""
+        if self.scale != REALESRGAN_SCALE:
+            return f"Real-ESRGAN x4plus up-samples ×{REALESRGAN_SCALE}, this upsampler ×{self.scale}"
+        if self.realesrgan_path is None or not self.realesrgan_path.is_file():
+            return (f"Real-ESRGAN x4plus weights not found at {self.realesrgan_path or '$FMBOOST_SHARED/weights'}: "
+                    "see the README's assets section")
+        return None
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """The references the slider offers: bicubic, and Real-ESRGAN where it is available."""
+        return REFERENCES if self.realesrgan_unavailable is None else REFERENCES[:1]
+
+    def reference(self, image: PIL.Image.Image, name: str = "bicubic") -> PIL.Image.Image:
+        """`image` up-sampled ×scale by the reference `name` (one of REFERENCES): what the result is compared with."""
+        size = (image.width * self.scale, image.height * self.scale)
+        if name == "bicubic":
+            return image.resize(size, PIL.Image.BICUBIC)
+        if name not in REFERENCES:
+            raise UserError(f"reference must be one of {list(REFERENCES)}, got {name!r}")
+        if self.realesrgan_unavailable:
+            raise UserError(self.realesrgan_unavailable)
+        if self._realesrgan is None:
+            self._realesrgan = load_realesrgan(self.realesrgan_path, self.device)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+        upscaled = realesrgan_upscale(self._realesrgan, pixels, tile=REALESRGAN_TILE)
+        return PIL.Image.fromarray(to_uint8(upscaled)[0])
+
+    @property
     def generate_unavailable(self) -> str | None:
         """Why the Generate tab is disabled, or None when the pipeline has a base model."""
         return NO_BASE_MODEL if any(getattr(self.pipe, k, None) is None for k in BASE_PARTS) else None
@@ -129,8 +172,10 @@ class BoostService:
     # ------------------------------------------------------------------ the two jobs
 
     def upscale(self, image: PIL.Image.Image, solver: str | None = None, steps: int | None = None,
-                detail: float | None = None, back_project: int | None = None, seed: int = 0) -> Upscaled:
-        """Super-resolve `image` (any size up to max_megapixels; the output is exactly scale × the input)."""
+                detail: float | None = None, back_project: int | None = None, seed: int = 0,
+                reference: str = "bicubic") -> Upscaled:
+        """Super-resolve `image` (any size up to max_megapixels; the output is exactly scale × the input), beside
+        the `reference` up-sampling of it."""
         megapixels = image.width * image.height / 1e6
         if megapixels > self.max_megapixels:
             raise UserError(f"the image is {image.width}x{image.height} ({megapixels:.2f} MP), above this server's "
@@ -140,8 +185,8 @@ class BoostService:
         start = time.perf_counter()
         out = self.pipe(image=image, sampler=sampler, generator=self._generator(seed))
         result = out.images[0]
-        bicubic = image.resize(result.size, PIL.Image.BICUBIC)
-        return Upscaled(image, bicubic, result, self._summary(image, result, sampler, out.nfe, start))
+        summary = self._summary(image, result, sampler, out.nfe, start)
+        return Upscaled(image, self.reference(image, reference), result, f"{summary}; slider: {reference} ↔ fmboost")
 
     def generate(self, prompt: str, negative_prompt: str | None = None, base_steps: int | None = None,
                  guidance: float = 7.5, base_size: int = 256, solver: str | None = None, steps: int | None = None,
@@ -180,9 +225,9 @@ class BoostService:
 
 def build_app(service: BoostService, output_dir: str | Path | None = None):
     """The Gradio Blocks page over `service`; results for download are written to `output_dir` (a new temporary
-    folder by default). Events: `/upscale` (image, solver, steps, detail, back-projection steps, seed → slider, PNG,
-    summary) and `/generate` (prompt, negative prompt, base steps, guidance, base size, solver, steps, detail,
-    back-projection steps, seed → image, summary)."""
+    folder by default). Events: `/upscale` (image, solver, steps, detail, back-projection steps, seed, reference →
+    slider, PNG, summary) and `/generate` (prompt, negative prompt, base steps, guidance, base size, solver, steps,
+    detail, back-projection steps, seed → image, summary)."""
     gr = import_gradio()
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="fmboost-serve-"))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -204,17 +249,17 @@ def build_app(service: BoostService, output_dir: str | Path | None = None):
             seed = gr.Number(0, precision=0, label="seed")
         return [solver, steps, detail, back_project, seed]
 
-    def upscale(image, solver, steps, detail, back_project, seed, progress=progress_bar):
+    def upscale(image, solver, steps, detail, back_project, seed, reference, progress=progress_bar):
         if image is None:
             raise gr.Error("upload an image first")
         progress(0, desc="upscaling")
         try:
-            done = service.upscale(image, solver, steps, detail, back_project, seed)
+            done = service.upscale(image, solver, steps, detail, back_project, seed, reference)
         except (UserError, ValueError) as err:
             raise gr.Error(str(err)) from None
         path = output_dir / f"fmboost_{done.result.width}x{done.result.height}_seed{int(seed)}.png"
         done.result.save(path)
-        return (done.bicubic, done.result), str(path), done.summary
+        return (done.reference, done.result), str(path), done.summary
 
     def generate(prompt, negative_prompt, base_steps, guidance, base_size, solver, steps, detail, back_project,
                  seed, progress=progress_bar):
@@ -232,14 +277,20 @@ def build_app(service: BoostService, output_dir: str | Path | None = None):
             with gr.Row():
                 image = gr.Image(type="pil", image_mode="RGB", label="input", elem_id="upscale-input",
                                  sources=["upload", "clipboard"], height=IMAGE_HEIGHT)
-                slider = gr.ImageSlider(type="pil", format="png", label="bicubic ↔ fmboost",
+                slider = gr.ImageSlider(type="pil", format="png", label="reference ↔ fmboost",
                                         elem_id="upscale-slider", height=IMAGE_HEIGHT)
             upscale_controls = sampler_controls()
+            reference = gr.Radio(list(service.references), value="bicubic", label="compare with",
+                                 elem_id="upscale-reference",
+                                 info="the left side of the slider" + (
+                                     f" (Real-ESRGAN unavailable: {service.realesrgan_unavailable})"
+                                     if service.realesrgan_unavailable else ""))
             button = gr.Button("Upscale", variant="primary", elem_id="upscale-button")
             with gr.Row():
                 summary = gr.Textbox(label="result", interactive=False, elem_id="upscale-summary")
                 download = gr.File(label="download (PNG, full resolution)", elem_id="upscale-download")
-            button.click(upscale, [image, *upscale_controls], [slider, download, summary], api_name="upscale")
+            button.click(upscale, [image, *upscale_controls, reference], [slider, download, summary],
+                         api_name="upscale")
         with gr.Tab("Generate"):
             reason = service.generate_unavailable
             if reason:

@@ -8,8 +8,8 @@ encoded). Random flips are applied to the cached latents at load time — exact 
 approximation for convolutional encoders, which are close to flip-equivariant.
 
 The folder name is a hash of everything the latents depend on (the images' bytes, the first stage, the
-resolution / crop / scale / up-sampling settings, the degradation, the seed of the crop positions, the storage dtype), so
-a changed setting is a cache miss and an unchanged one a hit. Inside it:
+resolution / crop / scale / up-sampling settings, the degradation, the seed of the crop positions, the storage
+dtype), so a changed setting is a cache miss and an unchanged one a hit. Inside it:
 
     latent_stats.json          per-channel latent mean/std, computed first (by the main process): every
                                shard is normalised with them, also when a killed build resumes

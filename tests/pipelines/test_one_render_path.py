@@ -101,5 +101,6 @@ def serve_upscale(folder, image: PIL.Image.Image, seed: int) -> PIL.Image.Image 
     fns = app.fns.values() if isinstance(app.fns, dict) else app.fns
     upscale = next(f.fn for f in fns if f.api_name == "upscale")
     default = service.default_sampler
-    (_, result), _, _ = upscale(image, default.solver, default.num_steps, default.detail, default.back_project, seed)
+    (_, result), _, _ = upscale(image, default.solver, default.num_steps, default.detail, default.back_project, seed,
+                                 "bicubic")
     return result

@@ -105,7 +105,7 @@ def test_upscale_event_returns_slider_download_and_summary(upsampler_dir, photo,
     service = BoostService.load(str(upsampler_dir))
     app = build_app(service, output_dir=tmp_path)
     assert isinstance(app, gr.Blocks) and service.scale == SCALE and not service.has_detail
-    (left, right), download, summary = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 0, 7)
+    (left, right), download, summary = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 0, 7, "bicubic")
     np.testing.assert_array_equal(np.asarray(left, dtype=np.float32), bicubic(photo))  # before: bicubic
     assert_upscaled(right, photo)
     assert_upscaled(PIL.Image.open(download), photo)
@@ -113,13 +113,15 @@ def test_upscale_event_returns_slider_download_and_summary(upsampler_dir, photo,
     assert "64x48 → 256x192" in summary and "heun:linear:3" in summary and "NFE 6" in summary
     assert "back-projection 0" in summary
     # same seed, same image; the steps control reaches the sampler
-    again = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 0, 7)[0][1]
+    again = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 0, 7, "bicubic")
+    again = again[0][1]
     np.testing.assert_array_equal(np.asarray(again), np.asarray(right))
-    projected = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 2, 7)  # the back-projection control
+    # the back-projection control
+    projected = event(app, "upscale")(PIL.Image.open(photo), "heun", 3, 1.0, 2, 7, "bicubic")
     assert "back-projection 2" in projected[2]
     assert not np.array_equal(np.asarray(projected[0][1]), np.asarray(right))
     with pytest.raises(gr.Error, match="upload an image"):
-        event(app, "upscale")(None, "euler", 2, 1.0, 0, 0)
+        event(app, "upscale")(None, "euler", 2, 1.0, 0, 0, "bicubic")
 
 
 @needs_gradio
@@ -147,6 +149,34 @@ def test_generate_event_with_a_base_model(upsampler_dir, base_dir, tmp_path):
     assert image.size == (64 * SCALE, 64 * SCALE) and summary.startswith("256x256, sampler euler:linear:2")
     service.pipe.save_pretrained(tmp_path / "boost")  # a saved BoostPipeline as --upsampler brings its base along
     assert BoostService.load(str(tmp_path / "boost")).generate_unavailable is None
+
+
+@pytest.mark.skipif(shared_path("weights/realesrgan/RealESRGAN_x4plus_fp16.safetensors") is None
+                    or not shared_path("weights/realesrgan/RealESRGAN_x4plus_fp16.safetensors").is_file(),
+                    reason="needs the Real-ESRGAN x4plus weights in $FMBOOST_SHARED/weights/realesrgan")
+def test_real_esrgan_reference_is_the_peer_network_on_the_same_input(upsampler_dir, photo):
+    from fmboost.models.degradations import to_uint8
+    from fmboost.models.realesrgan import load_realesrgan, realesrgan_upscale
+
+    service = BoostService.load(str(upsampler_dir))
+    assert service.references == ("bicubic", "Real-ESRGAN") and service.realesrgan_unavailable is None
+    done = service.upscale(PIL.Image.open(photo), "euler", 2, 1.0, 0, 0, reference="Real-ESRGAN")
+    pixels = torch.from_numpy(np.asarray(PIL.Image.open(photo).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    expected = to_uint8(realesrgan_upscale(load_realesrgan(), pixels[None] / 127.5 - 1))[0]
+    assert done.reference.size == done.result.size
+    np.testing.assert_array_equal(np.asarray(done.reference), expected)  # 64x48 < one tile: the untiled forward
+    assert np.abs(np.asarray(done.reference, dtype=np.float32) - bicubic(photo)).mean() > 1.0
+    assert "slider: Real-ESRGAN ↔ fmboost" in done.summary
+
+
+def test_without_real_esrgan_weights_the_reference_says_why(upsampler_dir, photo, tmp_path):
+    service = BoostService.load(str(upsampler_dir))
+    service.realesrgan_path = tmp_path / "missing.safetensors"
+    assert service.references == ("bicubic",) and "weights not found" in service.realesrgan_unavailable
+    with pytest.raises(Exception, match="weights not found"):
+        service.upscale(PIL.Image.open(photo), "euler", 2, 1.0, 0, 0, reference="Real-ESRGAN")
+    with pytest.raises(Exception, match="reference must be one of"):
+        service.reference(PIL.Image.open(photo), "lanczos")
 
 
 def test_large_inputs_and_bad_settings_are_user_errors(upsampler_dir):
@@ -217,7 +247,8 @@ def test_server_upscale_endpoint_returns_a_4x_image_to_gradio_client(server, pho
     from gradio_client import Client, handle_file
 
     client = Client(server, verbose=False)
-    slider, download, summary = client.predict(handle_file(str(photo)), "euler", 2, 1.0, 0, 0, api_name="/upscale")
+    slider, download, summary = client.predict(handle_file(str(photo)), "euler", 2, 1.0, 0, 0, "bicubic",
+                                               api_name="/upscale")
     assert_upscaled(PIL.Image.open(download), photo)
     assert "NFE 2" in summary
 

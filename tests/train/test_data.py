@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from fmboost.models.degradations import Degradation
 from fmboost.eval.pairs import resize
+from fmboost.models.degradations import Degradation
 from fmboost.train.config import load_config
 from fmboost.train.data import PairDataset, image_records, low_res, make_pair, split_records, validation_pairs
 from PIL import Image
