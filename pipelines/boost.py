@@ -20,7 +20,8 @@ command and evaluation uses. With `image=` the base stage is skipped: the image 
 super-resolved directly.
 
 `enable_fast_path()` compiles the base UNet, v_θ and R the way diffusers compiles a pipeline's UNet
-(`fmboost.pipelines.fast_path`).
+(`fmboost.pipelines.fast_path`); LoRA loading (`load_lora_weights`, `fuse_lora`) is diffusers' SD mixin, which
+`fmboost.pipelines.lcm.load_lcm_lora` uses for an LCM-LoRA base.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import is_compiled_module
 from fmboost.models import (
@@ -50,6 +52,7 @@ from fmboost.models import (
 from fmboost.models.detail_bands import DetailCalibration
 from fmboost.models.posterior_mean import PosteriorMean
 from fmboost.pipelines.fast_path import FAST_PATH_COMPONENTS, compile_module, compile_unavailable
+from fmboost.pipelines.lcm import base_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ class _Timer:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
-class BoostPipeline(DiffusionPipeline):
+class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     model_cpu_offload_seq = "text_encoder->unet->regression_unet->cfm_unet->vae"
     _optional_components = ["text_encoder", "tokenizer", "unet", "scheduler", "vae", "regression_unet"]
 
@@ -262,8 +265,9 @@ class BoostPipeline(DiffusionPipeline):
 
     def _base_latents(self, prompt, negative_prompt, base_size, num_inference_steps, guidance_scale,
                       num_images_per_prompt, generator, latents, callback_on_step_end, **kwargs) -> torch.Tensor:
-        """Raw scaled base latents (B, 4, base/8, base/8) from diffusers' own SD loop (LCM included)."""
-        from diffusers import LCMScheduler, StableDiffusionPipeline
+        """Raw scaled base latents (B, 4, base/8, base/8) from diffusers' own SD loop (LCM included); steps and
+        guidance default to `fmboost.pipelines.lcm.base_defaults` (25 at 7.5; LCM: 4, no guidance batch)."""
+        from diffusers import StableDiffusionPipeline
 
         if any(getattr(self, k) is None for k in ("text_encoder", "tokenizer", "unet", "scheduler", "vae")):
             raise ValueError("text-to-image needs a base model: build with BoostPipeline.from_base(...) "
@@ -271,8 +275,9 @@ class BoostPipeline(DiffusionPipeline):
         base = StableDiffusionPipeline(self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         base.set_progress_bar_config(**{"desc": "base", **getattr(self, "_progress_bar_config", {})})
-        if num_inference_steps is None:
-            num_inference_steps = 4 if isinstance(self.scheduler, LCMScheduler) else 25
+        default_steps, default_guidance = base_defaults(self.unet, self.scheduler)
+        num_inference_steps = default_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = default_guidance if guidance_scale is None else guidance_scale
         height, width = (base_size, base_size) if isinstance(base_size, int) else base_size
         out = base(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                    num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -346,7 +351,8 @@ class BoostPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, image=None, negative_prompt=None,
-                 num_inference_steps: int | None = None, guidance_scale: float = 7.5, base_size: int | tuple = 256,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 base_size: int | tuple = 256,
                  sampler: SamplerConfig | None = None, upsample_steps: int | None = None, solver: str | None = None,
                  schedule: str | None = None, schedule_params: dict | None = None, detail: float | None = None,
                  back_project: int | None = None, noising_step: int | None = None, cascade: int = 1,
@@ -356,7 +362,8 @@ class BoostPipeline(DiffusionPipeline):
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None, **base_kwargs):
         """Text → image (prompt) or super-resolution (image); `cascade` passes of ×scale each.
 
-        num_inference_steps, guidance_scale, base_size: the base model's (steps default 25, LCM 4).
+        num_inference_steps, guidance_scale, base_size: the base model's (default 25 steps at guidance 7.5; an
+        LCMScheduler base 4 steps without a guidance batch, `fmboost.pipelines.lcm.base_defaults`).
         The upsampler renders with `sampler` (a SamplerConfig; default: the upsampler's saved one) changed by
         upsample_steps (its ODE steps, `num_steps`) / solver / schedule / schedule_params / detail /
         back_project: `detail` ∈ [0, 1] is the fidelity dial of posterior-mean upsamplers (0: the estimate, best
