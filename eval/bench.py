@@ -5,7 +5,8 @@ pipeline  per-stage time of boosted 1024² generation (SD base at 256² = 32² l
           random weights at SD1.5 sizes (`--size real`; the compute is that of the real model) or a
           scaled-down architecture (`--size small`) so a CPU run takes minutes. Each stage is timed once
           per call (after `--warmup` calls) and multiplied by its step count: the totals are
-          extrapolations from measured per-call times, which the output says.
+          extrapolations from measured per-call times, which the output says. `--end-to-end` measures
+          instead the whole calls, boosted and direct, eager and fast path (`fmboost.eval.bench_end_to_end`).
 sampler   NFE and time per solver/schedule for CFMUNet presets at 128² latents.
 upscale   peak memory and time of tiled vs untiled upscaling (`fmboost.eval.bench_upscale`).
 train     delegates to `fmboost.train.bench_train` (imported only when asked for).
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from fmboost.eval import bench_end_to_end, bench_upscale
 from fmboost.pipelines.random_sd import SD_SIZES, random_sd_components
 
 
@@ -108,16 +110,17 @@ def decode_variants(vae, z: torch.Tensor, timer: StageTimer, names: list[str], p
 def bench_pipeline(size: str = "small", base_steps: int = 25, upsample_steps: int = 4,
                    upsampler_preset: str = "reference", guidance: bool = True, decode: list[str] | None = None,
                    device: str | None = None, warmup: int | None = None, lr_latent: int = 32, hr_latent: int = 128,
-                   end_to_end: bool = False, dtype: str | None = None, cuda_graphs: bool = False,
-                   compile: bool = False) -> dict:
+                   dtype: str | None = None, cuda_graphs: bool = False, compile: bool = False) -> dict:
     """Per-call times (and CUDA peak memory) of every stage; extrapolated totals of boosted vs direct.
 
     dtype defaults to float16 on CUDA (how SD is run there) and float32 on CPU (no fast half kernels).
     cuda_graphs also times the UNet steps and the CFM NFE replayed from CUDA graphs (launch overhead removed),
-    compile with the SD UNet and the CFM UNet wrapped in `torch.compile` (default mode; compiled during two
-    untimed calls), and each gives the boosted / direct totals with those times beside the eager ones.
+    compile through the fast path's compiled SD UNet and CFM UNet (`fmboost.pipelines.fast_path.compile_module`,
+    after every eager stage: it makes the weights channels-last; compiled during two untimed calls), and each
+    gives the boosted / direct totals with those times beside the eager ones.
     """
     from fmboost.models import CFMUNet, DiffusersAutoencoder
+    from fmboost.pipelines.fast_path import compile_module
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if cuda_graphs and device.type != "cuda":
@@ -140,20 +143,16 @@ def bench_pipeline(size: str = "small", base_steps: int = 25, upsample_steps: in
         text = parts["text_encoder"](tokens)[0]
     timer = StageTimer(device, warmup)
 
-    compiled = {"unet": torch.compile(unet), "cfm": torch.compile(cfm)} if compile else {}
+    network_calls = []  # (name, network, call): timed compiled once every eager stage is done
 
     def time_network_call(name: str, network: str, call) -> None:
         """A UNet step or CFM NFE, call(module): eager; with --cuda-graphs also replayed from a graph
-        (`<name>_cuda_graph`), with --compile also through torch.compile (`<name>_compiled`)."""
+        (`<name>_cuda_graph`); with --compile timed compiled later (`<name>_compiled`)."""
         module = {"unet": unet, "cfm": cfm}[network]
         timer(name, lambda: call(module))
         if cuda_graphs:
             timer(f"{name}_cuda_graph", cuda_graph(lambda: call(module), device))
-        if compile:  # the first calls compile (and may recompile once): never timed
-            compiled_timer = StageTimer(device, max(2, warmup))
-            compiled_timer(name, lambda: call(compiled[network]))
-            timer.seconds[f"{name}_compiled"] = compiled_timer.seconds[name]
-            timer.peak_memory_mib.update({f"{name}_compiled": v for v in compiled_timer.peak_memory_mib.values()})
+        network_calls.append((name, network, call))
 
     def unet_step(n: int) -> None:
         z = torch.randn(batch, 4, n, n, device=device, dtype=torch_dtype)
@@ -169,6 +168,13 @@ def bench_pipeline(size: str = "small", base_steps: int = 25, upsample_steps: in
     timer(f"psu_encode_{hr_latent * f}",
           lambda: first_stage.encode(torch.zeros(1, 3, hr_latent * f, hr_latent * f, device=device)))
     decode_s = decode_variants(vae, z_hr, timer, decode or ["sdpa"], hr_latent * f)
+    if compile:  # the fast path's networks; their first calls compile (never timed)
+        compiled = {"unet": compile_module(unet), "cfm": compile_module(cfm)}
+        for name, network, call in network_calls:
+            compiled_timer = StageTimer(device, max(2, warmup))
+            compiled_timer(name, lambda call=call, module=compiled[network]: call(module))
+            timer.seconds[f"{name}_compiled"] = compiled_timer.seconds[name]
+            timer.peak_memory_mib.update({f"{name}_compiled": v for v in compiled_timer.peak_memory_mib.values()})
     result = summarise_pipeline(dict(timer.seconds), decode_s, dict(
         size=size, device=str(device), dtype=dtype, base_steps=base_steps, upsample_steps=upsample_steps,
         upsampler_preset=upsampler_preset, guidance=guidance, warmup=warmup, lr_latent=lr_latent,
@@ -179,34 +185,7 @@ def bench_pipeline(size: str = "small", base_steps: int = 25, upsample_steps: in
             result[key] = summarise_pipeline({**timer.seconds, **variant}, decode_s, result["setup"])
     if device.type == "cuda":
         result["memory_mib"] = {"weights": weights_mib, "peak_per_stage": timer.peak_memory_mib}
-    if end_to_end:
-        result["end_to_end"] = measure_end_to_end(parts, cfm, base_steps, upsample_steps, lr_latent, hr_latent,
-                                                  guidance, device)
     return result
-
-
-def measure_end_to_end(parts: dict, cfm, base_steps: int, upsample_steps: int, lr_latent: int, hr_latent: int,
-                       guidance: bool, device: torch.device) -> dict:
-    """Measured (not extrapolated) seconds: BoostPipeline vs the same SD pipeline at the high resolution."""
-    from diffusers import StableDiffusionPipeline
-    from fmboost.models import CouplingFlowMatcher, DiffusersAutoencoder, SamplerConfig, Upsampler
-    from fmboost.pipelines.boost import BoostPipeline
-
-    base = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    first_stage = DiffusersAutoencoder(parts["vae"], {"kind": "autoencoder_kl", "path": None})
-    upsampler = Upsampler(cfm, first_stage, CouplingFlowMatcher(upsample="psu"), scale=hr_latent // lr_latent,
-                          sampler=SamplerConfig("euler", upsample_steps, "linear"))
-    pipe = BoostPipeline.from_base(base, upsampler)
-    for p in (base, pipe):
-        p.set_progress_bar_config(disable=True)
-    f, cfg = first_stage.downsample_factor, 7.5 if guidance else 1.0
-    out = pipe("a photo of a cat", num_inference_steps=base_steps, guidance_scale=cfg, base_size=lr_latent * f,
-               output_type="pt")
-    direct = seconds(lambda: base("a photo of a cat", num_inference_steps=base_steps, guidance_scale=cfg,
-                                  height=hr_latent * f, width=hr_latent * f, output_type="pt"), device)
-    boosted_total = sum(out.timings.values())
-    return {"boosted_s": {**out.timings, "total": boosted_total}, "direct_s": {"total": direct},
-            "speedup_direct_over_boosted": direct / boosted_total, "nfe": out.nfe}
 
 
 def summarise_pipeline(per_call: dict, decode_s: dict, setup: dict) -> dict:
@@ -253,10 +232,6 @@ def print_pipeline(result: dict) -> None:
             print(f"  with {label} (UNet steps, CFM NFE): boosted {variant['boosted_s']['total']:.2f}s, direct "
                   f"{variant['direct_s']['total']:.2f}s → {variant['speedup_direct_over_boosted']:.2f}× "
                   f"(latent-space coupling: {variant['speedup_latent_mode']:.2f}×)")
-    if "end_to_end" in result:
-        e2e = result["end_to_end"]
-        print("  end to end (measured): boosted " + "  ".join(f"{k}={v:.2f}s" for k, v in e2e["boosted_s"].items())
-              + f"  direct total={e2e['direct_s']['total']:.2f}s  → {e2e['speedup_direct_over_boosted']:.2f}×")
 
 
 # ---------------------------------------------------------------------------------------- sampler
@@ -331,15 +306,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--hr-latent", type=int, default=128)
     p.add_argument("--warmup", type=int, default=None, help="untimed calls per stage (default 1; 0 for real on CPU)")
     p.add_argument("--end-to-end", action="store_true",
-                   help="also run BoostPipeline and the direct SD pipeline once, whole (slow at real sizes on CPU)")
+                   help="time the whole calls instead: BoostPipeline vs the direct SD pipeline at each --pixels, "
+                        "eager and fast path, for each --recipes (fmboost.eval.bench_end_to_end; its options below "
+                        "say --end-to-end)")
     p.add_argument("--device", default=None)
     p.add_argument("--cuda-graphs", action="store_true",
                    help="also time UNet steps and the CFM NFE replayed from CUDA graphs (no launch overhead)")
     p.add_argument("--compile", action="store_true",
-                   help="also time UNet steps and the CFM NFE through torch.compile (compiled in untimed calls)")
+                   help="also time UNet steps and the CFM NFE through the fast path's torch.compile (compiled in "
+                        "untimed calls)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="weights and activations (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--output", "-o", default="bench_pipeline.json")
+    bench_end_to_end.add_arguments(p)
     s = sub.add_parser("sampler", help="NFE and time per solver/schedule for CFMUNet presets")
     s.add_argument("--presets", default="reference,small")
     s.add_argument("--configs", default=",".join(SAMPLER_CONFIGS),
@@ -351,8 +330,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--device", default=None)
     s.add_argument("--output", "-o", default="bench_sampler.json")
-    from fmboost.eval import bench_upscale
-
     bench_upscale.add_arguments(sub.add_parser("upscale", help="peak memory of tiled vs untiled upscaling"))
     # `train` is owned by fmboost.train.bench_train; its arguments are parsed there, on demand.
     t = sub.add_parser("train", help="training throughput (fmboost.train.bench_train)", add_help=False,
@@ -387,14 +364,14 @@ def run(args: argparse.Namespace) -> int:
     if args.bench == "cache":
         return run_cache(args.cache_args)
     if args.bench == "upscale":
-        from fmboost.eval import bench_upscale
-
         return bench_upscale.run(args)
+    if args.bench == "pipeline" and args.end_to_end:
+        return bench_end_to_end.run(args)
     if args.bench == "pipeline":
         result = bench_pipeline(args.size, args.base_steps, args.upsample_steps, args.upsampler_preset,
                                 not args.no_guidance, [d for d in args.decode.split(",") if d], args.device,
-                                args.warmup, args.lr_latent, args.hr_latent, args.end_to_end, args.dtype,
-                                args.cuda_graphs, args.compile)
+                                args.warmup, args.lr_latent, args.hr_latent, args.dtype, args.cuda_graphs,
+                                args.compile)
         print_pipeline(result)
     else:
         result = bench_sampler([p for p in args.presets.split(",") if p], [c for c in args.configs.split(",") if c],

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from fmboost.eval.bench import SAMPLER_CONFIGS, bench_pipeline
+from fmboost.eval.bench_end_to_end import bench_end_to_end
 from fmboost.models import SamplerConfig
 from fmboost.pipelines.cli import main
 
@@ -35,13 +36,43 @@ def test_pipeline_bench_json_and_ratios(tmp_path, capsys):
     assert "multiplied" in result["method"]
 
 
-def test_pipeline_bench_end_to_end_without_guidance():
-    result = bench_pipeline("tiny", base_steps=1, upsample_steps=2, upsampler_preset="tiny", guidance=False,
-                            decode=["sdpa"], warmup=0, lr_latent=8, hr_latent=16, end_to_end=True)
-    assert result["setup"]["guidance"] is False and result["per_call_s"]["unet_step_8"] > 0
-    e2e = result["end_to_end"]
-    assert set(e2e["boosted_s"]) == {"base", "upsample", "decode", "total"} and e2e["nfe"] == 2
-    assert e2e["speedup_direct_over_boosted"] == pytest.approx(e2e["direct_s"]["total"] / e2e["boosted_s"]["total"])
+def test_end_to_end_bench_times_the_whole_calls(tmp_path, capsys):
+    """CFG and LCM recipes at two target sizes, eager: medians of the timed calls, ratios from them."""
+    out = tmp_path / "e2e.json"
+    assert main(["bench", "pipeline", "--end-to-end", "--size", "tiny", "--upsampler-preset", "tiny", "--pixels",
+                 "64,128", "--recipes", "cfg:2,lcm:1", "--modes", "eager", "--repeats", "3", "--upsample-steps", "2",
+                 "-o", str(out)]) == 0
+    assert "lcm1   128² eager" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["setup"]["repeats"] == 3 and "null" in result["memory"]
+    rows = result["rows"]
+    assert [(r["recipe"], r["pixels"], r["base_pixels"]) for r in rows] == [
+        ("cfg2", 64, 16), ("cfg2", 128, 32), ("lcm1", 64, 16), ("lcm1", 128, 32)]
+    assert [r["guidance"] for r in rows] == [7.5, 7.5, 8.5, 8.5]  # the LCM-shaped UNet: embedded guidance
+    for row in rows:
+        eager = row["eager"]
+        assert row["nfe"] == 2 and "fast" not in row
+        for call in ("boosted", "direct"):
+            assert len(eager[call]["runs_s"]) == 3 and eager[call]["peak_mib"] is None
+            assert eager[call]["median_s"] == sorted(eager[call]["runs_s"])[1]
+        assert set(eager["boosted"]["stages_s"]) == {"base", "upsample", "decode"}
+        assert eager["speedup_direct_over_boosted"] == pytest.approx(eager["direct"]["median_s"]
+                                                                     / eager["boosted"]["median_s"])
+
+
+def test_end_to_end_bench_fast_path_beside_eager():
+    """The fast path measured after eager in the same run (dynamo only here: compiling with inductor is the fast
+    path's own test), its image compared with eager's."""
+    result = bench_end_to_end("tiny", [64], ["lcm:1"], ["eager", "fast"], repeats=1, upsampler_preset="tiny",
+                              upsample_steps=1, compile_kwargs={"backend": "eager", "mode": None})
+    (row,) = result["rows"]
+    assert row["fast_path_on"] and row["fast"]["boosted"]["first_call_s"] > 0
+    assert 0 <= row["fast"]["max_abs_diff_vs_eager"]["boosted"] <= 1e-4
+    assert 0 <= row["fast"]["max_abs_diff_vs_eager"]["direct"] <= 1e-4
+    assert row["fast_speedup_over_eager"]["direct"] == pytest.approx(row["eager"]["direct"]["median_s"]
+                                                                     / row["fast"]["direct"]["median_s"])
+    with pytest.raises(ValueError, match="recipe must be cfg:STEPS or lcm:STEPS"):
+        bench_end_to_end("tiny", [64], ["lcm4"])
 
 
 def test_sampler_bench_counts_nfe_and_times(tmp_path):
