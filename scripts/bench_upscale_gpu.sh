@@ -2,6 +2,7 @@
 # CUDA peak memory and time of `upscale` to a 4096-px output: untiled vs 2048- and 1024-px tiles.
 #
 #   bash scripts/bench_upscale_gpu.sh [UPSAMPLER_DIR] [OUT_DIR]
+#   SMOKE=1 bash scripts/bench_upscale_gpu.sh "" /tmp/smoke    # CPU, a 256-px output: checks the script
 #
 # Without UPSAMPLER_DIR it measures a randomly initialised upsampler of the photo models' shape (memory
 # does not depend on the weights): TAEF2 latents with the `base` CFMUNet (62 M) when the TAEF2 weights are
@@ -28,6 +29,11 @@ Upsampler(model.eval(), stage, CouplingFlowMatcher(), scale=4, sampler=SamplerCo
 print(f"random {'TAEF2 + base' if taef2 else 'pixel-space small'} upsampler in {sys.argv[1]}")
 PY
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-fmboost bench upscale --upsampler "$DIR" --output-size 4096 --tile-sizes 0,2048,1024 --device cuda \
-  -o "$OUT/bench_upscale_4096.json"
+if [ "${SMOKE:-0}" = 1 ]; then
+  fmboost bench upscale --upsampler "$DIR" --output-size 256 --tile-sizes 0,128 --tile-overlap 32 --device cpu \
+    -o "$OUT/bench_upscale_256.json"
+else
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+  fmboost bench upscale --upsampler "$DIR" --output-size 4096 --tile-sizes 0,2048,1024 --device cuda \
+    -o "$OUT/bench_upscale_4096.json"
+fi
