@@ -34,6 +34,7 @@ from fmboost.pipelines.generate import (
     load_pipeline,
     render_settings,
 )
+from fmboost.pipelines.lcm import base_defaults
 from fmboost.pipelines.upscale import load_image_pipeline
 
 NO_BASE_MODEL = ("Generate needs a base text-to-image model: start the server with `--base-model ID_OR_DIR` "
@@ -189,11 +190,11 @@ class BoostService:
         return Upscaled(image, self.reference(image, reference), result, f"{summary}; slider: {reference} ↔ fmboost")
 
     def generate(self, prompt: str, negative_prompt: str | None = None, base_steps: int | None = None,
-                 guidance: float = 7.5, base_size: int = 256, solver: str | None = None, steps: int | None = None,
-                 detail: float | None = None, back_project: int | None = None, seed: int = 0,
+                 guidance: float | None = None, base_size: int = 256, solver: str | None = None,
+                 steps: int | None = None, detail: float | None = None, back_project: int | None = None, seed: int = 0,
                  ) -> tuple[PIL.Image.Image, str]:
         """Text → base image (base_size²) → boosted image, and a one-line summary; a UserError when there is no
-        base model."""
+        base model. base_steps / guidance default to the base's (`fmboost.pipelines.lcm.base_defaults`)."""
         if self.generate_unavailable:
             raise UserError(self.generate_unavailable)
         if not prompt or not prompt.strip():
@@ -300,9 +301,11 @@ def build_app(service: BoostService, output_dir: str | Path | None = None):
                     prompt = gr.Textbox(label="prompt", interactive=not reason, elem_id="generate-prompt")
                     negative = gr.Textbox(label="negative prompt", interactive=not reason)
                     with gr.Row():
-                        base_steps = gr.Slider(1, 50, value=_default_base_steps(service.pipe), step=1,
-                                               label="base steps")
-                        guidance = gr.Slider(0.0, 15.0, value=7.5, step=0.5, label="guidance")
+                        default_steps, default_guidance = base_defaults(getattr(service.pipe, "unet", None),
+                                                                        getattr(service.pipe, "scheduler", None))
+                        base_steps = gr.Slider(1, 50, value=default_steps, step=1, label="base steps")
+                        guidance = gr.Slider(0.0, 15.0, value=default_guidance, step=0.5, label="guidance",
+                                             info="≤ 1: no classifier-free guidance batch (LCM bases start there)")
                         base_size = gr.Slider(64, 1024, value=256, step=64, label="base size (px)")
                     generate_controls = sampler_controls()
                     go = gr.Button("Generate", variant="primary", interactive=not reason, elem_id="generate-button")
@@ -318,13 +321,6 @@ def _solvers() -> tuple[str, ...]:
     from fmboost.models.sampling import SOLVERS
 
     return SOLVERS
-
-
-def _default_base_steps(pipe) -> int:
-    """LCM bases take 4 steps, others 25 (as BoostPipeline's default)."""
-    from diffusers import LCMScheduler
-
-    return 4 if isinstance(getattr(pipe, "scheduler", None), LCMScheduler) else 25
 
 
 def run(args: argparse.Namespace) -> int:

@@ -179,6 +179,21 @@ def test_without_real_esrgan_weights_the_reference_says_why(upsampler_dir, photo
         service.reference(PIL.Image.open(photo), "lanczos")
 
 
+@needs_gradio
+def test_generate_controls_start_at_the_base_defaults(upsampler_dir, tmp_path):
+    """An LCM base starts the page at 4 base steps and its own guidance, not SD's 25 steps at 7.5."""
+    from diffusers import LatentConsistencyModelPipeline
+    from fmboost.pipelines.lcm import LCM_EMBEDDED_GUIDANCE, LCM_STEPS
+    from fmboost.pipelines.serve import build_app
+
+    LatentConsistencyModelPipeline(**random_sd_components("tiny", lcm=True), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path)
+    service = BoostService.load(str(upsampler_dir), base_model=str(tmp_path))
+    components = build_app(service).get_config_file()["components"]
+    values = {c["props"].get("label"): c["props"].get("value") for c in components}
+    assert (values["base steps"], values["guidance"]) == (LCM_STEPS, LCM_EMBEDDED_GUIDANCE)
+
+
 def test_large_inputs_and_bad_settings_are_user_errors(upsampler_dir):
     service = BoostService.load(str(upsampler_dir), max_megapixels=0.001)
     with pytest.raises(Exception, match=r"limit of 0.001 MP: downscale it or restart with --max-megapixels"):
