@@ -20,6 +20,7 @@ import torch
 from fmboost.models import BOOST_CONFIG_NAME, Upsampler
 from fmboost.models import metrics as M
 from fmboost.models.calibration import BACK_PROJECT_CANDIDATES, calibrate, describe
+from fmboost.models.degradations import Degradation
 from fmboost.models.detail_bands import DEFAULT_EDGES, DETAIL_PATHS
 
 from .cli_eval_sr import parse_list
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hr-size", type=int, default=1024)
     parser.add_argument("--lr-size", type=int, default=256)
     parser.add_argument("--crop", choices=CROPS, default="center")
+    parser.add_argument("--degradation", default="bicubic", metavar="NAME",
+                        help="how the low-res inputs are made (as eval-sr's): calibrate a folder on the degradation "
+                             "it was trained for (default: %(default)s)")
     parser.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
                         help="scale the shorter side to --hr-size before cropping (whole images; default)")
     parser.add_argument("--edges", default=",".join(f"{e:g}" for e in DEFAULT_EDGES), metavar="LIST",
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--hr-size {args.hr_size} must be a multiple of --lr-size {args.lr_size}")
     edges = tuple(parse_list("--edges", args.edges, float))
     candidates = parse_list("--back-project", args.back_project, int)
+    degradation = Degradation.parse(args.degradation)
     upsampler = Upsampler.from_pretrained(args.upsampler)
     if args.hr_size // args.lr_size != upsampler.scale:
         raise ValueError(f"--hr-size / --lr-size is {args.hr_size // args.lr_size}, the upsampler's scale is "
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     upsampler.to(device)
     total = count_images(args.data, args.max_images)
     pairs = ((p.lr[None], p.hr[None]) for p in iter_pairs(args.data, args.hr_size, args.lr_size, args.crop,
-                                                             args.resize, args.seed, args.max_images))
+                                                             args.resize, args.seed, args.max_images,
+                                                             degradation))
     lpips = None
     if args.path == "lpips":
         try:

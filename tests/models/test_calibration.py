@@ -64,6 +64,28 @@ def test_calibrate_scores_what_upscale_makes(make_regression):
     assert describe(result, r.scale).count("\n") == 0
 
 
+class OppositeOfFidelity(torch.nn.Module):
+    """A stand-in perceptual distance that rises as an image gets closer to its target: what LPIPS does when
+    back-projection copies a degraded input's noise and blocks back into the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.device_anchor = torch.nn.Parameter(torch.zeros(()))  # calibration finds the device by a parameter
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return -(pred - target).abs().mean(dim=(1, 2, 3))
+
+
+def test_back_projection_that_raises_lpips_is_not_kept(make_regression):
+    r = make_regression()
+    data = pairs(count=2, size=32)
+    by_psnr = calibrate(r, data, seed=1, candidates=(0, 1, 2))
+    assert by_psnr.back_project > 0 and by_psnr.psnr[by_psnr.back_project] > by_psnr.psnr[0]
+    result = calibrate(r, data, seed=1, candidates=(0, 1, 2), lpips=OppositeOfFidelity())
+    assert result.psnr == pytest.approx(by_psnr.psnr) and result.lpips[by_psnr.back_project] > result.lpips[0]
+    assert result.back_project == 0 and r.sampler.back_project == 0  # better PSNR, worse LPIPS: not kept
+
+
 def test_calibrate_refuses_nothing_to_fit(make_regression):
     with pytest.raises(ValueError, match="no images"):
         calibrate(make_regression(), [])
