@@ -98,9 +98,10 @@ def cache_patches(records: ImageSource, config: TrainConfig, indices: range | No
             if skipped is not None:
                 skipped.append(f"{record.name} ({problem})")
             continue
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + i)
+        seed = config.seed * 1_000_003 + i  # the image's crop positions and its degradation
+        generator = torch.Generator().manual_seed(seed)
         hr_image = prepare_image(image, config, None if config.center_crop else generator)
-        lr_image = low_res(hr_image, config, config.seed * 1_000_003 + i)
+        lr_image = low_res(hr_image, config, seed)
         for _ in range(config.crops_per_image):
             yield make_pair(hr_image, config, generator, lr_image, flip=False)
 
