@@ -182,15 +182,15 @@ class ModelRows:
 
 
 def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, args: argparse.Namespace,
-               memo: InputMemo) -> ModelRows:
-    """Every upsampler × ODE solve × --back-project × --detail (posterior-mean flows), and the regression model ×
-    --back-project, each a row rendering through `Upsampler.upscale`'s halves."""
+               memo: InputMemo, projections: list[int] | None) -> ModelRows:
+    """Every upsampler × ODE solve × back-projection steps (``projections``, None: each folder's saved ones) ×
+    --detail (posterior-mean flows), and the regression model × back-projection steps, each a row rendering
+    through `Upsampler.upscale`'s halves."""
     if args.study and len(upsamplers) > 1:
         raise ValueError("--study compares the samplers of one model: give a single --upsampler")
     if not upsamplers:
         build_solves(args, None)  # raises if samplers were asked for without a model
     details = parse_list("--detail", args.detail, float)
-    projections = parse_list("--back-project", args.back_project, int)
     if details is not None and not any(u.dial is not None for u in upsamplers.values()):
         raise ValueError("--detail needs a posterior-mean upsampler (trained with source: posterior_mean)")
     rows = ModelRows()
@@ -225,17 +225,17 @@ def run(args: argparse.Namespace) -> int:
     if args.hr_size % args.lr_size:
         raise ValueError(f"--hr-size {args.hr_size} must be a multiple of --lr-size {args.lr_size}")
     scale = args.hr_size // args.lr_size
-    Degradation.parse(args.degradation)  # a bad name fails before any model loads
+    degradation = Degradation.parse(args.degradation)  # a bad name fails before any model loads
+    projections = parse_list("--back-project", args.back_project, int)
     upsamplers, regression, first_stage = load_models(args, scale)
     baselines = default_baselines(first_stage, scale) if args.baselines is None else \
         [b for b in args.baselines.split(",") if b]
     try:
-        methods = baseline_methods(scale, first_stage, baselines,
-                                   parse_list("--back-project", args.back_project, int) or (0, 2), args.device)
+        methods = baseline_methods(scale, first_stage, baselines, projections or (0, 2), args.device)
     except M.MetricUnavailable as err:  # only Real-ESRGAN's weights can be missing here
         print(f"Real-ESRGAN skipped: {err}")
         methods = baseline_methods(scale, first_stage, [b for b in baselines if b != "realesrgan"])
-    rows = model_rows(upsamplers, regression, args, InputMemo())
+    rows = model_rows(upsamplers, regression, args, InputMemo(), projections)
     methods.update(rows.methods)
     reference = next((name for name, sampler in rows.samplers.items() if sampler.solver == "dopri5"), None)
 
@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
     num_images = count_images(args.data, args.max_images)
     pairs = iter_pairs(args.data, args.hr_size, args.lr_size, args.crop, args.resize, args.seed, args.max_images,
-                       Degradation.parse(args.degradation))
+                       degradation)
     evaluation = evaluate(pairs, methods, scale, networks, args.seed, reference, args.device, args.grid_images,
                           num_images, Path(args.out) / "images" if args.save_images else None)
     write_outputs(Path(args.out), evaluation, rows, args)

@@ -151,8 +151,11 @@ def split_records(records: ImageSource, config: TrainConfig) -> tuple[ImageSourc
 
 def validation_pairs(records: list[ImageRecord], config: TrainConfig, crop_size: int, crops_per_image: int
                      ) -> dict[str, torch.Tensor]:
-    """The fixed validation set: for each image, `crops_per_image` aligned patches on an even grid of
-    its centred high-res image → {"hr": (N, 3, c, c), "lr": (N, 3, c/s, c/s)}."""
+    """The fixed validation set: for each image, up to `crops_per_image` aligned patches on an even grid of
+    its centred high-res image → {"hr": (N, 3, c, c), "lr": (N, 3, c/s, c/s)}.
+
+    Grid positions that coincide are kept once (a crop as large as the image is one patch, not
+    `crops_per_image` copies of it): repeats would weigh that image more and only cost time."""
     hr, lr = [], []
     for number, record in enumerate(records):
         hr_image = prepare_image(record.open(), config)
@@ -162,9 +165,11 @@ def validation_pairs(records: list[ImageRecord], config: TrainConfig, crop_size:
             raise ValueError(f"validation image {record.name} ({W}x{H}) is smaller than the crop {crop_size}")
         columns = max(1, round((crops_per_image * W / H) ** 0.5))
         rows = -(-crops_per_image // columns)
-        for k in range(crops_per_image):
-            top = (H - crop_size) * (k // columns) // max(rows - 1, 1) // config.scale * config.scale
-            left = (W - crop_size) * (k % columns) // max(columns - 1, 1) // config.scale * config.scale
+        corners = dict.fromkeys(
+            ((H - crop_size) * (k // columns) // max(rows - 1, 1) // config.scale * config.scale,
+             (W - crop_size) * (k % columns) // max(columns - 1, 1) // config.scale * config.scale)
+            for k in range(crops_per_image))
+        for top, left in corners:
             hr.append(hr_image[:, top:top + crop_size, left:left + crop_size])
             s = config.scale
             lr.append(lr_image[:, top // s:(top + crop_size) // s, left // s:(left + crop_size) // s])

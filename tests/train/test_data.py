@@ -89,11 +89,19 @@ def test_an_unknown_degradation_names_the_key(tiny_config):
 
 
 def test_validation_pairs_are_fixed(tiny_config):
-    config = tiny_config()
+    config = tiny_config(resolution=24)
     records = image_records(config)[:2]
     a, b = validation_pairs(records, config, 16, 2), validation_pairs(records, config, 16, 2)
     assert a["hr"].shape == (4, 3, 16, 16) and a["lr"].shape == (4, 3, 4, 4)
     assert torch.equal(a["hr"], b["hr"])
+    assert not torch.equal(a["hr"][0], a["hr"][1])  # two places in the image, not one patch twice
+
+
+def test_validation_pairs_keep_a_whole_image_crop_once(tiny_config):
+    config = tiny_config()  # resolution 16, crop 16: every grid position is the whole image
+    records = image_records(config)[:2]
+    pairs = validation_pairs(records, config, 16, 16)
+    assert pairs["hr"].shape == (2, 3, 16, 16) and pairs["lr"].shape == (2, 3, 4, 4)
 
 
 def test_sample_photos_source():
