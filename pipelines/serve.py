@@ -10,11 +10,18 @@ folder as `--upsampler`); without one the tab says so and its button is disabled
 `BoostService` holds the pipeline and does the work on PIL images (tested without a browser); `build_app`
 lays out the Gradio page and names its events `/upscale` and `/generate` for `gradio_client`. Gradio is an
 optional dependency (`pip install "fmboost[serve]"`), imported only when the page is built.
+
+Requests share one device, so they wait in Gradio's queue; `--concurrency N` renders N at a time and the queue
+holds at most `--max-queue` (a request beyond it is answered at once that the queue is full). An upload that is
+too large, empty, truncated or not an image is refused before it enters the queue (Gradio's validator runs
+outside it), with a message naming the problem; the upscale event therefore receives the raw upload and decodes
+it itself (`BoostService.open_upload`) instead of letting Gradio's preprocessing fail with a generic message.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +33,7 @@ import torch
 from fmboost.models.degradations import to_uint8
 from fmboost.models.realesrgan import REALESRGAN_SCALE, default_realesrgan_path, load_realesrgan, realesrgan_upscale
 from fmboost.pipelines.cli import UserError
+from fmboost.pipelines.collection import BadInput, read_image
 from fmboost.pipelines.generate import (
     DTYPES,
     add_fast_argument,
@@ -36,6 +44,7 @@ from fmboost.pipelines.generate import (
 )
 from fmboost.pipelines.lcm import base_defaults
 from fmboost.pipelines.upscale import load_image_pipeline
+from fmboost.train.image_sources import ImageRecord
 
 NO_BASE_MODEL = ("Generate needs a base text-to-image model: start the server with `--base-model ID_OR_DIR` "
                  "(a Stable Diffusion-family pipeline: hub id or folder saved with save_pretrained), or pass a "
@@ -50,6 +59,8 @@ REFERENCES = ("bicubic", "Real-ESRGAN")
 #: Real-ESRGAN's tile side (low-res px): bounds its memory at --max-megapixels inputs (4 KiB per input pixel
 #: per feature map of its ×4 tail, `fmboost.models.realesrgan`).
 REALESRGAN_TILE = 256
+#: Bytes an upload may hold per pixel of --max-megapixels: 8 covers 16-bit RGBA stored uncompressed.
+UPLOAD_BYTES_PER_PIXEL = 8
 
 
 def import_gradio():
@@ -73,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest input the Upscale tab accepts, in megapixels (memory grows with the output)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
+    parser.add_argument("--concurrency", type=int, default=1, metavar="N",
+                        help="requests rendered at a time (default 1: one request uses the whole device, every CPU "
+                             "core or the GPU; raise it on a GPU with memory to spare)")
+    parser.add_argument("--max-queue", type=int, default=16, metavar="N",
+                        help="requests that may wait; beyond that a request is told the queue is full (default 16)")
     add_render_arguments(parser)  # where the page's controls start
     add_fast_argument(parser)
 
@@ -170,6 +186,23 @@ class BoostService:
             self.default_sampler, solver=solver, num_steps=None if steps is None else int(steps), detail=detail,
             back_project=None if back_project is None else int(back_project))
 
+    def open_upload(self, upload) -> PIL.Image.Image:
+        """An uploaded image as RGB: a PIL image, a file path or Gradio's file data ({"path": ...}); a UserError
+        naming the problem for an empty, truncated, non-image or too-large (above max_megapixels) upload. The
+        page runs it before the queue and again in the event."""
+        if isinstance(upload, PIL.Image.Image):
+            return upload
+        path = upload.get("path") if isinstance(upload, dict) else upload
+        if not path:
+            raise UserError("upload an image first")
+        name = (upload.get("orig_name") if isinstance(upload, dict) else None) or os.path.basename(path)
+        try:
+            return read_image(ImageRecord(name, str(path)), self.max_megapixels)
+        except BadInput as bad:
+            advice = ("downscale it or restart with --max-megapixels" if bad.kind == "too-large" else
+                      "upload a PNG, JPEG or WebP image")
+            raise UserError(f"{name}: {bad.reason}: {advice}") from None
+
     # ------------------------------------------------------------------ the two jobs
 
     def upscale(self, image: PIL.Image.Image, solver: str | None = None, steps: int | None = None,
@@ -224,11 +257,11 @@ class BoostService:
 # ---------------------------------------------------------------------- the page
 
 
-def build_app(service: BoostService, output_dir: str | Path | None = None):
+def build_app(service: BoostService, output_dir: str | Path | None = None, concurrency: int = 1):
     """The Gradio Blocks page over `service`; results for download are written to `output_dir` (a new temporary
     folder by default). Events: `/upscale` (image, solver, steps, detail, back-projection steps, seed, reference →
     slider, PNG, summary) and `/generate` (prompt, negative prompt, base steps, guidance, base size, solver, steps,
-    detail, back-projection steps, seed → image, summary)."""
+    detail, back-projection steps, seed → image, summary); the two share `concurrency` renders at a time."""
     gr = import_gradio()
     output_dir = Path(output_dir or tempfile.mkdtemp(prefix="fmboost-serve-"))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -250,12 +283,18 @@ def build_app(service: BoostService, output_dir: str | Path | None = None):
             seed = gr.Number(0, precision=0, label="seed")
         return [solver, steps, detail, back_project, seed]
 
+    def check_upload(image, *controls):
+        """Gradio's validator: runs before the queue, so a bad upload is refused without waiting for a worker."""
+        try:
+            service.open_upload(image)
+        except UserError as err:
+            return [gr.validate(False, str(err))] + [gr.validate(True, "")] * len(controls)
+        return [gr.validate(True, "")] * (1 + len(controls))
+
     def upscale(image, solver, steps, detail, back_project, seed, reference, progress=progress_bar):
-        if image is None:
-            raise gr.Error("upload an image first")
         progress(0, desc="upscaling")
         try:
-            done = service.upscale(image, solver, steps, detail, back_project, seed, reference)
+            done = service.upscale(service.open_upload(image), solver, steps, detail, back_project, seed, reference)
         except (UserError, ValueError) as err:
             raise gr.Error(str(err)) from None
         path = output_dir / f"fmboost_{done.result.width}x{done.result.height}_seed{int(seed)}.png"
@@ -290,8 +329,10 @@ def build_app(service: BoostService, output_dir: str | Path | None = None):
             with gr.Row():
                 summary = gr.Textbox(label="result", interactive=False, elem_id="upscale-summary")
                 download = gr.File(label="download (PNG, full resolution)", elem_id="upscale-download")
+            # preprocess=False: the event gets the raw upload and decodes it itself (`open_upload`)
             button.click(upscale, [image, *upscale_controls, reference], [slider, download, summary],
-                         api_name="upscale")
+                         api_name="upscale", preprocess=False, validator=check_upload,
+                         concurrency_limit=concurrency, concurrency_id="render")
         with gr.Tab("Generate"):
             reason = service.generate_unavailable
             if reason:
@@ -313,7 +354,8 @@ def build_app(service: BoostService, output_dir: str | Path | None = None):
                     generated = gr.Image(type="pil", format="png", label="boosted image", interactive=False)
                     generated_summary = gr.Textbox(label="result", interactive=False)
             go.click(generate, [prompt, negative, base_steps, guidance, base_size, *generate_controls],
-                     [generated, generated_summary], api_name="generate")
+                     [generated, generated_summary], api_name="generate", concurrency_limit=concurrency,
+                     concurrency_id="render")
     return app
 
 
@@ -325,10 +367,16 @@ def _solvers() -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     import_gradio()  # before loading models: a missing extra fails at once
+    if args.concurrency < 1 or args.max_queue < 1:
+        raise UserError(f"--concurrency and --max-queue must be >= 1, got {args.concurrency} and {args.max_queue}")
     service = BoostService.load(args.upsampler, args.base_model, args.device, args.dtype, args.max_megapixels,
                                 args.fast)
     service.default_sampler = service.pipe.upsampler.settings(render_settings(args, service.default_sampler))
     print(f"fmboost serve: ×{service.scale} upsampler from {args.upsampler}"
           + (f", base model {args.base_model}" if args.base_model else "") + f", on {service.device}")
-    build_app(service).queue().launch(server_name=args.host, server_port=args.port, show_error=True)
+    if args.fast and args.concurrency > 1 and service.device.type == "cuda":
+        raise UserError("--fast replays CUDA graphs, one call at a time: use --concurrency 1 with --fast")
+    max_file_size = int(args.max_megapixels * 1e6 * UPLOAD_BYTES_PER_PIXEL) + 2 ** 20
+    build_app(service, concurrency=args.concurrency).queue(max_size=args.max_queue).launch(
+        server_name=args.host, server_port=args.port, show_error=True, max_file_size=max_file_size)
     return 0

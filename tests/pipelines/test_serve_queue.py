@@ -1,0 +1,134 @@
+"""`fmboost serve` under concurrent clients: bad uploads refused before the queue with a message naming the
+problem, every accepted request answered, and a bounded queue that tells the excess it is full."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from fmboost.models import CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, SamplerConfig, Upsampler
+from fmboost.pipelines.serve import BoostService
+
+from .test_serve import SERVER_START_S, free_port, no_gradio_reason
+
+STEPS = 48  # ODE steps per request: long enough that requests wait in the queue
+
+
+@pytest.fixture(scope="module")
+def upsampler_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    net = CFMUNet.from_preset("tiny", latent_channels=3, block_out_channels=(8, 16, 16),
+                              attention_levels=(False, False, False)).eval()
+    path = tmp_path_factory.mktemp("queue") / "upsampler"
+    Upsampler(net, IdentityAutoencoder(), CouplingFlowMatcher(upsample="bicubic"), scale=2,
+              sampler=SamplerConfig(num_steps=2)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def uploads(tmp_path_factory):
+    """{kind: path}: a good PNG and four bad uploads."""
+    root = tmp_path_factory.mktemp("uploads")
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / "good.png")
+    whole = (root / "good.png").read_bytes()
+    (root / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    (root / "notes.png").write_text("not an image\n")
+    (root / "empty.png").write_bytes(b"")
+    PIL.Image.new("RGB", (600, 600)).save(root / "large.png")  # 0.36 MP, above the default 0.25
+    return {p.stem: p for p in root.iterdir()}
+
+
+EXPECTED = {"truncated": "image file is truncated", "notes": "not an image file", "empty": "the file is empty",
+            "large": "above --max-megapixels 0.25"}
+
+
+def test_open_upload_names_the_problem(upsampler_dir, uploads):
+    from fmboost.pipelines.cli import UserError
+
+    service = BoostService.load(str(upsampler_dir))
+    assert service.open_upload({"path": str(uploads["good"]), "orig_name": "good.png"}).size == (64, 48)
+    assert service.open_upload(str(uploads["good"])).mode == "RGB"
+    for kind, message in EXPECTED.items():
+        with pytest.raises(UserError, match=message):
+            service.open_upload({"path": str(uploads[kind]), "orig_name": f"{kind}.png"})
+    with pytest.raises(UserError, match="upload an image first"):
+        service.open_upload(None)
+
+
+@pytest.fixture(scope="module")
+def server(upsampler_dir, tmp_path_factory):
+    """`fmboost serve --concurrency 1 --max-queue 4` in a subprocess; yields its URL."""
+    if no_gradio_reason():
+        pytest.skip(no_gradio_reason())
+    port = free_port()
+    log = tmp_path_factory.mktemp("queue") / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "fmboost.pipelines.cli", "serve", "--upsampler",
+                                    str(upsampler_dir), "--port", str(port), "--concurrency", "1",
+                                    "--max-queue", "4"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        from gradio_client import Client
+
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"fmboost serve exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                Client(url, verbose=False)
+                break
+            except Exception:  # not listening yet
+                if time.monotonic() > deadline:
+                    pytest.fail(f"fmboost serve did not answer within {SERVER_START_S} s:\n{log.read_text()}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def call(url, path, seed, results):
+    """One /upscale request; results[seed] = (ok, seconds, summary or error message, finish time)."""
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    start = time.monotonic()
+    try:
+        out = client.predict(handle_file(str(path)), "euler", STEPS, 1.0, 0, seed, "bicubic", api_name="/upscale")
+        results[seed] = (True, time.monotonic() - start, out[2], time.monotonic())
+    except Exception as err:  # gradio_client raises its own error types
+        results[seed] = (False, time.monotonic() - start, str(err), time.monotonic())
+
+
+def test_bad_uploads_are_refused_before_the_queue_and_the_queue_is_bounded(server, uploads):
+    results, threads = {}, []
+
+    def start(path, seed):
+        threads.append(threading.Thread(target=call, args=(server, path, seed, results)))
+        threads[-1].start()
+
+    for seed in range(3):  # one rendering, two waiting: the queue is busy but below its bound
+        start(uploads["good"], seed)
+    time.sleep(1.0)
+    for number, kind in enumerate(EXPECTED):
+        call(server, uploads[kind], 100 + number, results)
+        ok, seconds, message, finished = results[100 + number]
+        assert not ok and EXPECTED[kind] in message and f"{kind}.png" in message, message
+        assert seconds < 5.0
+        # refused while good requests queued before it were still waiting: it did not take its turn
+        assert any(seed not in results or results[seed][3] > finished for seed in range(3))
+    for seed in range(3, 10):  # more than the queue holds
+        start(uploads["good"], seed)
+    for thread in threads:
+        thread.join(timeout=300)
+    good = [results[seed] for seed in range(10)]
+    full = [r for r in good if not r[0]]
+    assert full and all("Queue is full" in r[2] for r in full)  # the excess is told, not queued
+    assert all(r[0] and "NFE 48" in r[2] for r in good if "Queue is full" not in r[2])
+    assert all(results[seed][0] for seed in range(3))  # every accepted request is answered
