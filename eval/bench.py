@@ -9,6 +9,8 @@ pipeline  per-stage time of boosted 1024² generation (SD base at 256² = 32² l
           instead the whole calls, boosted and direct, eager and fast path (`fmboost.eval.bench_end_to_end`).
 sampler   NFE and time per solver/schedule for CFMUNet presets at 128² latents.
 upscale   peak memory and time of tiled vs untiled upscaling (`fmboost.eval.bench_upscale`).
+collection  a folder by one `fmboost upscale` against a shell loop, 1 vs 2 processes, kills and reruns
+          (`fmboost.eval.bench_collection`).
 train     delegates to `fmboost.train.bench_train` (imported only when asked for).
 cache     delegates to `fmboost.train.bench_cache`: parallel build, memory while reading, storage dtype.
 """
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from fmboost.eval import bench_end_to_end, bench_upscale
+from fmboost.eval import bench_collection, bench_end_to_end, bench_upscale
 from fmboost.pipelines.random_sd import SD_SIZES, random_sd_components
 
 
@@ -331,6 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--device", default=None)
     s.add_argument("--output", "-o", default="bench_sampler.json")
     bench_upscale.add_arguments(sub.add_parser("upscale", help="peak memory of tiled vs untiled upscaling"))
+    bench_collection.add_arguments(sub.add_parser(
+        "collection", help="a folder by one upscale command vs a shell loop; 1 vs 2 processes; kills and reruns"))
     # `train` is owned by fmboost.train.bench_train; its arguments are parsed there, on demand.
     t = sub.add_parser("train", help="training throughput (fmboost.train.bench_train)", add_help=False,
                        prefix_chars="\x01")
@@ -365,6 +369,8 @@ def run(args: argparse.Namespace) -> int:
         return run_cache(args.cache_args)
     if args.bench == "upscale":
         return bench_upscale.run(args)
+    if args.bench == "collection":
+        return bench_collection.run(args)
     if args.bench == "pipeline" and args.end_to_end:
         return bench_end_to_end.run(args)
     if args.bench == "pipeline":
