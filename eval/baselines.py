@@ -21,12 +21,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from fmboost.models import FirstStage, IdentityAutoencoder, SamplerConfig, Upsampler, consistency
+from fmboost.models.restorer import Restorer
 
 #: Baseline keys for `baseline_methods(include=...)` → the method names they appear under in results
 #: (Real-ESRGAN: one row per back-projection setting, 'Real-ESRGAN · BP2').
 BASELINES = {"bilinear": "bilinear", "bicubic": "bicubic", "latent-bilinear": "latent bilinear",
              "psu-source": "PSU source", "ceiling": "first-stage ceiling", "realesrgan": "Real-ESRGAN"}
-#: Baselines that need a latent space: meaningless (or a lossless 160 dB row) for pixel-space upsamplers.
+#: Baselines that need a latent space: meaningless (or a lossless row) for pixel-space upsamplers.
 LATENT_BASELINES = ("latent-bilinear", "psu-source", "ceiling")
 
 
@@ -130,27 +131,27 @@ def baseline_methods(scale: int, first_stage: FirstStage | None, include: Sequen
     }
     methods = {BASELINES[key]: makers[key] for key in include if key != "realesrgan"}
     if "realesrgan" in include:
-        methods.update(realesrgan_methods(scale, projections, device))
+        from fmboost.models.realesrgan import realesrgan_restorer
+
+        methods.update(restorer_methods("Real-ESRGAN", realesrgan_restorer(device=device), scale, projections))
     return methods
 
 
-def realesrgan_methods(scale: int, projections: Sequence[int], device: str) -> dict[str, Method]:
-    """'Real-ESRGAN · BPn' for each n: the x4plus network (`fmboost.models.realesrgan`), then n steps of
-    back-projection onto the input; the network runs once per image for all n."""
-    from fmboost.models.realesrgan import REALESRGAN_SCALE, load_realesrgan, realesrgan_upscale
-
-    if scale != REALESRGAN_SCALE:
-        raise ValueError(f"Real-ESRGAN x4plus up-samples ×{REALESRGAN_SCALE}, this evaluation is ×{scale}")
-    network, memo = load_realesrgan(device=device), InputMemo()
+def restorer_methods(label: str, restorer: Restorer, scale: int, projections: Sequence[int]) -> dict[str, Method]:
+    """'<label> · BPn' for each n: a pretrained restorer (Real-ESRGAN x4plus, or any weights file `Restorer.load`
+    reads), then n steps of back-projection onto the input; the network runs once per image for all n."""
+    if scale != restorer.scale:
+        raise ValueError(f"{label} ({restorer.name}) up-samples ×{restorer.scale}, this evaluation is ×{scale}")
+    memo = InputMemo()
 
     def method_for(steps: int) -> Method:
         def method(lr: torch.Tensor, hr: torch.Tensor, generator: torch.Generator) -> MethodOutput:
-            image, shared = memo.get("realesrgan", lr, lambda: realesrgan_upscale(network, lr))
+            image, shared = memo.get(restorer.sha256, lr, lambda: restorer(lr))
             return MethodOutput(consistency.back_project(image, lr, steps), shared_seconds=shared)
 
         return method
 
-    return {f"Real-ESRGAN · BP{steps}": method_for(steps) for steps in dict.fromkeys(projections)}
+    return {f"{label} · BP{steps}": method_for(steps) for steps in dict.fromkeys(projections)}
 
 
 def upsampler_method(upsampler: Upsampler, sampler: SamplerConfig, memo: InputMemo | None = None) -> Method:

@@ -26,6 +26,7 @@ import torch
 from fmboost.models import FIRST_STAGES, SamplerConfig, Upsampler, load_first_stage
 from fmboost.models import metrics as M
 from fmboost.models.degradations import Degradation
+from fmboost.models.restorer import Restorer
 
 from . import plots
 from .baselines import (
@@ -35,6 +36,7 @@ from .baselines import (
     baseline_methods,
     default_baselines,
     load_regression,
+    restorer_methods,
     upsampler_method,
 )
 from .pairs import CROPS, count_images, iter_pairs
@@ -79,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "mean something for the upsampler: pixel interpolation, and in a lossy latent space "
                              "the latent baselines and its ceiling); at 1024² each latent baseline costs a "
                              "full-resolution encode/decode per image")
+    parser.add_argument("--baseline", action="append", default=[], metavar="NAME=FILE",
+                        help="a pretrained restorer's weights file as a baseline row per back-projection setting, "
+                             "'NAME · BPn' (repeatable): Real-ESRGAN-style RRDBNet files built in, other "
+                             "architectures through spandrel (pip install 'fmboost[restorers]')")
     parser.add_argument("--save-images", action="store_true",
                         help="also write every scored image, <out>/images/<method>/<image>.png, and the low-res "
                              "inputs, <out>/images/low-res/<image>.png")
@@ -97,17 +103,19 @@ def curve_label(sampler: SamplerConfig) -> str:
     return name if sampler.adaptive else name.rsplit(":", 1)[0]
 
 
-def parse_upsamplers(values: list[str]) -> dict[str, str]:
-    """--upsampler [NAME=]DIR values → {name: dir}; an unnamed folder is named after its run folder."""
+def parse_named(values: list[str], flag: str = "--upsampler") -> dict[str, str]:
+    """[NAME=]PATH values of `flag` → {name: path}; an unnamed upsampler folder is named after its run folder, an
+    unnamed file after its stem."""
     named = {}
     for value in values:
-        name, sep, directory = value.partition("=")
+        name, sep, path = value.partition("=")
         if not sep:
-            path = Path(value)
-            name, directory = (path.parent.name if path.name == "upsampler" else path.name) or value, value
+            where = Path(value)
+            name = where.parent.name if where.name == "upsampler" else where.stem if where.is_file() else where.name
+            name, path = name or value, value
         if name in named:
-            raise ValueError(f"--upsampler name {name!r} given twice; use NAME=DIR to tell them apart")
-        named[name] = directory
+            raise ValueError(f"{flag} name {name!r} given twice; use NAME=PATH to tell them apart")
+        named[name] = path
     return named
 
 
@@ -128,7 +136,7 @@ def build_solves(args: argparse.Namespace, upsampler: Upsampler | None) -> list[
 
 def load_models(args: argparse.Namespace, scale: int):
     """({name: upsampler}, regression or None, first stage or None), moved to the device, scales checked."""
-    upsamplers = {name: Upsampler.from_pretrained(d) for name, d in parse_upsamplers(args.upsampler).items()}
+    upsamplers = {name: Upsampler.from_pretrained(d) for name, d in parse_named(args.upsampler).items()}
     regression = load_regression(args.regression) if args.regression else None
     for name, model in (*((f"--upsampler {n}", u) for n, u in upsamplers.items()), ("--regression", regression)):
         if model is not None:
@@ -235,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
     except M.MetricUnavailable as err:  # only Real-ESRGAN's weights can be missing here
         print(f"Real-ESRGAN skipped: {err}")
         methods = baseline_methods(scale, first_stage, [b for b in baselines if b != "realesrgan"])
+    for label, file in parse_named(args.baseline, "--baseline").items():
+        methods.update(restorer_methods(label, Restorer.load(file, args.device), scale, projections or (0, 2)))
     rows = model_rows(upsamplers, regression, args, InputMemo(), projections)
     methods.update(rows.methods)
     reference = next((name for name, sampler in rows.samplers.items() if sampler.solver == "dopri5"), None)
@@ -278,7 +288,8 @@ def write_outputs(out: Path, evaluation: Evaluation, rows: ModelRows, args) -> N
     (out / "results.md").write_text(f"{describe(args, evaluation)}\n\n{markdown_table(evaluation.results)}\n"
                                     f"{skipped}\n")
     shown = list(rows.defaults.values()) or list(rows.methods)[:2]
-    columns = ["low-res", "bicubic", *[n for n in shown if n not in ("bicubic",)], "ground truth"]
+    restorers = [name for name in evaluation.results if name.endswith(" · BP0")]  # each restorer as it is
+    columns = ["low-res", "bicubic", *restorers, *[n for n in shown if n not in ("bicubic",)], "ground truth"]
     plots.comparison_grid(evaluation.grid, columns, out / "grid.png")
     if rows.curves:
         adaptive = tuple(name for name, sampler in rows.samplers.items() if sampler.adaptive)

@@ -9,9 +9,9 @@ and cropped exactly as `fmboost upscale` makes them), so what is fitted is what 
    the best PSNR (the fewest steps within `BACK_PROJECT_TOLERANCE_DB` of the best: the later steps of a
    converging projection buy nothing and cost resizes) among those that do not raise LPIPS above no
    projection's, when an LPIPS network is given. Projection inverts the bicubic reduction: on clean inputs it
-   improves both (faces: +1.7 dB, LPIPS 0.087 → 0.075), but onto a degraded input (JPEG, noise, blur) it buys
-   PSNR by copying the degradation back into the image (second-order photos: +1.8 dB and LPIPS 0.35 → 0.45),
-   so a folder trained for degraded inputs keeps 0 steps;
+   improves both, but onto a degraded input (JPEG, noise, blur) it buys PSNR by copying the degradation back
+   into the image, raising LPIPS (RESULTS.md, "Real photos"), so a folder trained for degraded inputs keeps 0
+   steps, or, when it starts from a restorer, may project onto the restorer's image instead (`anchor`);
 3. the dial's band order (with an LPIPS network): the LPIPS each band buys per unit of MSE it costs, measured
    after the chosen back-projection (`fit_spans`);
 4. the folder's detail (with an LPIPS network): the end of the band stretch with the lowest LPIPS. Bands last
@@ -51,14 +51,15 @@ class Calibration:
     chosen from them (`detail`, the lowest); images: how many were used."""
 
     back_project: int
-    psnr: dict[int, float]
-    lpips: dict[int, float] = field(default_factory=dict)
+    psnr: dict[int | str, float]
+    lpips: dict[int | str, float] = field(default_factory=dict)
     detail_lpips: dict[float, float] = field(default_factory=dict)
     detail: float | None = None
     calibration: DetailCalibration | None = None
     fit: DetailCalibrationFit | None = None
     bands: list[BandGains] | None = None
     images: int = 0
+    anchor: str = "input"
 
 
 @torch.no_grad()
@@ -66,9 +67,10 @@ def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Te
               total: int | None = None, lpips: torch.nn.Module | None = None,
               candidates: Sequence[int] = BACK_PROJECT_CANDIDATES, edges: tuple[float, ...] = DEFAULT_EDGES,
               fit_dial: bool = True) -> Calibration:
-    """Fit back-projection (and, for posterior-mean flows with `fit_dial`, the per-band dial) over `pairs`,
-    (lr (B, 3, h, w), hr (B, 3, s·h, s·w)) in [-1, 1], rendered with the upsampler's saved sampler; pair i draws
-    its source noise from seed + i. Applies the result to `upsampler` (its sampler's back_project, its
+    """Fit back-projection (and, for posterior-mean flows with `fit_dial`, the per-band dial; for flows from a
+    restorer, only the order in which the dial turns the bands on: its detail 0 stays the restorer's image) over
+    `pairs`, (lr (B, 3, h, w), hr (B, 3, s·h, s·w)) in [-1, 1], rendered with the upsampler's saved sampler; pair i
+    draws its source noise from seed + i. Applies the result to `upsampler` (its sampler's back_project, its
     detail_calibration) and returns what was measured. The drafts are kept on the CPU in half precision for
     the later passes."""
     if not candidates or any(n < 0 for n in candidates):
@@ -85,14 +87,19 @@ def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Te
     if not kept:
         raise ValueError("no images were given to calibrate on")
     if fit is not None:
-        upsampler.detail_calibration = replace(fit.result(), sampler=upsampler.sampler.format())
+        dial = fit.result()
+        if upsampler.restorer is not None:  # detail 0 is the restorer's own image, the dial's promise
+            dial = replace(dial, weights=(0.0,) * dial.bands)
+        upsampler.detail_calibration = replace(dial, sampler=upsampler.sampler.format())
     result = _choose_back_project(upsampler, kept, candidates, lpips)
     if fit is None:
         return result
     calibration, bands = upsampler.detail_calibration, None
     if lpips is not None:
         def post(pred: torch.Tensor, index: int) -> torch.Tensor:
-            return back_project(pred, kept[index][0].lr.float(), result.back_project)
+            draft = kept[index][0]
+            return back_project(pred, (draft.lr if result.anchor == "input" else draft.anchor).float(),
+                                result.back_project)
 
         images = ((draft.estimate.float(), draft.sample.float(), hr.float())
                   for draft, hr in tqdm(kept, desc="detail path", unit="img"))
@@ -111,17 +118,22 @@ def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Te
 
 def _choose_back_project(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], candidates: Sequence[int],
                          lpips: torch.nn.Module | None) -> Calibration:
-    """Score every back-projection step count at the folder's detail and keep the best PSNR (the fewest steps
-    within BACK_PROJECT_TOLERANCE_DB of it) among the counts whose LPIPS (when measured) is no worse than the
-    fewest steps' as the folder's setting."""
-    psnr, lpips_scores = _score(upsampler, kept, {n: upsampler.sampler.replace(back_project=n) for n in candidates},
-                                lpips)
+    """Score every back-projection step count at the folder's detail — onto the input, and for restorer estimates
+    also onto the restorer's image reduced to the input's size (keys "n onto estimate"), which does not copy an
+    input's noise and blocks back — and keep the best PSNR (the fewest steps within BACK_PROJECT_TOLERANCE_DB of
+    it) among the settings whose LPIPS (when measured) is no worse than the fewest steps' as the folder's."""
+    options = {n: upsampler.sampler.replace(back_project=n, anchor="input") for n in candidates}
+    if upsampler.restorer is not None:
+        options.update({f"{n} onto estimate": upsampler.sampler.replace(back_project=n, anchor="estimate")
+                        for n in candidates if n})
+    psnr, lpips_scores = _score(upsampler, kept, options, lpips)
     fewest = min(candidates)
-    allowed = [n for n in candidates if not lpips_scores or lpips_scores[n] <= lpips_scores[fewest]]
-    best = max(psnr[n] for n in allowed)
-    steps = min(n for n in allowed if psnr[n] >= best - BACK_PROJECT_TOLERANCE_DB)
-    upsampler.sampler = upsampler.sampler.replace(back_project=steps)
-    return Calibration(steps, psnr, lpips_scores, images=len(kept))
+    allowed = [k for k in options if not lpips_scores or lpips_scores[k] <= lpips_scores[fewest]]
+    best = max(psnr[k] for k in allowed)
+    key = min((k for k in allowed if psnr[k] >= best - BACK_PROJECT_TOLERANCE_DB),
+              key=lambda k: (options[k].back_project, -psnr[k]))
+    upsampler.sampler = upsampler.sampler.replace(back_project=options[key].back_project, anchor=options[key].anchor)
+    return Calibration(options[key].back_project, psnr, lpips_scores, images=len(kept), anchor=options[key].anchor)
 
 
 def _score(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], samplers: dict, lpips: torch.nn.Module | None
@@ -144,7 +156,8 @@ def _score(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], sampler
 def _cast(draft: Draft, cast: Callable[[torch.Tensor], torch.Tensor]) -> Draft:
     """The draft with `cast` applied to its images (e.g. to half precision on the CPU, to keep; back to float)."""
     return replace(draft, lr=cast(draft.lr), estimate=None if draft.estimate is None else cast(draft.estimate),
-                   sample=None if draft.sample is None else cast(draft.sample))
+                   sample=None if draft.sample is None else cast(draft.sample),
+                   anchor=None if draft.anchor is None else cast(draft.anchor))
 
 
 def _distance(lpips: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -157,12 +170,18 @@ def _distance(lpips: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], 
     return distance
 
 
+def _key(result: Calibration) -> int | str:
+    """The kept setting's key in `result.psnr`."""
+    n = result.back_project
+    return n if result.anchor == "input" or not n else f"{n} onto estimate"
+
+
 def describe(result: Calibration, scale: int) -> str:
     """The back-projection scores (the kept count marked) and, for a dial, one line per band: its frequencies,
     w*, the share kept at detail 0 and (path lpips) its measured cost, gain and stretch of the dial."""
     lines = ["back-projection steps, mean over the images: " + ", ".join(
         f"{n}: {result.psnr[n]:.2f} dB" + (f" / LPIPS {result.lpips[n]:.4f}" if result.lpips else "")
-        + (" (kept)" if n == result.back_project else "") for n in result.psnr)]
+        + (" (kept)" if n == _key(result) else "") for n in result.psnr)]
     if result.detail_lpips:
         lines.append("LPIPS at the end of each band's stretch of the dial: " + ", ".join(
             f"detail {d:.3f}: {v:.4f}" + (" (kept)" if d == result.detail else "")

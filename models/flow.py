@@ -23,6 +23,9 @@ from .sampling import SampleResult, sample_ode
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SOURCES = ("coupling", "posterior_mean", "noise")
+#: What the network is conditioned on beside x_t: the up-sampled low-res input, or the estimate a posterior-mean
+#: flow starts from (a restorer's output: a clean image where the input is noisy, blurred or blocky).
+CONDITIONS = ("input", "estimate")
 OBJECTIVES = ("cfm", "regression")
 
 
@@ -62,6 +65,7 @@ class CouplingFlowMatcher:
     source: str = "coupling"  # "posterior_mean": from R(cond) + σ_s ε; "noise": from N(0, I) (ablation)
     posterior_mean_sigma: float = 0.1  # σ_s of the posterior-mean source, in normalised latent units
     concat_cond: bool = True  # concatenate the clean up-sampled latent to x_t; False feeds zeros (PMRF's flow)
+    condition_on: str = "input"  # "estimate": the posterior-mean estimate is the conditioning (see `conditioning`)
     objective: str = "cfm"  # "regression": one-pass baseline, x̂1 = cond + net(cond, 0, cond)
     sigma_min: float = 0.0
     time_sampling: str = "uniform"
@@ -71,6 +75,7 @@ class CouplingFlowMatcher:
     def __post_init__(self):
         for name, value, allowed in (("upsample", self.upsample, UPSAMPLE_MODES), ("source", self.source, SOURCES),
                                      ("objective", self.objective, OBJECTIVES),
+                                     ("condition_on", self.condition_on, CONDITIONS),
                                      ("time_sampling", self.time_sampling, TIME_SAMPLINGS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
@@ -80,6 +85,9 @@ class CouplingFlowMatcher:
             raise ValueError(f"posterior_mean_sigma must be >= 0, got {self.posterior_mean_sigma}")
         if not 0.0 <= self.sigma_min < 1.0:
             raise ValueError(f"sigma_min must be in [0, 1), got {self.sigma_min}")
+        if self.condition_on == "estimate" and not self.needs_posterior_mean:
+            raise ValueError("condition_on 'estimate' needs a posterior-mean flow (source 'posterior_mean', objective "
+                             "'cfm'): other flows have no estimate")
         cosine_alpha_bar(self.noising_step, self.num_train_timesteps)  # validates the step
 
     @property
@@ -117,6 +125,11 @@ class CouplingFlowMatcher:
     @property
     def needs_posterior_mean(self) -> bool:
         return self.source == "posterior_mean" and self.objective == "cfm"
+
+    def conditioning(self, cond: torch.Tensor, estimate: torch.Tensor | None) -> torch.Tensor:
+        """The conditioning (B, C, H, W) of training and sampling: the up-sampled input `cond`, or with
+        condition_on 'estimate' the estimate (a restorer's clean output in place of a degraded input)."""
+        return estimate if self.condition_on == "estimate" else cond
 
     def network_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """What the network sees beside x_t: the clean up-sampled latent, or zeros when `concat_cond` is off."""

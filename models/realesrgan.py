@@ -32,13 +32,12 @@ from torch import nn
 
 from .assets import SHARED_ENV, shared_dir
 from .metrics import MetricUnavailable
+from .restorer import DEFAULT_TILE_OVERLAP, run_tiled
 
 #: The x4plus generator inside the shared-assets folder.
 REALESRGAN_SHARED_PATH = "weights/realesrgan/RealESRGAN_x4plus_fp16.safetensors"
 #: Up-scaling factor of the x4plus network (two nearest ×2 up-samplings).
 REALESRGAN_SCALE = 4
-#: Default low-resolution context each tile borrows from its neighbours when ``tile`` is given.
-DEFAULT_TILE_OVERLAP = 16
 
 
 class ResidualDenseBlock(nn.Module):
@@ -127,6 +126,13 @@ def load_realesrgan(path: str | Path | None = None, device: str | torch.device =
     """
     from safetensors.torch import load_file
 
+    model = RRDBNet()
+    model.load_state_dict(load_file(str(_weights_file(path))), strict=True)
+    return model.float().eval().to(device)
+
+
+def _weights_file(path: str | Path | None) -> Path:
+    """`path`, or the shared-assets copy; MetricUnavailable naming where it looked when the file is missing."""
     resolved = Path(path) if path is not None else default_realesrgan_path()
     if resolved is None or not resolved.is_file():
         where = resolved if resolved is not None else f"${SHARED_ENV} (default ../shared)/{REALESRGAN_SHARED_PATH}"
@@ -135,9 +141,15 @@ def load_realesrgan(path: str | Path | None = None, device: str | torch.device =
             f"${SHARED_ENV}/{REALESRGAN_SHARED_PATH} (${SHARED_ENV} defaults to ../shared beside the checkout) "
             "or pass its path explicitly"
         )
-    model = RRDBNet()
-    model.load_state_dict(load_file(str(resolved)), strict=True)
-    return model.float().eval().to(device)
+    return resolved
+
+
+def realesrgan_restorer(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """The x4plus weights as a `fmboost.models.restorer.Restorer` (a baseline row, a reference, or the estimate of a
+    flow); a missing file raises MetricUnavailable as `load_realesrgan` does."""
+    from .restorer import Restorer
+
+    return Restorer.load(_weights_file(path), device)
 
 
 def realesrgan_upscale(
@@ -152,8 +164,8 @@ def realesrgan_upscale(
     network output overshoots slightly around edges).
 
     The input is not padded: the shared reference output was made without padding, and padding changes the whole
-    prediction of this large-receptive-field GAN, not just its border (10 px of reflection padding drops the match
-    to the 48² reference from exact to about 28.5 dB, and made 0.1–0.8 dB worse borders).
+    prediction of this large-receptive-field GAN, not just its border (with reflection padding the output no
+    longer matches the shared reference pair, and the borders got worse).
 
     ``tile`` bounds memory on large inputs (each 64-channel fp32 map of the ×4 tail costs 64·16·4 B = 4 KiB per
     input pixel, 1 GiB for a 512² input): the input is cut into tiles of at most ``tile``×``tile``
@@ -162,30 +174,4 @@ def realesrgan_upscale(
     (the receptive field is far larger than any practical overlap). Runs under ``torch.no_grad()`` on the model's
     device; returns on ``lr``'s device and dtype.
     """
-    if lr.ndim != 4 or lr.shape[1] != 3:
-        raise ValueError(f"lr must be a (B, 3, h, w) tensor, got {tuple(lr.shape)}")
-    if tile is not None and tile < 1:
-        raise ValueError(f"tile must be a positive number of pixels, got {tile}")
-    if tile_overlap < 0:
-        raise ValueError(f"tile_overlap must be >= 0, got {tile_overlap}")
-    param = next(model.parameters())
-    scale = REALESRGAN_SCALE
-    with torch.no_grad():
-        x = ((lr.to(device=param.device, dtype=param.dtype) + 1) / 2).clamp(0, 1)
-        height, width = x.shape[-2:]
-        if tile is None or (tile >= height and tile >= width):
-            out = model(x)
-        else:
-            out = x.new_empty(x.shape[0], 3, height * scale, width * scale)
-            for top in range(0, height, tile):
-                for left in range(0, width, tile):
-                    bottom, right = min(top + tile, height), min(left + tile, width)
-                    # Run the tile with its context window, then keep only the tile's own ×4 pixels.
-                    c_top, c_left = max(top - tile_overlap, 0), max(left - tile_overlap, 0)
-                    c_bottom, c_right = min(bottom + tile_overlap, height), min(right + tile_overlap, width)
-                    sr = model(x[..., c_top:c_bottom, c_left:c_right])
-                    dy, dx = (top - c_top) * scale, (left - c_left) * scale
-                    out[..., top * scale : bottom * scale, left * scale : right * scale] = sr[
-                        ..., dy : dy + (bottom - top) * scale, dx : dx + (right - left) * scale
-                    ]
-        return (out.clamp(0, 1) * 2 - 1).to(device=lr.device, dtype=lr.dtype)
+    return run_tiled(model, lr, REALESRGAN_SCALE, tile, tile_overlap)

@@ -26,6 +26,10 @@ ScheduleParams = tuple[tuple[str, float], ...]
 TOLERANCES = ("atol", "rtol")
 #: The fields of the ODE solve, those `format` / `parse` write and read.
 SOLVE_FIELDS = ("solver", "num_steps", "schedule", "schedule_params", *TOLERANCES)
+#: What back-projection pulls the image's low frequencies toward: the low-res input, or the estimate reduced to
+#: the input's size (a restorer's output: the input without its noise and JPEG blocks, which projecting onto the
+#: degraded input copies back).
+ANCHORS = ("input", "estimate")
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ class SamplerConfig:
     `atol` / `rtol`. detail ∈ [0, 1]: the fidelity dial of posterior-mean flows (0: the regression
     estimate R(cond), or the calibrated estimate, best PSNR; 1: the flow's full detail; `Upsampler.finish`).
     back_project ≥ 0: steps of low-res back-projection applied to the image last (`fmboost.models.consistency`);
-    an upsampler folder saves the value measured best on its validation images.
+    an upsampler folder saves the value measured best on its validation images. anchor: what it projects onto
+    (`ANCHORS`; "estimate" needs an upsampler whose estimate is a restorer's image).
 
     `schedule_params` may be given as a dict; it is stored as a sorted tuple of (name, float) pairs so
     that equal settings are equal and hash alike (eval-sr keys methods by setting).
@@ -49,6 +54,7 @@ class SamplerConfig:
     rtol: float = 1e-3
     detail: float = 1.0
     back_project: int = 0
+    anchor: str = "input"
 
     def __post_init__(self):
         object.__setattr__(self, "schedule_params", _schedule_params(self.schedule_params))
@@ -66,6 +72,8 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.detail must be in [0, 1], got {self.detail!r}")
         if isinstance(self.back_project, bool) or not isinstance(self.back_project, int) or self.back_project < 0:
             raise ValueError(f"SamplerConfig.back_project must be an int >= 0, got {self.back_project!r}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"SamplerConfig.anchor must be one of {list(ANCHORS)}, got {self.anchor!r}")
         try:  # the grid itself checks parameter names, ranges and that it increases
             time_grid(self.schedule, self.num_steps, **dict(self.schedule_params))
         except ValueError as err:
@@ -155,7 +163,8 @@ class SamplerConfig:
 
     def describe(self) -> str:
         """Every setting that shapes the image, for results rows and logs: 'euler:linear:4 · detail 0.5 · BP2'."""
-        return f"{self.format()} · detail {self.detail:g} · BP{self.back_project}"
+        anchor = "" if self.anchor == "input" or not self.back_project else f" onto {self.anchor}"
+        return f"{self.format()} · detail {self.detail:g} · BP{self.back_project}{anchor}"
 
 
 DEFAULTS = {field.name: field.default for field in dataclasses.fields(SamplerConfig)}

@@ -2,7 +2,7 @@
 
 A TAESD-family network (madebyollin/taesd, MIT): plain `nn.Sequential` stacks of 3×3 convs and
 residual `Block`s, whose indices match the released `taef2_{encoder,decoder}.pth` state dicts.
-Images are in **[0, 1]** (feeding [-1, 1] costs 8–17 dB of round-trip PSNR).
+Images are in **[0, 1]** (feeding [-1, 1] ruins the round trip; ../shared/README.md).
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ before diffusers' sinusoidal embedding so the embedding spans the frequencies it
 
 `padding_mode` is that of every padded convolution. diffusers pads with zeros, which puts a black frame
 around whatever the network sees (and its stride-2 down-sampling pads only the top and left); a model
-trained so leaves a thin dark / bright frame along the image edges (on held-out photos the demo model's
-outermost pixel ring had 1.8× the interior's squared error). "replicate" (what training uses, see
-TrainConfig.padding_mode) removes it: 1.1×, as bicubic. Saved models without the key load as "zeros".
+trained so leaves a thin dark / bright frame along the image edges. "replicate" (what training uses, see
+TrainConfig.padding_mode) removes it (measured: BENCHMARKS.md, "Borders and tiles"). Saved models without the
+key load as "zeros".
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@
                                                              CouplingFlowMatcher, SamplerConfig
     <dir>/posterior_mean/                                    R, for posterior-mean flows only (frozen
                                                              regression CFMUNet + its latent stats)
+    boost_config.json "restorer"                             or, for flows that start from a pretrained
+                                                             restorer, its weights file's name and sha256
+                                                             (found again on load, `Restorer.find`)
     boost_config.json "detail_calibration"                  optional, posterior-mean flows: the per-band
                                                              fidelity dial (`fmboost calibrate-detail`)
 
@@ -21,9 +24,8 @@ It takes an image of any size: it pads it (replicating the edge pixels) to a can
 accept with a margin of context on every side, runs PSU encode, the ODE and decode over overlapping tiles
 when the canvas is large (`fmboost.models.tiling`), and crops the result back to scale × the input. The
 margin is the fix for a frame along the image edges: the networks (zero-padded convolutions; diffusers'
-stride-2 down-sampling pads the top and left only) err in the outermost pixels of whatever they see —
-on held-out photos the demo model's error in the outermost pixel ring was 1.8× the interior's, 1.0× with
-the margin (BENCHMARKS.md, "Borders and tiles").
+stride-2 down-sampling pads the top and left only) err in the outermost pixels of whatever they see, and
+the margin keeps those pixels outside the image (measured: BENCHMARKS.md, "Borders and tiles").
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ import torch
 import torch.nn.functional as F
 
 from .autoencoders import FirstStage, first_stage_from_config
-from .consistency import back_project
+from .consistency import back_project, downsample
 from .detail_bands import DetailCalibration
 from .flow import CouplingFlowMatcher
 from .mixed_precision import MixedPrecisionVelocity
 from .posterior_mean import PosteriorMean
+from .restorer import Restorer
 from .sampler_config import SamplerConfig
 from .tiling import TiledFirstStage, TiledModule, Tiling
 
@@ -82,14 +85,22 @@ class Canvas:
         top, left, height, width = self.box
         return output[..., top * s:(top + height) * s, left * s:(left + width) * s]
 
+    def pad(self, output: torch.Tensor) -> torch.Tensor:
+        """(B, 3, s·height, s·width), an output of the input's region → (B, 3, s·h', s·w'), edge-replicated the
+        way the canvas pads the input (`crop` undoes it)."""
+        s, (top, left, height, width) = self.upsampler.scale, self.box
+        bottom, right = self.image.shape[-2] - top - height, self.image.shape[-1] - left - width
+        return F.pad(output, (left * s, right * s, top * s, bottom * s), mode="replicate")
+
 
 @dataclass
 class Draft:
     """What the render path makes before the dial, cropped to the input's region: lr (B, 3, h, w) the low-res
-    input (back-projection's target); estimate (B, 3, s·h, s·w) R's estimate decoded (posterior-mean flows, when
-    asked for), else None; sample (B, 3, s·h, s·w) the flow's full sample (or the regression output) decoded, None
-    when not asked for; estimate_nfe: R's pass (1 or 0); flow_nfe: the ODE's (or regression's) evaluations;
-    tiles: tiles per pass (1: untiled)."""
+    input; estimate (B, 3, s·h, s·w) R's estimate decoded, or a restorer's image itself (posterior-mean flows, when
+    asked for), else None; anchor (B, 3, h, w) the restorer's image reduced to the input's size (back-projection's
+    target with anchor 'estimate'), None without a restorer; sample (B, 3, s·h, s·w) the flow's full sample (or
+    the regression output) decoded, None when not asked for; estimate_nfe: R's pass (1 or 0); flow_nfe: the ODE's
+    (or regression's) evaluations; tiles: tiles per pass (1: untiled)."""
 
     lr: torch.Tensor
     estimate: torch.Tensor | None
@@ -97,6 +108,7 @@ class Draft:
     estimate_nfe: int
     flow_nfe: int
     tiles: int
+    anchor: torch.Tensor | None = None
 
 
 @dataclass
@@ -113,7 +125,9 @@ class UpscaleResult:
 @dataclass
 class Upsampler:
     """model: v_θ; first_stage: the latent space it works in; scale: pixel up-sampling factor (e.g. 4);
-    posterior_mean: R, required by (and only by) flows with source 'posterior_mean'.
+    posterior_mean: the estimate a flow with source 'posterior_mean' starts from (required by those, only them):
+    R, a regression CFMUNet on the latent condition, or a `Restorer`, a pretrained pixel-space upscaler whose
+    image's latent is the estimate (detail 0 is then that image itself).
 
     sampler: the saved default `SamplerConfig` — ODE solver, steps, schedule, tolerances, `detail`, the
     fidelity dial of posterior-mean flows (0: R's estimate, best PSNR; 1: full detail), and `back_project`,
@@ -129,7 +143,7 @@ class Upsampler:
     flow: CouplingFlowMatcher
     scale: int
     sampler: SamplerConfig = SamplerConfig()
-    posterior_mean: PosteriorMean | None = None
+    posterior_mean: PosteriorMean | Restorer | None = None
     detail_calibration: DetailCalibration | None = None
 
     def __post_init__(self):
@@ -141,14 +155,22 @@ class Upsampler:
                             f"got {self.sampler!r}")
         if not isinstance(self.scale, int) or self.scale < 1:
             raise ValueError(f"scale must be a positive int, got {self.scale!r}")
+        if self.restorer is not None and self.restorer.scale != self.scale:
+            raise ValueError(f"the restorer {self.restorer.name} up-scales ×{self.restorer.scale}, the upsampler "
+                             f"×{self.scale}")
         if self.detail_calibration is not None and not self.flow.needs_posterior_mean:
             raise ValueError("detail_calibration needs a posterior-mean flow (source 'posterior_mean'): it weighs "
                              "the flow's detail against R's estimate")
 
+    @property
+    def restorer(self) -> Restorer | None:
+        """The pretrained restorer this flow starts from, if its estimate is one."""
+        return self.posterior_mean if isinstance(self.posterior_mean, Restorer) else None
+
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.model.save_pretrained(directory)
-        if self.posterior_mean is not None:
+        if self.posterior_mean is not None and self.restorer is None:
             self.posterior_mean.save_pretrained(directory / POSTERIOR_MEAN_FOLDER)
         (directory / BOOST_CONFIG_NAME).write_text(json.dumps(self.config(), indent=2))
 
@@ -156,13 +178,19 @@ class Upsampler:
         """What boost_config.json holds: first stage (+ latent stats), scale, flow and sampler."""
         config = {"first_stage": self.first_stage.config(), "scale": self.scale, "flow": self.flow.to_dict(),
                   "sampler": self.sampler.to_dict()}
+        if self.restorer is not None:
+            config["restorer"] = self.restorer.record()
         if self.detail_calibration is not None:
             config["detail_calibration"] = self.detail_calibration.to_dict()
         return config
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, first_stage: FirstStage | None = None) -> "Upsampler":
-        """Load a saved upsampler; pass `first_stage` to reuse one already in memory (e.g. a pipeline's VAE)."""
+    def from_pretrained(cls, directory: str | Path, first_stage: FirstStage | None = None,
+                        restorer: str | Path | Restorer | None = None) -> "Upsampler":
+        """Load a saved upsampler; pass `first_stage` to reuse one already in memory (e.g. a pipeline's VAE).
+        A folder that starts from a restorer finds its weights file again (`Restorer.find`: in the folder,
+        $FMBOOST_RESTORERS, the working directory, the shared assets), or takes `restorer` (a path, or one loaded);
+        either way the file must be the one it was trained with (sha256)."""
         from .unet import CFMUNet
 
         directory = Path(directory)
@@ -178,8 +206,11 @@ class Upsampler:
             first_stage.set_latent_stats(torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"]))
         model = CFMUNet.from_pretrained(directory).eval()
         flow = CouplingFlowMatcher.from_dict(config["flow"])
-        posterior_mean = PosteriorMean.from_pretrained(directory / POSTERIOR_MEAN_FOLDER) \
-            if flow.needs_posterior_mean else None
+        posterior_mean = None
+        if "restorer" in config:
+            posterior_mean = _found_restorer(config["restorer"], directory, restorer)
+        elif flow.needs_posterior_mean:
+            posterior_mean = PosteriorMean.from_pretrained(directory / POSTERIOR_MEAN_FOLDER)
         sampler = SamplerConfig.from_dict(config.get("sampler", {}))  # older files: a partial dict
         calibration = config.get("detail_calibration")
         return cls(model, first_stage, flow, config["scale"], sampler, posterior_mean,
@@ -196,9 +227,9 @@ class Upsampler:
     def cast(self, dtype: torch.dtype) -> "Upsampler":
         """Store v_θ and R in `dtype` (e.g. torch.float16 on a GPU; the first stage keeps its own, and
         `mixed_precision` runs them on an fp32 state); returns self."""
-        networks = [self.model] + ([] if self.posterior_mean is None else [self.posterior_mean.model])
+        networks = [self.model] + ([] if self.posterior_mean is None else [self.posterior_mean.model])  # R / restorer
         for network in networks:
-            if network.dtype != dtype:
+            if next(network.parameters()).dtype != dtype:
                 network.to(dtype)
         return self
 
@@ -209,7 +240,7 @@ class Upsampler:
         if isinstance(self.model, MixedPrecisionVelocity):
             return self
         posterior_mean = self.posterior_mean
-        if posterior_mean is not None:
+        if isinstance(posterior_mean, PosteriorMean):
             posterior_mean = PosteriorMean(MixedPrecisionVelocity(posterior_mean.model), posterior_mean.latent_mean,
                                            posterior_mean.latent_std)
         return dataclasses.replace(self, model=MixedPrecisionVelocity(self.model), posterior_mean=posterior_mean)
@@ -266,7 +297,8 @@ class Upsampler:
             tiles = tiling.count(*latent)
             view = dataclasses.replace(
                 self, model=TiledModule(self.model, tiling), first_stage=TiledFirstStage(self.first_stage, tiling),
-                posterior_mean=None if self.posterior_mean is None else TiledModule(self.posterior_mean, tiling))
+                posterior_mean=TiledModule(self.posterior_mean, tiling)
+                if isinstance(self.posterior_mean, PosteriorMean) else self.posterior_mean)
         return Canvas(image, view, (top, left, h, w), tiles, tiling)
 
     # ------------------------------------------------------------------ the render path
@@ -284,6 +316,9 @@ class Upsampler:
         against this upsampler: detail < 1 needs a posterior-mean flow, and a dial used with another sampler or
         back-projection than it was fitted with warns."""
         sampler = (sampler or self.sampler).replace(**{k: v for k, v in overrides.items() if v is not None})
+        if sampler.anchor == "estimate" and sampler.back_project and self.restorer is None:
+            raise ValueError("back-projection onto the estimate (anchor 'estimate') needs an upsampler that starts "
+                             "from a restorer's image")
         if sampler.detail < 1.0 and self.dial is None:
             raise ValueError(f"detail {sampler.detail:g} < 1 needs a posterior-mean upsampler (source "
                              f"'posterior_mean'); this one's source is {self.flow.source!r} ({self.flow.objective})")
@@ -328,8 +363,15 @@ class Upsampler:
         with stages("upsample"):
             canvas = self.canvas(lr_image, tile_size, tile_overlap)
             view = canvas.upsampler
-            cond = view._condition(canvas.image)
-            r = view._estimate(cond) if self.flow.needs_posterior_mean else None
+            restored = self.restorer(lr_image) if self.restorer is not None else None  # the restorer's own image
+            cond = None if restored is not None and self.flow.condition_on == "estimate" \
+                else view._condition(canvas.image)
+            r = None
+            if restored is not None:
+                r = view.first_stage.encode(canvas.pad(restored))
+            elif self.flow.needs_posterior_mean:
+                r = view._estimate(cond)
+            cond = self.flow.conditioning(cond, r)
             x1, flow_nfe = None, 0
             if sample:
                 x0 = view._draw_source(cond, generator, r)
@@ -339,9 +381,12 @@ class Upsampler:
             decoder = decoder or self.first_stage
             if canvas.tiling is not None:
                 decoder = TiledFirstStage(decoder, canvas.tiling)
-            decoded_estimate = canvas.crop(decoder.decode(r)) if r is not None and estimate else None
+            decoded_estimate = None
+            if r is not None and estimate:
+                decoded_estimate = restored if restored is not None else canvas.crop(decoder.decode(r))
             decoded_sample = canvas.crop(decoder.decode(x1)) if x1 is not None else None
-        return Draft(lr_image, decoded_estimate, decoded_sample, int(r is not None), flow_nfe, canvas.tiles)
+            anchor = None if restored is None else downsample(restored.float(), tuple(lr_image.shape[-2:])).clamp(-1, 1)
+        return Draft(lr_image, decoded_estimate, decoded_sample, int(r is not None), flow_nfe, canvas.tiles, anchor)
 
     def finish(self, draft: Draft, sampler: SamplerConfig | None = None) -> UpscaleResult:
         """The render path after the decode: the dial at `sampler.detail` (R + Σ_b gain_b (S − R)_b; the sample
@@ -358,7 +403,8 @@ class Upsampler:
             image = self.dial.combine_gains(_needed(draft.estimate, "estimate"), _needed(draft.sample, "sample"),
                                             gains, self.scale)
             nfe = draft.estimate_nfe + draft.flow_nfe
-        image = back_project(image.float().clamp(-1, 1), draft.lr.float(), sampler.back_project)
+        target = draft.lr if sampler.anchor == "input" else _needed(draft.anchor, "anchor")
+        image = back_project(image.float().clamp(-1, 1), target.float(), sampler.back_project)
         return UpscaleResult(image, nfe, draft.tiles)
 
     def _dial_uses(self, sampler: SamplerConfig) -> tuple[torch.Tensor | None, bool, bool]:
@@ -397,6 +443,17 @@ class Upsampler:
         rows = [self.flow.draw_source(cond[i:i + 1], g, None if estimate is None else estimate[i:i + 1])
                 for i, g in enumerate(generator)]
         return None if rows[0] is None else torch.cat(rows)
+
+
+def _found_restorer(record: dict, directory: Path, given: str | Path | Restorer | None) -> Restorer:
+    """The folder's restorer: `given` when it is the recorded file (a loaded one is checked by its sha256), else
+    the recorded file found again (`Restorer.find`)."""
+    if isinstance(given, Restorer):
+        if given.sha256 != record["sha256"]:
+            raise ValueError(f"the restorer given ({given.name}, sha256 {given.sha256[:16]}…) is not the one "
+                             f"{directory} was trained with ({record['file']}, sha256 {record['sha256'][:16]}…)")
+        return given
+    return Restorer.find(record, directory, given)
 
 
 def _needed(image: torch.Tensor | None, what: str) -> torch.Tensor:

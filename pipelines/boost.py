@@ -7,7 +7,9 @@ A diffusers `DiffusionPipeline`, so `save_pretrained` / `from_pretrained`, `.to(
     vae                                        its autoencoder (also the upsampler's, for SD-VAE upsamplers)
     cfm_unet                                   the CFMUNet v_θ
     regression_unet                            R, the frozen regression CFMUNet a posterior-mean flow
-                                               starts from (None for the paper's coupling)
+                                               starts from (None for the paper's coupling, and for flows
+                                               that start from a pretrained restorer: its weights file is
+                                               recorded in boost_config and found again, `Restorer.find`)
     boost_config (model_index.json)            the upsampler's boost_config.json: first stage + latent
                                                stats, scale, CouplingFlowMatcher, SamplerConfig (and R's
                                                latent stats)
@@ -51,6 +53,7 @@ from fmboost.models import (
 )
 from fmboost.models.detail_bands import DetailCalibration
 from fmboost.models.posterior_mean import PosteriorMean
+from fmboost.models.restorer import Restorer
 from fmboost.pipelines.fast_path import FAST_PATH_COMPONENTS, compile_module, compile_unavailable
 from fmboost.pipelines.lcm import base_defaults
 
@@ -103,13 +106,15 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
                              "build it with BoostPipeline.from_base(base_pipeline, Upsampler.from_pretrained(dir))")
         flow = CouplingFlowMatcher.from_dict(boost_config["flow"])  # validate early, the sampler too
         SamplerConfig.from_dict(boost_config.get("sampler", {}))
-        if flow.needs_posterior_mean and (regression_unet is None or "posterior_mean_stats" not in boost_config):
+        if flow.needs_posterior_mean and "restorer" not in boost_config and \
+                (regression_unet is None or "posterior_mean_stats" not in boost_config):
             raise ValueError("this upsampler is a posterior-mean flow: the pipeline needs its regression_unet "
                              "model (build it with BoostPipeline.from_upsampler / from_base)")
         self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                               vae=vae, cfm_unet=cfm_unet, regression_unet=regression_unet)
         self.register_to_config(boost_config=dict(boost_config))
         self._own_first_stage: FirstStage | None = None  # TAEF2 / identity upsamplers: not the pipeline's VAE
+        self._restorer: Restorer | None = None  # the restorer a flow starts from, found on first use
         self._upsampler: Upsampler | None = None
         self._upsampler_parts: tuple = ()  # the components _upsampler wraps
         self._announce_compile = False  # enable_fast_path was called and no call has said it compiles yet
@@ -126,6 +131,7 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         pipe = cls(upsampler.model, parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["scheduler"],
                    parts["vae"], _regression_unet(upsampler), boost_config=_boost_config(upsampler))
         pipe._adopt_first_stage(upsampler.first_stage)
+        pipe._restorer = upsampler.restorer
         return pipe
 
     @classmethod
@@ -135,6 +141,7 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         pipe = cls(upsampler.model, vae=vae, regression_unet=_regression_unet(upsampler),
                    boost_config=_boost_config(upsampler))
         pipe._adopt_first_stage(upsampler.first_stage)
+        pipe._restorer = upsampler.restorer
         return pipe
 
     def _adopt_first_stage(self, first_stage: FirstStage) -> None:
@@ -158,7 +165,11 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         config = self.config.boost_config
         flow = CouplingFlowMatcher.from_dict(config["flow"])
         posterior_mean = None
-        if flow.needs_posterior_mean:
+        if "restorer" in config:
+            if self._restorer is None:
+                self._restorer = Restorer.find(config["restorer"])
+            posterior_mean = self._restorer
+        elif flow.needs_posterior_mean:
             stats = config["posterior_mean_stats"]
             posterior_mean = PosteriorMean(self.regression_unet, torch.tensor(stats["latent_mean"]),
                                            torch.tensor(stats["latent_std"]))
@@ -211,8 +222,8 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         Where torch.compile cannot run on this device (no C++ compiler for inductor on a CPU, no Triton on a GPU,
         torch.compile itself raising) it warns and every component stays eager. The image is eager's up to float
-        rounding: on a CPU in fp32 the largest difference is below 1e-4 of the [0, 1] range (tested; measured
-        4.5e-6). Returns whether the networks are now compiled."""
+        rounding: on a CPU in fp32 the largest difference is below 1e-4 of the [0, 1] range (tested; the measured
+        difference is in README.md, "The fast path"). Returns whether the networks are now compiled."""
         reason = compile_unavailable(self._execution_device, **compile_kwargs)
         if reason is not None:
             warnings.warn(f"fast path unavailable on {self._execution_device}, running eager (the same image, "
@@ -402,6 +413,8 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         first_stage = upsampler.first_stage
         if not isinstance(first_stage, DiffusersAutoencoder):  # the pipeline's VAE is placed by .to() / offload
             first_stage.to(device)
+        if upsampler.restorer is not None:  # not a pipeline component (its weights file is recorded, not copied)
+            upsampler.restorer.to(device)
         decoder = None if preview_vae is None else self._preview_first_stage(preview_vae, first_stage)
         timer = _Timer(device)
         bar = {"desc": "upsample", **getattr(self, "_progress_bar_config", {})}
@@ -439,14 +452,14 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
 def _boost_config(upsampler: Upsampler) -> dict:
     """The upsampler's boost_config.json, with R's latent stats for posterior-mean flows (R's weights are the
-    pipeline's `regression_unet` component)."""
+    pipeline's `regression_unet` component; a restorer's file is recorded in it)."""
     config = upsampler.config()
-    if upsampler.posterior_mean is not None:
+    if upsampler.posterior_mean is not None and upsampler.restorer is None:
         config["posterior_mean_stats"] = {"latent_mean": upsampler.posterior_mean.latent_mean.tolist(),
                                           "latent_std": upsampler.posterior_mean.latent_std.tolist()}
     return config
 
 
 def _regression_unet(upsampler: Upsampler) -> torch.nn.Module | None:
-    """R's CFMUNet, registered as the pipeline's `regression_unet` component (None for coupling flows)."""
-    return None if upsampler.posterior_mean is None else upsampler.posterior_mean.model
+    """R's CFMUNet, registered as the pipeline's `regression_unet` component (None for coupling flows and restorers)."""
+    return upsampler.posterior_mean.model if isinstance(upsampler.posterior_mean, PosteriorMean) else None

@@ -56,6 +56,8 @@ MAX_BACK_PROJECT = 8
 IMAGE_HEIGHT = 480  # px on the page; the slider zooms, the download is full resolution
 #: What the slider can show beside fmboost's result.
 REFERENCES = ("bicubic", "Real-ESRGAN")
+#: The reference name of an upsampler's own restorer (its detail 0), followed by the weights file's name.
+RESTORER_REFERENCE = "restorer:"
 #: Real-ESRGAN's tile side (low-res px): bounds its memory at --max-megapixels inputs (4 KiB per input pixel
 #: per feature map of its ×4 tail, `fmboost.models.realesrgan`).
 REALESRGAN_TILE = 256
@@ -155,21 +157,27 @@ class BoostService:
 
     @property
     def references(self) -> tuple[str, ...]:
-        """The references the slider offers: bicubic, and Real-ESRGAN where it is available."""
-        return REFERENCES if self.realesrgan_unavailable is None else REFERENCES[:1]
+        """The references the slider offers: bicubic, Real-ESRGAN where it is available, and the restorer the
+        upsampler starts from (its detail 0), named by its weights file, where it has one."""
+        restorer = self.pipe.upsampler.restorer
+        own = () if restorer is None else (f"{RESTORER_REFERENCE} {restorer.name}",)
+        return (REFERENCES if self.realesrgan_unavailable is None else REFERENCES[:1]) + own
 
     def reference(self, image: PIL.Image.Image, name: str = "bicubic") -> PIL.Image.Image:
         """`image` up-sampled ×scale by the reference `name` (one of REFERENCES): what the result is compared with."""
         size = (image.width * self.scale, image.height * self.scale)
         if name == "bicubic":
             return image.resize(size, PIL.Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+        if name.startswith(RESTORER_REFERENCE) and name in self.references:
+            restorer = self.pipe.upsampler.restorer
+            return PIL.Image.fromarray(to_uint8(restorer(pixels.to(self.device)).cpu())[0])
         if name not in REFERENCES:
-            raise UserError(f"reference must be one of {list(REFERENCES)}, got {name!r}")
+            raise UserError(f"reference must be one of {list(self.references)}, got {name!r}")
         if self.realesrgan_unavailable:
             raise UserError(self.realesrgan_unavailable)
         if self._realesrgan is None:
             self._realesrgan = load_realesrgan(self.realesrgan_path, self.device)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
         upscaled = realesrgan_upscale(self._realesrgan, pixels, tile=REALESRGAN_TILE)
         return PIL.Image.fromarray(to_uint8(upscaled)[0])
 

@@ -3,7 +3,8 @@
 The same code runs as `fmboost train --config X.yaml` (single process, in-process) and unchanged on
 CPU, one GPU or many through Accelerate. One step reads images (or cached latents) → latents →
 coupling → CFM loss → optimizer step → EMA; see `train_step`. Posterior-mean flows (`source:
-posterior_mean`) also load the frozen regression upsampler R and read R(cond) from the cache.
+posterior_mean`) also load their frozen estimate — a regression upsampler R, or a pretrained restorer — and read
+its estimates from the cache.
 
 Several processes (`torchrun --nproc_per_node N` or `accelerate launch --multi_gpu`, also on CPUs with
 gloo) are data-parallel: `train_batch_size` is per process, every rank draws its own noise, rank 0
@@ -32,6 +33,7 @@ from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, 
 from fmboost.models.calibration import calibrate, describe
 from fmboost.models.metrics import LPIPS_MIN_SIZE, MetricUnavailable, load_lpips
 from fmboost.models.posterior_mean import PosteriorMean
+from fmboost.models.restorer import Restorer
 from fmboost.train import checkpoint as ckpt
 from fmboost.train.config import TrainConfig, load_config
 from fmboost.train.data import EpochSampler, PairDataset, image_records, split_records, validation_pairs
@@ -40,6 +42,7 @@ from fmboost.train.latent_cache import (
     build_or_load,
     encode_batch,
     posterior_mean_file,
+    restorer_estimate_file,
     training_latent_stats,
     weights_digest,
 )
@@ -63,10 +66,10 @@ class StepOutput:
 
 
 def batch_latents(batch: dict, first_stage: FirstStage, flow: CouplingFlowMatcher,
-                  posterior_mean: PosteriorMean | None = None
+                  posterior_mean: PosteriorMean | Restorer | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x1, cond, R(cond) or None), each (B, C, H, W): read from the latent cache, or encoded from the image
-    pair (and R run on cond) on the fly."""
+    """(x1, the conditioning, the estimate or None), each (B, C, H, W): read from the latent cache, or encoded
+    from the image pair (and the estimate made: R on cond, or the restorer's image encoded) on the fly."""
     if "hr_latent" in batch:
         x1, cond = batch["hr_latent"], batch["cond"]
     else:
@@ -74,13 +77,17 @@ def batch_latents(batch: dict, first_stage: FirstStage, flow: CouplingFlowMatche
     if not flow.needs_posterior_mean:
         return x1, cond, None
     if "posterior_mean" in batch:
-        return x1, cond, batch["posterior_mean"]
-    return x1, cond, posterior_mean(cond, first_stage.latent_mean, first_stage.latent_std)
+        estimate = batch["posterior_mean"]
+    elif isinstance(posterior_mean, Restorer):
+        estimate = first_stage.encode(posterior_mean(batch["lr"]))
+    else:
+        estimate = posterior_mean(cond, first_stage.latent_mean, first_stage.latent_std)
+    return x1, flow.conditioning(cond, estimate), estimate
 
 
 def train_step(batch: dict, model, ema: EMAModel | None, first_stage: FirstStage, flow: CouplingFlowMatcher,
                optimizer, lr_scheduler, accelerator: Accelerator, config: TrainConfig, step: int,
-               posterior_mean: PosteriorMean | None = None) -> StepOutput:
+               posterior_mean: PosteriorMean | Restorer | None = None) -> StepOutput:
     """One micro-batch: image → latents (+ R(cond)) → coupling → loss → backward; on accumulation boundaries
     also clip, step the optimizer and LR schedule, and update the EMA."""
     x1, cond, estimate = batch_latents(batch, first_stage, flow, posterior_mean)
@@ -111,8 +118,14 @@ def build_first_stage(config: TrainConfig, device: torch.device) -> FirstStage:
     return first_stage.to(device).eval().requires_grad_(False)
 
 
-def load_posterior_mean(config: TrainConfig, device: torch.device) -> PosteriorMean:
-    """R from `posterior_mean_model`: a regression upsampler of the same scale and first stage, frozen."""
+def load_posterior_mean(config: TrainConfig, device: torch.device) -> PosteriorMean | Restorer:
+    """The frozen estimate: the `restorer` weights file (of the same scale), or R from `posterior_mean_model`, a
+    regression upsampler of the same scale and first stage."""
+    if config.restorer:
+        restorer = Restorer.load(config.restorer, device)
+        if restorer.scale != config.scale:
+            raise ValueError(f"restorer {config.restorer} up-scales ×{restorer.scale}, this run ×{config.scale}")
+        return restorer
     try:
         upsampler = Upsampler.from_pretrained(config.posterior_mean_model)
     except FileNotFoundError as err:
@@ -148,8 +161,8 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module, num_processes: 
 
 
 def build_dataset(config: TrainConfig, records, first_stage: FirstStage, flow: CouplingFlowMatcher,
-                  accelerator: Accelerator, posterior_mean: PosteriorMean | None = None):
-    """Training dataset (cached latents, with R(cond) for posterior-mean flows, or on-the-fly image pairs);
+                  accelerator: Accelerator, posterior_mean: PosteriorMean | Restorer | None = None):
+    """Training dataset (cached latents, with the estimates for posterior-mean flows, or on-the-fly image pairs);
     sets the first stage's latent stats."""
     if config.use_latent_cache:
         cache_dir = config.latent_cache_dir or str(Path(config.output_dir) / "latent_cache")
@@ -157,7 +170,9 @@ def build_dataset(config: TrainConfig, records, first_stage: FirstStage, flow: C
         status = "hit" if cache.hit else f"built, encoding {cache.encode_samples_per_second:.2f} samples/s"
         accelerator.print(f"latent cache {status}: {cache.num_samples} samples in {cache.path}")
         estimates = None
-        if posterior_mean is not None:
+        if isinstance(posterior_mean, Restorer):
+            estimates = restorer_estimate_file(cache, posterior_mean, records, config, first_stage, state=accelerator)
+        elif posterior_mean is not None:
             estimates = posterior_mean_file(cache, posterior_mean, first_stage, state=accelerator)
         return CachedLatentDataset(cache, config, estimates), cache
     mean, std = training_latent_stats(records, config, first_stage)
@@ -282,7 +297,8 @@ def sync_lr_schedule(lr_scheduler, global_step: int, num_processes: int) -> None
 
 
 def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
-             state: ckpt.TrainerState, val_pairs, posterior_mean: PosteriorMean | None = None) -> ckpt.TrainerState:
+             state: ckpt.TrainerState, val_pairs, posterior_mean: PosteriorMean | Restorer | None = None
+             ) -> ckpt.TrainerState:
     """Epochs of `train_step` until `max_train_steps`, with logging, validation and checkpoints."""
     faults = ckpt.injected_faults()
     progress = tqdm(total=config.max_train_steps, initial=state.global_step, desc="train",
@@ -330,13 +346,13 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
 
 
 def as_upsampler(config: TrainConfig, model: torch.nn.Module, first_stage: FirstStage, flow: CouplingFlowMatcher,
-                 posterior_mean: PosteriorMean | None = None) -> Upsampler:
+                 posterior_mean: PosteriorMean | Restorer | None = None) -> Upsampler:
     """The network being trained as the `Upsampler` it will be saved as: validation samples exactly so."""
     return Upsampler(model, first_stage, flow, config.scale, config.sampler(), posterior_mean)
 
 
 def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, step: int,
-                   posterior_mean: PosteriorMean | None = None) -> None:
+                   posterior_mean: PosteriorMean | Restorer | None = None) -> None:
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
@@ -352,7 +368,7 @@ def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs
 
 
 def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
-                   posterior_mean: PosteriorMean | None = None, val_records=()) -> Path:
+                   posterior_mean: PosteriorMean | Restorer | None = None, val_records=()) -> Path:
     """The (EMA) weights as an `Upsampler` folder: CFMUNet + boost_config.json (incl. latent stats), and R
     for posterior-mean flows, so the folder runs on its own — with its render settings fitted on the validation
     images (`fit_render_settings`): the back-projection steps that measure best, and for posterior-mean flows

@@ -67,6 +67,8 @@ class TrainConfig:
     noise_sigma: float | None = None
     source: str = "coupling"  # "posterior_mean": from R(cond) + σ_s ε, R = posterior_mean_model
     posterior_mean_model: str | None = None  # a regression upsampler folder (objective: regression), frozen
+    restorer: str | None = None  # or a pretrained restorer's weights file (Real-ESRGAN x4plus, any spandrel model)
+    condition_on: str = "input"  # the network's conditioning: the up-sampled input, or the estimate (restorers)
     posterior_mean_sigma: float = 0.1  # σ_s, in normalised latent units
     concat_cond: bool = True  # feed the clean up-sampled latent beside x_t (False: PMRF's unconditional flow)
     calibrate_detail: bool = True  # posterior-mean flows: fit the per-band fidelity dial on the validation images
@@ -130,16 +132,19 @@ class TrainConfig:
             raise ValueError("give exactly one of train_data_dir and dataset_name")
         self.flow()  # validates upsample, noising_step, objective, time_sampling, ...
         self.sampler()  # validates solver and schedule
-        if self.flow().needs_posterior_mean and not self.posterior_mean_model:
-            raise ValueError("source 'posterior_mean' needs posterior_mean_model: the folder of a regression "
-                             "upsampler (train one with objective: regression)")
-        if self.posterior_mean_model and not self.flow().needs_posterior_mean:
-            raise ValueError("posterior_mean_model is only used with source 'posterior_mean' and objective 'cfm'")
+        estimates = [key for key in ("posterior_mean_model", "restorer") if getattr(self, key)]
+        if self.flow().needs_posterior_mean and len(estimates) != 1:
+            raise ValueError("source 'posterior_mean' needs posterior_mean_model (the folder of a regression "
+                             "upsampler, trained with objective: regression) or restorer (a pretrained restorer's "
+                             f"weights file), exactly one; got {estimates or 'neither'}")
+        if estimates and not self.flow().needs_posterior_mean:
+            raise ValueError(f"{estimates[0]} is only used with source 'posterior_mean' and objective 'cfm'")
 
     def flow(self) -> CouplingFlowMatcher:
         return CouplingFlowMatcher(upsample=self.upsample, noising_step=self.noising_step,
                                    noise_sigma=self.noise_sigma, source=self.source, objective=self.objective,
                                    posterior_mean_sigma=self.posterior_mean_sigma, concat_cond=self.concat_cond,
+                                   condition_on=self.condition_on,
                                    time_sampling=self.time_sampling, logit_normal_mu=self.logit_normal_mu,
                                    logit_normal_std=self.logit_normal_std)
 

@@ -22,10 +22,12 @@ Built in parallel: with P processes (`accelerate launch`, `torchrun`), process r
 resumes with the shards that are missing. Shards are read by offset (`ShardReader`), one sample at a
 time, so a cache of any size trains in the memory of a batch.
 
-Posterior-mean flows also need R(cond) for every sample: `posterior_mean_file` computes it once per
-regression model (keyed by a hash of R's weights and statistics) into `posterior_mean_<hash>/`, one
-shard per cache shard, built the same way, so training reads it like the other latents instead of
-running R every step.
+Posterior-mean flows also need their estimate for every sample: `posterior_mean_file` computes R(cond) once per
+regression model (keyed by a hash of R's weights and statistics) into `posterior_mean_<hash>/`, and
+`restorer_estimate_file` the latent of a pretrained restorer's image of each low-res patch once per restorer
+(keyed by its weights file's sha256, inside the entry of one degradation) into `restorer_<sha256>/`; one shard per
+cache shard, built the same way, so training reads them like the other latents instead of running R or the
+restorer every step.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 from accelerate import PartialState
 from fmboost.models import CouplingFlowMatcher, FirstStage, compute_latent_stats
 from fmboost.models.posterior_mean import PosteriorMean
+from fmboost.models.restorer import Restorer
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -266,9 +269,60 @@ def posterior_mean_file(cache: LatentCache, posterior_mean: PosteriorMean, first
                         batch_size: int = 32, state: PartialState | None = None) -> Path:
     """The folder of R(cond) (n, C, H, W) per cache shard, in the cache's latent normalisation and dtype; computed
     once per R, every process its share of the shards (call it on all of them, like `build_or_load`)."""
-    state = state or PartialState()
     names, tensors = zip(*sorted(posterior_mean.state_dict().items()))
+    device = first_stage.latent_mean.device
+
+    def estimate_shard(index: int, entry: dict, dtype: torch.dtype, progress) -> torch.Tensor:
+        reader, estimates = ShardReader(cache.path / entry["file"]), []
+        for start in range(0, reader.num_samples, batch_size):
+            cond = reader.rows("cond", start, min(start + batch_size, reader.num_samples)).to(device, torch.float32)
+            estimates.append(posterior_mean(cond, first_stage.latent_mean, first_stage.latent_std).to("cpu", dtype))
+            progress.update(cond.shape[0])
+        return torch.cat(estimates) if estimates else torch.empty(0, *reader.tensors["cond"]["shape"][1:], dtype=dtype)
+
     folder = cache.path / f"posterior_mean_{weights_digest(tensors, names)[:20]}"
+    return _estimates_folder(cache, folder, "posterior mean R(cond)", estimate_shard, state or PartialState())
+
+
+@torch.no_grad()
+def restorer_estimate_file(cache: LatentCache, restorer: Restorer, records: ImageSource, config: TrainConfig,
+                           first_stage: FirstStage, state: PartialState | None = None) -> Path:
+    """The folder of the restorer's estimates (n, C, H, W) per cache shard: each cached sample's low-res patch
+    (`cache_patches` makes it again from `records`, the images the cache was built from, in the same order) through
+    the restorer, encoded, in the cache's normalisation and dtype. Computed once per restorer (its sha256 names the
+    folder and is recorded in it: an entry built with another restorer is refused), every process its share."""
+    state, device = state or PartialState(), first_stage.latent_mean.device
+    shards = _shard_ranges(len(records), config.latent_cache_shard_images)
+    folder = cache.path / f"restorer_{restorer.sha256[:20]}"
+    record = folder / "restorer.json"
+    if record.is_file() and json.loads(record.read_text())["sha256"] != restorer.sha256:
+        raise ValueError(f"{folder} holds the estimates of another restorer ({json.loads(record.read_text())}), not "
+                         f"of {restorer.name} (sha256 {restorer.sha256[:16]}…): delete it to rebuild")
+
+    def estimate_shard(index: int, entry: dict, dtype: torch.dtype, progress) -> torch.Tensor:
+        estimates = []
+        for batch in _batches(cache_patches(records, config, shards[index]), config.train_batch_size):
+            restored = restorer(batch["lr"].to(device))
+            estimates.append(first_stage.encode(restored).to("cpu", dtype))
+            progress.update(restored.shape[0])
+        side = config.crop_size // first_stage.downsample_factor
+        tensor = torch.cat(estimates) if estimates else torch.empty(0, first_stage.latent_channels, side, side,
+                                                                    dtype=dtype)
+        if tensor.shape[0] != entry["num_samples"]:
+            raise ValueError(f"the images gave {tensor.shape[0]} patches for {entry['file']}, which holds "
+                             f"{entry['num_samples']}: these are not the images the latent cache was built from")
+        return tensor
+
+    if state.is_main_process:
+        folder.mkdir(exist_ok=True)
+        _write_atomic(record, lambda p: p.write_text(json.dumps(restorer.record())))
+    return _estimates_folder(cache, folder, f"restorer estimates ({restorer.name})", estimate_shard, state)
+
+
+def _estimates_folder(cache: LatentCache, folder: Path, desc: str, estimate_shard, state: PartialState) -> Path:
+    """Build `folder`: one safetensors file ("posterior_mean") per cache shard, `estimate_shard(index, entry, dtype,
+    progress)` → (n, C, H, W); each written atomically, so a killed build resumes with the missing shards;
+    process r builds shards r, r + P, ...; a COMPLETE marker says the folder is whole."""
     if (folder / COMPLETE).is_file():
         return folder
     if state.is_main_process:
@@ -276,17 +330,13 @@ def posterior_mean_file(cache: LatentCache, posterior_mean: PosteriorMean, first
         _remove_temporaries(folder)
     state.wait_for_everyone()
     meta = json.loads((cache.path / MANIFEST).read_text())
-    device, dtype = first_stage.latent_mean.device, CACHE_DTYPES[meta["dtype"]]
-    mine = [e for e in meta["shards"][state.process_index::state.num_processes] if not (folder / e["file"]).is_file()]
-    with tqdm(total=sum(e["num_samples"] for e in mine), desc="posterior mean R(cond)", unit="sample",
+    dtype = CACHE_DTYPES[meta["dtype"]]
+    mine = [(index, entry) for index, entry in enumerate(meta["shards"])
+            if index % state.num_processes == state.process_index and not (folder / entry["file"]).is_file()]
+    with tqdm(total=sum(entry["num_samples"] for _, entry in mine), desc=desc, unit="sample",
               disable=not state.is_main_process) as progress:
-        for entry in mine:
-            reader, estimates = ShardReader(cache.path / entry["file"]), []
-            for start in range(0, reader.num_samples, batch_size):
-                cond = reader.rows("cond", start, min(start + batch_size, reader.num_samples)).to(device, torch.float32)
-                estimates.append(posterior_mean(cond, first_stage.latent_mean, first_stage.latent_std).to("cpu", dtype))
-                progress.update(cond.shape[0])
-            tensor = torch.cat(estimates) if estimates else torch.empty(0, *meta["shape"], dtype=dtype)
+        for index, entry in mine:
+            tensor = estimate_shard(index, entry, dtype, progress)
             _write_atomic(folder / entry["file"], lambda p, t=tensor: save_file({"posterior_mean": t}, p))
     state.wait_for_everyone()
     if state.is_main_process:
