@@ -27,6 +27,7 @@ from fmboost.models import FIRST_STAGES, SamplerConfig, Upsampler, load_first_st
 from fmboost.models import metrics as M
 from fmboost.models.degradations import Degradation
 from fmboost.models.restorer import Restorer
+from fmboost.models.sampler_config import ANCHORS
 
 from . import plots
 from .baselines import (
@@ -72,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--back-project", default=None, metavar="LIST",
                         help="back-projection steps after the dial, comma-separated ints ≥ 0, for every upsampler "
                              "and the regression model (default: each folder's saved value)")
+    parser.add_argument("--anchor", default=None, metavar="LIST",
+                        help="what back-projection projects onto, comma-separated: input (the low-res input), "
+                             "estimate (the restorer's image reduced to the input's size; folders that start from "
+                             "a restorer) (default: each folder's saved value)")
     parser.add_argument("--study", choices=("schedules",), help="every schedule × --study-nfe, plus dopri5")
     parser.add_argument("--study-nfe", default="2,4,8,16,32", help="comma-separated NFE for --study")
     parser.add_argument("--study-reference", default="dopri5", metavar="SPEC",
@@ -174,7 +179,9 @@ def row_name(prefix: str, upsampler: Upsampler, sampler: SamplerConfig) -> str:
     parts = [] if upsampler.flow.objective == "regression" else [sampler.format()]
     if upsampler.dial is not None:
         parts.append(f"detail {sampler.detail:g}")
-    return " · ".join([prefix + (" " + parts[0] if parts else ""), *parts[1:], f"BP{sampler.back_project}"])
+    projection = f"BP{sampler.back_project}" + (" onto estimate" if sampler.anchor == "estimate" and
+                                                sampler.back_project else "")
+    return " · ".join([prefix + (" " + parts[0] if parts else ""), *parts[1:], projection])
 
 
 @dataclass
@@ -187,6 +194,18 @@ class ModelRows:
     curves: dict[str, str] = field(default_factory=dict)
     sweeps: dict[str, list[str]] = field(default_factory=dict)
     defaults: dict[str, str] = field(default_factory=dict)
+
+
+def anchors_for(upsampler: Upsampler, steps: int, anchors: str | None) -> list[str]:
+    """The back-projection anchors rendered for `upsampler` at `steps`: the folder's saved one, or those of the
+    comma-separated `anchors` that apply ('estimate' only to folders that start from a restorer; one at 0 steps)."""
+    if anchors is None or steps == 0:
+        return [upsampler.sampler.anchor]
+    chosen = parse_list("--anchor", anchors, str)
+    unknown = sorted(set(chosen) - set(ANCHORS))
+    if unknown:
+        raise ValueError(f"--anchor {unknown}: choose from {list(ANCHORS)}")
+    return [a for a in chosen if a == "input" or upsampler.restorer is not None]
 
 
 def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, args: argparse.Namespace,
@@ -217,12 +236,13 @@ def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, a
         dial = details if upsampler.dial is not None and details is not None else [upsampler.sampler.detail]
         for solve in build_solves(args, upsampler):
             for steps in projections or [upsampler.sampler.back_project]:
-                names = [add(label, prefix, upsampler, upsampler.sampler.with_solve(solve).replace(
-                    detail=detail, back_project=steps)) for detail in dial]
-                curve = curve_label(solve) if len(upsamplers) == 1 else f"{label} {curve_label(solve)}"
-                rows.curves.setdefault(names[-1], curve + ("" if projections is None else f" · BP{steps}"))
-                if len(names) > 1:
-                    rows.sweeps[f"{row_name(prefix, upsampler, rows.samplers[names[0]])} … {dial[-1]:g}"] = names
+                for anchor in anchors_for(upsampler, steps, args.anchor):
+                    names = [add(label, prefix, upsampler, upsampler.sampler.with_solve(solve).replace(
+                        detail=detail, back_project=steps, anchor=anchor)) for detail in dial]
+                    curve = curve_label(solve) if len(upsamplers) == 1 else f"{label} {curve_label(solve)}"
+                    rows.curves.setdefault(names[-1], curve + ("" if projections is None else f" · BP{steps}"))
+                    if len(names) > 1:
+                        rows.sweeps[f"{row_name(prefix, upsampler, rows.samplers[names[0]])} … {dial[-1]:g}"] = names
     if regression is not None:
         for steps in projections or [regression.sampler.back_project]:
             add("regression", "regression", regression, regression.sampler.replace(back_project=steps))
@@ -288,7 +308,8 @@ def write_outputs(out: Path, evaluation: Evaluation, rows: ModelRows, args) -> N
     (out / "results.md").write_text(f"{describe(args, evaluation)}\n\n{markdown_table(evaluation.results)}\n"
                                     f"{skipped}\n")
     shown = list(rows.defaults.values()) or list(rows.methods)[:2]
-    restorers = [name for name in evaluation.results if name.endswith(" · BP0")]  # each restorer as it is
+    restorers = [name for name in evaluation.results  # each restorer baseline as it is
+                 if name.endswith(" · BP0") and name not in rows.methods]
     columns = ["low-res", "bicubic", *restorers, *[n for n in shown if n not in ("bicubic",)], "ground truth"]
     plots.comparison_grid(evaluation.grid, columns, out / "grid.png")
     if rows.curves:

@@ -91,3 +91,23 @@ def test_the_page_serves_the_folder(evaluated):
     image = PIL.Image.open(path).convert("RGB")
     theirs = np.asarray(service.reference(image, "Real-ESRGAN"))
     assert np.array_equal(np.asarray(service.reference(image, own)), theirs)
+
+
+def test_eval_sr_scores_projection_onto_the_restorer_image(evaluated, tmp_path, capsys):
+    folder, out, _ = evaluated
+    data = out.parent / "photos"
+    assert main(["eval-sr", "--data", str(data), "--upsampler", f"pm={folder}", "--hr-size", str(HR), "--lr-size",
+                 str(LR), "--no-fid", "--baselines", "realesrgan", "--detail", "0", "--back-project", "0,1",
+                 "--anchor", "input,estimate", "--out", str(tmp_path / "anchors")]) == 0
+    results = json.loads((tmp_path / "anchors" / "results.json").read_text())
+    rows = {name for name in results if name.startswith("CFM")}
+    assert {name.split(" · ")[-1] for name in rows} == {"BP0", "BP1", "BP1 onto estimate"}
+    onto_estimate = next(results[name] for name in rows if name.endswith("BP1 onto estimate"))
+    # at detail 0 the image is the restorer's, which projecting onto its own reduction leaves as it is
+    assert onto_estimate["psnr"] == pytest.approx(results["Real-ESRGAN · BP0"]["psnr"], abs=0.05)
+    onto_input = next(results[name] for name in rows if name.endswith("BP1"))
+    assert onto_input["psnr"] == pytest.approx(results["Real-ESRGAN · BP1"]["psnr"], abs=0.05)
+    bad = ["--back-project", "1", "--anchor", "sideways", "--out", str(tmp_path / "bad")]
+    assert main(["eval-sr", "--data", str(data), "--upsampler", str(folder), "--hr-size", str(HR), "--lr-size",
+                 str(LR), "--no-fid", *bad]) == 2
+    assert "--anchor ['sideways']: choose from ['input', 'estimate']" in capsys.readouterr().err
