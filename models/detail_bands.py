@@ -40,9 +40,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .sampler_config import SamplerConfig
 
 #: Default band edges, in units of the low-res Nyquist frequency f_N = 0.5 / scale (cycles per output pixel).
 DEFAULT_EDGES = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -149,6 +153,10 @@ class DetailCalibration:
         gain = gains.to(device=padded.device, dtype=torch.float32)[bands]
         kept = torch.fft.ifft2(torch.fft.fft2(padded) * gain).real
         return (estimate.float() + kept[..., pad:-pad, pad:-pad]).to(estimate.dtype)
+
+    def stamped(self, sampler: SamplerConfig) -> DetailCalibration:
+        """This dial, recorded as fitted with `sampler` (its ODE solve and back-projection steps)."""
+        return replace(self, sampler=sampler.format(), back_project=sampler.back_project)
 
     def fitted_for(self, sampler: str, back_project: int) -> bool:
         """Whether this dial was measured with `sampler` (a `SamplerConfig.format()`) and `back_project` steps

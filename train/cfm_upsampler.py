@@ -30,7 +30,7 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, load_first_stage
-from fmboost.models.calibration import calibrate, describe
+from fmboost.models.calibration import describe, fit_calibration
 from fmboost.models.metrics import LPIPS_MIN_SIZE, MetricUnavailable, load_lpips
 from fmboost.models.posterior_mean import PosteriorMean
 from fmboost.models.restorer import Restorer
@@ -385,7 +385,7 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
             ema.copy_to(unwrapped.parameters())
         upsampler = as_upsampler(config, unwrapped, first_stage, flow, posterior_mean)
         if val_records:
-            fit_render_settings(upsampler, val_records, config)
+            upsampler = fit_render_settings(upsampler, val_records, config)
         upsampler.save_pretrained(target)
         accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}"
                           + replicas)
@@ -394,11 +394,11 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
     return target
 
 
-def fit_render_settings(upsampler: Upsampler, val_records, config: TrainConfig) -> None:
+def fit_render_settings(upsampler: Upsampler, val_records, config: TrainConfig) -> Upsampler:
     """`fmboost.models.calibration` on CALIBRATION_CROPS patches of each validation image, images the flow
     and R never trained on: the folder's back-projection steps, and (posterior-mean flows, `calibrate_detail`)
     the per-band dial, its band order measured with LPIPS (`detail_path: lpips`) when the LPIPS weights load,
-    else all bands together (said why)."""
+    else all bands together (said why). Returns the upsampler with them."""
     lpips = None
     dial = config.calibrate_detail and upsampler.flow.needs_posterior_mean
     if dial and config.detail_path == "lpips" and config.crop_size < LPIPS_MIN_SIZE:
@@ -412,10 +412,11 @@ def fit_render_settings(upsampler: Upsampler, val_records, config: TrainConfig) 
     pairs = validation_pairs(val_records, config, config.crop_size, CALIBRATION_CROPS)
     was_training = upsampler.model.training
     upsampler.model.eval()
-    result = calibrate(upsampler, zip(pairs["lr"].split(1), pairs["hr"].split(1)), seed=config.seed,
-                       total=len(pairs["hr"]), lpips=lpips, fit_dial=dial)
+    result = fit_calibration(upsampler, zip(pairs["lr"].split(1), pairs["hr"].split(1)), seed=config.seed,
+                             total=len(pairs["hr"]), lpips=lpips, fit_dial=dial)
     upsampler.model.train(was_training)
     tqdm.write("render settings fitted on the validation images:\n" + describe(result, upsampler.scale))
+    return result.apply(upsampler)
 
 
 def replicas_digest(accelerator: Accelerator, params) -> str:
