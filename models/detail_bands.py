@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .upgrade import upgrade_boost_config
+
 if TYPE_CHECKING:
     from .sampler_config import SamplerConfig
 
@@ -174,12 +176,8 @@ class DetailCalibration:
 
     @classmethod
     def from_dict(cls, config: dict) -> DetailCalibration:
-        """From `to_dict()`. Older folders' two-sample dials ("samples": 2) are refused: removed, they earned
-        nothing at the default operating point (RESULTS.md); recalibrate with `fmboost calibrate-detail`."""
-        config = dict(config)
-        if config.pop("samples", 1) != 1:
-            raise ValueError("this detail_calibration blends two samples, which is no longer supported: run "
-                             "`fmboost calibrate-detail DIR --data VALIDATION_IMAGES` to fit a one-sample dial")
+        """From `to_dict()`, or an older folder's "detail_calibration" dict (`upgrade_boost_config`)."""
+        config = upgrade_boost_config({"detail_calibration": config})["detail_calibration"]
         allowed = {"edges", "weights", "spans", "sampler", "back_project"}
         unknown = sorted(set(config) - allowed)
         if unknown:
