@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from fmboost.models import BOOST_CONFIG_NAME, Upsampler
 from fmboost.models import metrics as M
-from fmboost.models.calibration import BACK_PROJECT_CANDIDATES, calibrate, describe
+from fmboost.models.calibration import BACK_PROJECT_CANDIDATES, describe, fit_calibration
 from fmboost.models.degradations import Degradation
 from fmboost.models.detail_bands import DEFAULT_EDGES, DETAIL_PATHS
 
@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
         except M.MetricUnavailable as err:
             raise ValueError(f"--path lpips needs the LPIPS weights ({err}); pass --lpips-weights PATH, or --path "
                              "uniform to turn all bands on together") from None
-    result = calibrate(upsampler, pairs, seed=args.seed, total=total, lpips=lpips, candidates=candidates,
-                       edges=edges)
+    result = fit_calibration(upsampler, pairs, seed=args.seed, total=total, lpips=lpips, candidates=candidates,
+                             edges=edges)
+    upsampler = result.apply(upsampler)
     print(describe(result, upsampler.scale))
     if args.out:
         upsampler.save_pretrained(args.out)

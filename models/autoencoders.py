@@ -18,7 +18,19 @@ from .assets import shared_path
 from .taef2 import LATENT_CHANNELS as TAEF2_CHANNELS
 from .taef2 import load_taef2
 
-FIRST_STAGES = ("autoencoder_kl", "autoencoder_tiny", "taef2", "identity")
+#: The diffusers autoencoders (`DiffusersAutoencoder`): a pipeline's VAE can serve as their first stage.
+DIFFUSERS_KINDS = ("autoencoder_kl", "autoencoder_tiny")
+FIRST_STAGES = (*DIFFUSERS_KINDS, "taef2", "identity")
+
+
+def stats_record(mean: torch.Tensor, std: torch.Tensor) -> dict:
+    """Per-channel latent statistics (C,) as JSON stores them (boost_config.json, R's folder, the latent cache)."""
+    return {"latent_mean": torch.as_tensor(mean).tolist(), "latent_std": torch.as_tensor(std).tolist()}
+
+
+def stats_from_record(record: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `stats_record`: (mean, std), each (C,)."""
+    return torch.tensor(record["latent_mean"]), torch.tensor(record["latent_std"])
 
 
 class FirstStage(nn.Module):
@@ -75,7 +87,7 @@ class FirstStage(nn.Module):
 
     def config(self) -> dict:
         """JSON-able description (spec + stats) that `first_stage_from_config` rebuilds."""
-        return {**self.spec, "latent_mean": self.latent_mean.tolist(), "latent_std": self.latent_std.tolist()}
+        return {**self.spec, **stats_record(self.latent_mean, self.latent_std)}
 
 
 class DiffusersAutoencoder(FirstStage):
@@ -139,7 +151,7 @@ def load_first_stage(kind: str, path: str | None = None, subfolder: str | None =
         return IdentityAutoencoder()
     if kind == "taef2":
         return TAEF2Autoencoder(path)
-    if kind in ("autoencoder_kl", "autoencoder_tiny"):
+    if kind in DIFFUSERS_KINDS:
         from diffusers import AutoencoderKL, AutoencoderTiny
 
         if not path:
@@ -158,11 +170,15 @@ def load_first_stage(kind: str, path: str | None = None, subfolder: str | None =
     raise ValueError(f"first stage kind must be one of {list(FIRST_STAGES)}, got {kind!r}")
 
 
-def first_stage_from_config(config: dict) -> FirstStage:
-    """Inverse of `FirstStage.config()`."""
-    first_stage = load_first_stage(config["kind"], config.get("path"), config.get("subfolder"))
+def first_stage_from_config(config: dict, vae: nn.Module | None = None) -> FirstStage:
+    """Inverse of `FirstStage.config()`. `vae`: a diffusers autoencoder already in memory (e.g. a pipeline's) to
+    use instead of loading the one named, for the diffusers kinds; ignored for the others."""
+    if vae is not None and config["kind"] in DIFFUSERS_KINDS:
+        first_stage = DiffusersAutoencoder(vae, {k: v for k, v in config.items() if not k.startswith("latent_")})
+    else:
+        first_stage = load_first_stage(config["kind"], config.get("path"), config.get("subfolder"))
     if "latent_mean" in config:
-        first_stage.set_latent_stats(torch.tensor(config["latent_mean"]), torch.tensor(config["latent_std"]))
+        first_stage.set_latent_stats(*stats_from_record(config))
     return first_stage
 
 

@@ -25,6 +25,8 @@ calibrate-detail` runs it on a folder afterwards. Use images neither R nor the f
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 from . import metrics as M
 from .consistency import back_project
 from .detail_bands import DEFAULT_EDGES, BandGains, DetailCalibration, DetailCalibrationFit, fit_spans
+from .sampler_config import SamplerConfig
 from .upsampler import Draft, Upsampler
 
 #: Back-projection step counts tried by default.
@@ -44,40 +47,56 @@ BACK_PROJECT_TOLERANCE_DB = 0.01
 
 @dataclass
 class Calibration:
-    """What was fitted: back_project, the step count kept, with psnr / lpips per candidate (mean over the
-    images; lpips only with an LPIPS network); for posterior-mean flows the dial (`calibration`), the
+    """What was fitted: `sampler`, the folder's render setting with the fitted `back_project` (and `anchor`) and,
+    when the dial's band order was measured, the fitted `detail` — one record, the `SamplerConfig` the folder
+    saves; psnr / lpips per back-projection candidate (mean over the images; lpips only with an LPIPS network);
+    for posterior-mean flows the dial (`calibration`, stamped with the setting it was fitted with), the
     least-squares fit behind its weights and, with an LPIPS network, the per-band measurements behind its order
-    (`bands`), the LPIPS at the end of each band's stretch of the dial (`detail_lpips`) and the folder's detail
-    chosen from them (`detail`, the lowest); images: how many were used."""
+    (`bands`) and the LPIPS at the end of each band's stretch of the dial (`detail_lpips`, the lowest chosen);
+    images: how many were used. Nothing is changed by fitting: `apply` gives the calibrated upsampler."""
 
-    back_project: int
+    sampler: SamplerConfig
     psnr: dict[int | str, float]
     lpips: dict[int | str, float] = field(default_factory=dict)
     detail_lpips: dict[float, float] = field(default_factory=dict)
-    detail: float | None = None
     calibration: DetailCalibration | None = None
     fit: DetailCalibrationFit | None = None
     bands: list[BandGains] | None = None
     images: int = 0
-    anchor: str = "input"
+
+    @property
+    def back_project(self) -> int:
+        return self.sampler.back_project
+
+    @property
+    def anchor(self) -> str:
+        return self.sampler.anchor
+
+    @property
+    def detail(self) -> float:
+        return self.sampler.detail
+
+    def apply(self, upsampler: Upsampler) -> Upsampler:
+        """`upsampler` with the fitted setting as its saved sampler and, when one was fitted, the fitted dial."""
+        dial = upsampler.detail_calibration if self.calibration is None else self.calibration
+        return dataclasses.replace(upsampler, sampler=self.sampler, detail_calibration=dial)
 
 
 @torch.no_grad()
-def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, seed: int = 0,
-              total: int | None = None, lpips: torch.nn.Module | None = None,
-              candidates: Sequence[int] = BACK_PROJECT_CANDIDATES, edges: tuple[float, ...] = DEFAULT_EDGES,
-              fit_dial: bool = True) -> Calibration:
+def fit_calibration(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], *, seed: int = 0,
+                    total: int | None = None, lpips: torch.nn.Module | None = None,
+                    candidates: Sequence[int] = BACK_PROJECT_CANDIDATES, edges: tuple[float, ...] = DEFAULT_EDGES,
+                    fit_dial: bool = True) -> Calibration:
     """Fit back-projection (and, for posterior-mean flows with `fit_dial`, the per-band dial; for flows from a
     restorer, only the order in which the dial turns the bands on: its detail 0 stays the restorer's image) over
     `pairs`, (lr (B, 3, h, w), hr (B, 3, s·h, s·w)) in [-1, 1], rendered with the upsampler's saved sampler; pair i
-    draws its source noise from seed + i. Applies the result to `upsampler` (its sampler's back_project, its
-    detail_calibration) and returns what was measured. The drafts are kept on the CPU in half precision for
-    the later passes."""
+    draws its source noise from seed + i. Returns what was measured; `upsampler` is left as it was (the caller
+    applies the result: `Calibration.apply`). The drafts are kept on the CPU in half precision for the later
+    passes."""
     if not candidates or any(n < 0 for n in candidates):
         raise ValueError(f"back-projection candidates must be ints >= 0, got {list(candidates)}")
     device = next(upsampler.model.parameters()).device
-    pm = upsampler.flow.needs_posterior_mean and fit_dial
-    fit = DetailCalibrationFit(upsampler.scale, edges) if pm else None
+    fit = DetailCalibrationFit(upsampler.scale, edges) if upsampler.dial is not None and fit_dial else None
     kept: list[tuple[Draft, torch.Tensor]] = []
     for index, (lr, hr) in enumerate(tqdm(pairs, total=total, desc="calibrate", unit="img")):
         draft = upsampler.draft(lr.to(device), torch.Generator(device).manual_seed(seed + index), upsampler.sampler)
@@ -86,15 +105,14 @@ def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Te
         kept.append((_cast(draft, lambda x: x.half().cpu()), hr.half().cpu()))
     if not kept:
         raise ValueError("no images were given to calibrate on")
-    if fit is not None:
-        dial = fit.result()
-        if upsampler.restorer is not None:  # detail 0 is the restorer's own image, the dial's promise
-            dial = replace(dial, weights=(0.0,) * dial.bands)
-        upsampler.detail_calibration = replace(dial, sampler=upsampler.sampler.format())
-    result = _choose_back_project(upsampler, kept, candidates, lpips)
     if fit is None:
-        return result
-    calibration, bands = upsampler.detail_calibration, None
+        return _choose_back_project(upsampler, upsampler.sampler, kept, candidates, lpips)
+    dial = fit.result()
+    if upsampler.restorer is not None:  # detail 0 is the restorer's own image, the dial's promise
+        dial = replace(dial, weights=(0.0,) * dial.bands)
+    view = dataclasses.replace(upsampler, detail_calibration=dial)  # scores with the fitted dial
+    result = _choose_back_project(view, upsampler.sampler, kept, candidates, lpips)
+    bands = None
     if lpips is not None:
         def post(pred: torch.Tensor, index: int) -> torch.Tensor:
             draft = kept[index][0]
@@ -103,28 +121,37 @@ def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Te
 
         images = ((draft.estimate.float(), draft.sample.float(), hr.float())
                   for draft, hr in tqdm(kept, desc="detail path", unit="img"))
-        calibration, bands = fit_spans(calibration, images, _distance(lpips), upsampler.scale, post)
-        upsampler.detail_calibration = calibration
-        ends = sorted({end for _, end in calibration.spans})
-        _, detail_lpips = _score(upsampler, kept, {d: upsampler.sampler.replace(detail=d) for d in ends}, lpips)
+        dial, bands = fit_spans(dial, images, _distance(lpips), upsampler.scale, post)
+        view = dataclasses.replace(upsampler, detail_calibration=dial)
+        ends = sorted({end for _, end in dial.spans})
+        _, detail_lpips = _score(view, kept, {d: result.sampler.replace(detail=d) for d in ends}, lpips)
         detail = min(detail_lpips, key=lambda d: (detail_lpips[d], -d))
-        upsampler.sampler = upsampler.sampler.replace(detail=detail)
-        result = replace(_choose_back_project(upsampler, kept, candidates, lpips), detail_lpips=detail_lpips,
-                         detail=detail)
-    upsampler.detail_calibration = replace(calibration, back_project=result.back_project)
-    result.calibration, result.fit, result.bands = upsampler.detail_calibration, fit, bands
+        result = replace(_choose_back_project(view, result.sampler.replace(detail=detail), kept, candidates, lpips),
+                         detail_lpips=detail_lpips)
+    return replace(result, calibration=dial.stamped(result.sampler), fit=fit, bands=bands)
+
+
+def calibrate(upsampler: Upsampler, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], **kwargs) -> Calibration:
+    """Deprecated: `fit_calibration`, then the result written into `upsampler` (its sampler and dial). Use
+    `upsampler = fit_calibration(upsampler, pairs).apply(upsampler)`."""
+    warnings.warn("calibrate() changes the upsampler it measures and is deprecated: use "
+                  "fit_calibration(upsampler, pairs), then result.apply(upsampler)", DeprecationWarning, stacklevel=2)
+    result = fit_calibration(upsampler, pairs, **kwargs)
+    calibrated = result.apply(upsampler)
+    upsampler.sampler, upsampler.detail_calibration = calibrated.sampler, calibrated.detail_calibration
     return result
 
 
-def _choose_back_project(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], candidates: Sequence[int],
-                         lpips: torch.nn.Module | None) -> Calibration:
-    """Score every back-projection step count at the folder's detail — onto the input, and for restorer estimates
+def _choose_back_project(upsampler: Upsampler, sampler: SamplerConfig, kept: list[tuple[Draft, torch.Tensor]],
+                         candidates: Sequence[int], lpips: torch.nn.Module | None) -> Calibration:
+    """Score every back-projection step count at `sampler`'s detail — onto the input, and for restorer estimates
     also onto the restorer's image reduced to the input's size (keys "n onto estimate"), which does not copy an
     input's noise and blocks back — and keep the best PSNR (the fewest steps within BACK_PROJECT_TOLERANCE_DB of
-    it) among the settings whose LPIPS (when measured) is no worse than the fewest steps' as the folder's."""
-    options = {n: upsampler.sampler.replace(back_project=n, anchor="input") for n in candidates}
+    it) among the settings whose LPIPS (when measured) is no worse than the fewest steps' as the folder's: the
+    result's `sampler` is `sampler` with that choice."""
+    options = {n: sampler.replace(back_project=n, anchor="input") for n in candidates}
     if upsampler.restorer is not None:
-        options.update({f"{n} onto estimate": upsampler.sampler.replace(back_project=n, anchor="estimate")
+        options.update({f"{n} onto estimate": sampler.replace(back_project=n, anchor="estimate")
                         for n in candidates if n})
     psnr, lpips_scores = _score(upsampler, kept, options, lpips)
     fewest = min(candidates)
@@ -132,8 +159,7 @@ def _choose_back_project(upsampler: Upsampler, kept: list[tuple[Draft, torch.Ten
     best = max(psnr[k] for k in allowed)
     key = min((k for k in allowed if psnr[k] >= best - BACK_PROJECT_TOLERANCE_DB),
               key=lambda k: (options[k].back_project, -psnr[k]))
-    upsampler.sampler = upsampler.sampler.replace(back_project=options[key].back_project, anchor=options[key].anchor)
-    return Calibration(options[key].back_project, psnr, lpips_scores, images=len(kept), anchor=options[key].anchor)
+    return Calibration(options[key], psnr, lpips_scores, images=len(kept))
 
 
 def _score(upsampler: Upsampler, kept: list[tuple[Draft, torch.Tensor]], samplers: dict, lpips: torch.nn.Module | None

@@ -40,9 +40,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from .upgrade import upgrade_boost_config
+
+if TYPE_CHECKING:
+    from .sampler_config import SamplerConfig
 
 #: Default band edges, in units of the low-res Nyquist frequency f_N = 0.5 / scale (cycles per output pixel).
 DEFAULT_EDGES = (0.5, 1.0, 1.5, 2.0, 3.0)
@@ -150,6 +156,10 @@ class DetailCalibration:
         kept = torch.fft.ifft2(torch.fft.fft2(padded) * gain).real
         return (estimate.float() + kept[..., pad:-pad, pad:-pad]).to(estimate.dtype)
 
+    def stamped(self, sampler: SamplerConfig) -> DetailCalibration:
+        """This dial, recorded as fitted with `sampler` (its ODE solve and back-projection steps)."""
+        return replace(self, sampler=sampler.format(), back_project=sampler.back_project)
+
     def fitted_for(self, sampler: str, back_project: int) -> bool:
         """Whether this dial was measured with `sampler` (a `SamplerConfig.format()`) and `back_project` steps
         (unknown counts as yes: older folders did not record them)."""
@@ -166,12 +176,8 @@ class DetailCalibration:
 
     @classmethod
     def from_dict(cls, config: dict) -> DetailCalibration:
-        """From `to_dict()`. Older folders' two-sample dials ("samples": 2) are refused: removed, they earned
-        nothing at the default operating point (RESULTS.md); recalibrate with `fmboost calibrate-detail`."""
-        config = dict(config)
-        if config.pop("samples", 1) != 1:
-            raise ValueError("this detail_calibration blends two samples, which is no longer supported: run "
-                             "`fmboost calibrate-detail DIR --data VALIDATION_IMAGES` to fit a one-sample dial")
+        """From `to_dict()`, or an older folder's "detail_calibration" dict (`upgrade_boost_config`)."""
+        config = upgrade_boost_config({"detail_calibration": config})["detail_calibration"]
         allowed = {"edges", "weights", "spans", "sampler", "back_project"}
         unknown = sorted(set(config) - allowed)
         if unknown:

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from .autoencoders import FirstStage
 from .coupling import UPSAMPLE_MODES, CouplingBatch, cosine_alpha_bar, noise_augment, upsample_latent
+from .deprecated import renamed_keywords
 from .sampling import SampleResult, sample_ode
+from .upgrade import upgrade_boost_config
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SOURCES = ("coupling", "posterior_mean", "noise")
@@ -101,13 +103,8 @@ class CouplingFlowMatcher:
 
     @classmethod
     def from_dict(cls, config: dict) -> CouplingFlowMatcher:
-        """From `to_dict()`; older folders' "dial": "blend" (the latent dial, now the image-space one of
-        `Upsampler.finish`) is dropped, their "end_time" refused (removed: it measured on the same curve)."""
-        config = dict(config)
-        dial = config.pop("dial", "blend")
-        if dial != "blend":
-            raise ValueError(f"dial {dial!r} is no longer supported: RESULTS.md measured 'end_time' on the same curve "
-                             "as the image-space dial `detail`, which every upsampler now uses")
+        """From `to_dict()`, or an older folder's "flow" dict (`upgrade_boost_config`)."""
+        config = upgrade_boost_config({"flow": config})["flow"]
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
@@ -135,31 +132,34 @@ class CouplingFlowMatcher:
         """What the network sees beside x_t: the clean up-sampled latent, or zeros when `concat_cond` is off."""
         return cond if self.concat_cond else torch.zeros_like(cond)
 
+    @renamed_keywords(posterior_mean="estimate")
     def couple(self, cond: torch.Tensor, x1: torch.Tensor | None = None, generator: torch.Generator | None = None,
-               posterior_mean: torch.Tensor | None = None) -> CouplingBatch:
-        """x0 (B, C, H, W) from the conditioning: noise-augmented cond, R(cond) + σ_s ε, or pure noise."""
+               estimate: torch.Tensor | None = None) -> CouplingBatch:
+        """x0 (B, C, H, W) from the conditioning: noise-augmented cond, estimate + σ_s ε (the estimate R(cond), or a
+        restorer's image's latent), or pure noise."""
         if self.source == "noise":
             x0 = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
         elif self.source == "posterior_mean":
-            if posterior_mean is None or posterior_mean.shape != cond.shape:
-                got = None if posterior_mean is None else tuple(posterior_mean.shape)
-                raise ValueError(f"source 'posterior_mean' needs posterior_mean of shape {tuple(cond.shape)} "
-                                 f"(R(cond), the regression model's estimate), got {got}")
+            if estimate is None or estimate.shape != cond.shape:
+                got = None if estimate is None else tuple(estimate.shape)
+                raise ValueError(f"source 'posterior_mean' needs posterior_mean of shape {tuple(cond.shape)}: the "
+                                 f"estimate (R(cond), or a restorer's image's latent), got {got}")
             noise = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
-            x0 = posterior_mean + self.posterior_mean_sigma * noise
+            x0 = estimate + self.posterior_mean_sigma * noise
         else:
             x0 = noise_augment(cond, self.alpha_bar, generator)
         return CouplingBatch(x0=x0, cond=cond, x1=x1)
 
+    @renamed_keywords(posterior_mean="estimate")
     def loss(self, model: torch.nn.Module, x1: torch.Tensor, cond: torch.Tensor,
-             generator: torch.Generator | None = None, posterior_mean: torch.Tensor | None = None) -> torch.Tensor:
-        """Scalar MSE loss for targets x1 and conditionings cond, both (B, C, H, W); `posterior_mean`
-        (B, C, H, W) = R(cond) for the posterior-mean source."""
+             generator: torch.Generator | None = None, estimate: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar MSE loss for targets x1 and conditionings cond, both (B, C, H, W); `estimate`
+        (B, C, H, W), e.g. R(cond), for the posterior-mean source."""
         if x1.shape != cond.shape:
             raise ValueError(f"x1 {tuple(x1.shape)} and cond {tuple(cond.shape)} must have the same shape")
         if self.objective == "regression":
             return F.mse_loss(self.regress(model, cond).float(), x1.float())
-        batch = self.couple(cond, x1, generator, posterior_mean)
+        batch = self.couple(cond, x1, generator, estimate)
         t = sample_time(x1.shape[0], self.time_sampling, self.logit_normal_mu, self.logit_normal_std,
                         generator, x1.device).to(x1.dtype)
         x_t = interpolate(batch.x0, x1, t, self.sigma_min)
@@ -172,19 +172,21 @@ class CouplingFlowMatcher:
         regression model of posterior-mean flows, runs it too)."""
         return cond + model(cond, torch.zeros(cond.shape[0], device=cond.device, dtype=cond.dtype), cond)
 
+    @renamed_keywords(posterior_mean="estimate")
     def draw_source(self, cond: torch.Tensor, generator: torch.Generator | None = None,
-                    posterior_mean: torch.Tensor | None = None) -> torch.Tensor | None:
+                    estimate: torch.Tensor | None = None) -> torch.Tensor | None:
         """x0 (B, C, H, W), where sampling starts at t = 0 (see `couple`); None for the regression objective,
         which makes one pass on cond instead of solving an ODE."""
         if self.objective == "regression":
             return None
-        return self.couple(cond, generator=generator, posterior_mean=posterior_mean).x0
+        return self.couple(cond, generator=generator, estimate=estimate).x0
 
     @torch.no_grad()
+    @renamed_keywords(posterior_mean="estimate")
     def sample(self, model: torch.nn.Module, cond: torch.Tensor, generator: torch.Generator | None = None,
-               posterior_mean: torch.Tensor | None = None, **solver_kwargs) -> SampleResult:
+               estimate: torch.Tensor | None = None, **solver_kwargs) -> SampleResult:
         """x1 (B, C, H, W) from the conditioning: `draw_source` x0, then `transport` it (see there)."""
-        x0 = self.draw_source(cond, generator, posterior_mean)
+        x0 = self.draw_source(cond, generator, estimate)
         return self.transport(model, cond, x0, **solver_kwargs)
 
     @torch.no_grad()

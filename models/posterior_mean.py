@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .autoencoders import stats_from_record, stats_record
 from .flow import CouplingFlowMatcher
 from .unet import CFMUNet
 
@@ -44,6 +45,15 @@ class PosteriorMean(torch.nn.Module):
         stage = upsampler.first_stage
         return cls(upsampler.model, stage.latent_mean.detach().cpu(), stage.latent_std.detach().cpu())
 
+    @classmethod
+    def from_stats(cls, model: CFMUNet, stats: dict) -> PosteriorMean:
+        """R from its network and `stats()` (a BoostPipeline's regression_unet and its boost_config's record)."""
+        return cls(model, *stats_from_record(stats))
+
+    def stats(self) -> dict:
+        """R's latent normalisation as JSON stores it."""
+        return stats_record(self.latent_mean, self.latent_std)
+
     @torch.no_grad()
     def forward(self, cond: torch.Tensor, latent_mean: torch.Tensor, latent_std: torch.Tensor) -> torch.Tensor:
         """R(cond): cond (B, C, H, W) in the caller's normalisation (latent_mean / latent_std, (C,)) →
@@ -58,8 +68,7 @@ class PosteriorMean(torch.nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.model.save_pretrained(directory)
-        stats = {"latent_mean": self.latent_mean.tolist(), "latent_std": self.latent_std.tolist()}
-        (directory / STATS_NAME).write_text(json.dumps(stats, indent=2))
+        (directory / STATS_NAME).write_text(json.dumps(self.stats(), indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PosteriorMean:
@@ -68,6 +77,4 @@ class PosteriorMean(torch.nn.Module):
         if not stats_path.is_file():
             raise FileNotFoundError(f"no {STATS_NAME} in {directory}: the posterior-mean model of this upsampler "
                                     "folder is missing or incomplete")
-        stats = json.loads(stats_path.read_text())
-        return cls(CFMUNet.from_pretrained(directory), torch.tensor(stats["latent_mean"]),
-                   torch.tensor(stats["latent_std"]))
+        return cls.from_stats(CFMUNet.from_pretrained(directory), json.loads(stats_path.read_text()))

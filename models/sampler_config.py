@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .sampling import ADAPTIVE_SOLVERS, SCHEDULES, SOLVERS, time_grid
+from .upgrade import upgrade_boost_config
 
 ScheduleParams = tuple[tuple[str, float], ...]
 TOLERANCES = ("atol", "rtol")
@@ -96,6 +97,18 @@ class SamplerConfig:
         detail and back_project kept. A command line's `--sampler SPEC` applied to a folder's saved setting."""
         return dataclasses.replace(self, **{name: getattr(solve, name) for name in SOLVE_FIELDS})
 
+    def override(self, sampler: SamplerConfig | str | None = None, **changes) -> SamplerConfig:
+        """A call's setting, this one (a folder's saved setting) being the default: `sampler` replaces it (a
+        SamplerConfig) or its ODE solve (a `parse` string, e.g. a command line's --sampler), then `changes` (any
+        field, e.g. detail, back_project; None keeps the value). The one place "None means keep the saved value"
+        is decided, for the pipeline, every command and `Upsampler.upscale`."""
+        base = self if sampler is None else self.with_solve(SamplerConfig.parse(sampler)) \
+            if isinstance(sampler, str) else sampler
+        if not isinstance(base, SamplerConfig):
+            raise TypeError(f"sampler must be a SamplerConfig or a spec string such as 'euler:linear:4', got "
+                            f"{sampler!r}")
+        return base.replace(**{k: v for k, v in changes.items() if v is not None})
+
     def solve_kwargs(self) -> dict:
         """Keyword arguments of `sample_ode` (and of `CouplingFlowMatcher.sample`)."""
         return {"solver": self.solver, "num_steps": self.num_steps, "schedule": self.schedule,
@@ -109,16 +122,10 @@ class SamplerConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping) -> SamplerConfig:
-        """From `to_dict()` or an older boost_config.json "sampler" dict: missing keys take their defaults,
-        schedule_params may be a dict, a list of pairs or null; an unknown key is an error naming it. Older
-        folders saved `temperature` (removed: it moved along the dial's own curve, RESULTS.md); its neutral
-        value 1 is dropped, any other is an error."""
-        config = dict(config)
-        if config.get("temperature", 1.0) != 1.0:
-            raise ValueError(f"sampler temperature {config['temperature']} is no longer supported (only 1, as "
-                             "trained): RESULTS.md measured it on the same curve as `detail`; use detail instead")
-        config.pop("temperature", None)
-        return cls().replace(**config)
+        """From `to_dict()` or an older boost_config.json "sampler" dict (`upgrade_boost_config`): missing keys
+        take their defaults, schedule_params may be a dict, a list of pairs or null; an unknown key is an error
+        naming it."""
+        return cls().replace(**upgrade_boost_config({"sampler": config})["sampler"])
 
     # ------------------------------------------------------------------ the command-line string
 

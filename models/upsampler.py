@@ -42,8 +42,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .autoencoders import FirstStage, first_stage_from_config
+from .autoencoders import FirstStage, first_stage_from_config, stats_from_record
 from .consistency import back_project, downsample
+from .deprecated import renamed_keywords
 from .detail_bands import DetailCalibration
 from .flow import CouplingFlowMatcher
 from .mixed_precision import MixedPrecisionVelocity
@@ -51,6 +52,7 @@ from .posterior_mean import PosteriorMean
 from .restorer import Restorer
 from .sampler_config import SamplerConfig
 from .tiling import TiledFirstStage, TiledModule, Tiling
+from .upgrade import upgrade_boost_config
 
 BOOST_CONFIG_NAME = "boost_config.json"
 POSTERIOR_MEAN_FOLDER = "posterior_mean"
@@ -125,9 +127,9 @@ class UpscaleResult:
 @dataclass
 class Upsampler:
     """model: v_θ; first_stage: the latent space it works in; scale: pixel up-sampling factor (e.g. 4);
-    posterior_mean: the estimate a flow with source 'posterior_mean' starts from (required by those, only them):
-    R, a regression CFMUNet on the latent condition, or a `Restorer`, a pretrained pixel-space upscaler whose
-    image's latent is the estimate (detail 0 is then that image itself).
+    estimate: what makes the estimate a flow with source 'posterior_mean' starts from (required by those, only
+    them): R, a regression CFMUNet on the latent condition (`PosteriorMean`), or a `Restorer`, a pretrained
+    pixel-space upscaler whose image's latent is the estimate (detail 0 is then that image itself).
 
     sampler: the saved default `SamplerConfig` — ODE solver, steps, schedule, tolerances, `detail`, the
     fidelity dial of posterior-mean flows (0: R's estimate, best PSNR; 1: full detail), and `back_project`,
@@ -136,20 +138,19 @@ class Upsampler:
     (`fmboost.models.detail_bands`; detail 0 is the calibrated estimate); without it the one-band dial.
 
     `upscale` is the one render path: every command, the pipeline, evaluation, calibration, validation and
-    the benchmarks make images through it (`draft` and `finish` are its two halves)."""
+    the benchmarks make images through it (`draft` and `finish` are its two halves). `from_config` builds one
+    from a boost_config.json dict (`from_pretrained`, `BoostPipeline`); training builds it from its parts."""
 
     model: torch.nn.Module
     first_stage: FirstStage
     flow: CouplingFlowMatcher
     scale: int
     sampler: SamplerConfig = SamplerConfig()
-    posterior_mean: PosteriorMean | Restorer | None = None
+    estimate: PosteriorMean | Restorer | None = None
     detail_calibration: DetailCalibration | None = None
 
     def __post_init__(self):
-        if self.flow.needs_posterior_mean and self.posterior_mean is None:
-            raise ValueError("a flow with source 'posterior_mean' needs its posterior-mean model R "
-                             "(PosteriorMean.from_upsampler(<regression Upsampler>))")
+        _check_estimate(self.flow, self.estimate)
         if not isinstance(self.sampler, SamplerConfig):
             raise TypeError(f"sampler must be a SamplerConfig (SamplerConfig.from_dict for a dict), "
                             f"got {self.sampler!r}")
@@ -165,13 +166,19 @@ class Upsampler:
     @property
     def restorer(self) -> Restorer | None:
         """The pretrained restorer this flow starts from, if its estimate is one."""
-        return self.posterior_mean if isinstance(self.posterior_mean, Restorer) else None
+        return self.estimate if isinstance(self.estimate, Restorer) else None
+
+    @property
+    def posterior_mean(self) -> PosteriorMean | Restorer | None:
+        """Deprecated: the old name of `estimate`."""
+        warnings.warn("Upsampler.posterior_mean is now Upsampler.estimate", DeprecationWarning, stacklevel=2)
+        return self.estimate
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.model.save_pretrained(directory)
-        if self.posterior_mean is not None and self.restorer is None:
-            self.posterior_mean.save_pretrained(directory / POSTERIOR_MEAN_FOLDER)
+        if self.estimate is not None and self.restorer is None:
+            self.estimate.save_pretrained(directory / POSTERIOR_MEAN_FOLDER)
         (directory / BOOST_CONFIG_NAME).write_text(json.dumps(self.config(), indent=2))
 
     def config(self) -> dict:
@@ -186,11 +193,13 @@ class Upsampler:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, first_stage: FirstStage | None = None,
-                        restorer: str | Path | Restorer | None = None) -> "Upsampler":
-        """Load a saved upsampler; pass `first_stage` to reuse one already in memory (e.g. a pipeline's VAE).
-        A folder that starts from a restorer finds its weights file again (`Restorer.find`: in the folder,
-        $FMBOOST_RESTORERS, the working directory, the shared assets), or takes `restorer` (a path, or one loaded);
-        either way the file must be the one it was trained with (sha256)."""
+                        restorer: str | Path | Restorer | None = None, vae: torch.nn.Module | None = None
+                        ) -> "Upsampler":
+        """Load a saved upsampler (`from_config` on its boost_config.json). Pass `first_stage` to reuse one already
+        in memory, or `vae` (e.g. a pipeline's) to serve as a diffusers first stage. A folder that starts from a
+        restorer finds its weights file again (`Restorer.find`: in the folder, $FMBOOST_RESTORERS, the working
+        directory, the shared assets), or takes `restorer` (a path, or one loaded); either way the file must be the
+        one it was trained with (sha256)."""
         from .unet import CFMUNet
 
         directory = Path(directory)
@@ -198,36 +207,46 @@ class Upsampler:
         if not config_path.is_file():
             raise FileNotFoundError(f"no {BOOST_CONFIG_NAME} in {directory}: not an fmboost upsampler folder "
                                     "(train one with `fmboost train` or `accelerate launch train/cfm_upsampler.py`)")
-        config = json.loads(config_path.read_text())
-        if first_stage is None:
-            first_stage = first_stage_from_config(config["first_stage"])
-        else:
-            stats = config["first_stage"]
-            first_stage.set_latent_stats(torch.tensor(stats["latent_mean"]), torch.tensor(stats["latent_std"]))
-        model = CFMUNet.from_pretrained(directory).eval()
+        return cls.from_config(json.loads(config_path.read_text()), CFMUNet.from_pretrained(directory).eval(),
+                               first_stage, restorer=restorer, vae=vae, directory=directory)
+
+    @classmethod
+    def from_config(cls, config: dict, model: torch.nn.Module, first_stage: FirstStage | None = None,
+                    estimate: PosteriorMean | Restorer | None = None, *, restorer: str | Path | Restorer | None = None,
+                    vae: torch.nn.Module | None = None, directory: str | Path | None = None) -> "Upsampler":
+        """The one way from a boost_config.json dict (`config()`, any older form: `upgrade_boost_config`) and the
+        networks in memory to an Upsampler: `model` is v_θ; `first_stage` one to reuse (its latent stats are set
+        from the config), else built from the config (on `vae` for a diffusers first stage, when given);
+        `estimate` R for posterior-mean flows (a pipeline's regression_unet; default: `directory`'s
+        posterior_mean/); a flow that starts from a restorer finds the recorded file (`restorer`; `directory`,
+        where to look first)."""
+        config = upgrade_boost_config(config)
         flow = CouplingFlowMatcher.from_dict(config["flow"])
-        posterior_mean = None
         if "restorer" in config:
-            posterior_mean = _found_restorer(config["restorer"], directory, restorer)
-        elif flow.needs_posterior_mean:
-            posterior_mean = PosteriorMean.from_pretrained(directory / POSTERIOR_MEAN_FOLDER)
-        sampler = SamplerConfig.from_dict(config.get("sampler", {}))  # older files: a partial dict
+            estimate = _found_restorer(config["restorer"], directory, restorer)
+        elif estimate is None and flow.needs_posterior_mean and directory is not None:
+            estimate = PosteriorMean.from_pretrained(Path(directory) / POSTERIOR_MEAN_FOLDER)
+        _check_estimate(flow, estimate)  # before loading a first stage
+        if first_stage is None:
+            first_stage = first_stage_from_config(config["first_stage"], vae=vae)
+        else:
+            first_stage.set_latent_stats(*stats_from_record(config["first_stage"]))
         calibration = config.get("detail_calibration")
-        return cls(model, first_stage, flow, config["scale"], sampler, posterior_mean,
+        return cls(model, first_stage, flow, config["scale"], SamplerConfig.from_dict(config["sampler"]), estimate,
                    None if calibration is None else DetailCalibration.from_dict(calibration))
 
     def to(self, device: torch.device | str) -> "Upsampler":
         """Move the networks (CFMUNet, first stage, R) to `device`; returns self."""
         self.model.to(device)
         self.first_stage.to(device)
-        if self.posterior_mean is not None:
-            self.posterior_mean.to(device)
+        if self.estimate is not None:
+            self.estimate.to(device)
         return self
 
     def cast(self, dtype: torch.dtype) -> "Upsampler":
         """Store v_θ and R in `dtype` (e.g. torch.float16 on a GPU; the first stage keeps its own, and
         `mixed_precision` runs them on an fp32 state); returns self."""
-        networks = [self.model] + ([] if self.posterior_mean is None else [self.posterior_mean.model])  # R / restorer
+        networks = [self.model] + ([] if self.estimate is None else [self.estimate.model])  # R / restorer
         for network in networks:
             if next(network.parameters()).dtype != dtype:
                 network.to(dtype)
@@ -239,11 +258,10 @@ class Upsampler:
         (`MixedPrecisionVelocity`). BoostPipeline and `fmboost bench upscale` run half-precision weights so."""
         if isinstance(self.model, MixedPrecisionVelocity):
             return self
-        posterior_mean = self.posterior_mean
-        if isinstance(posterior_mean, PosteriorMean):
-            posterior_mean = PosteriorMean(MixedPrecisionVelocity(posterior_mean.model), posterior_mean.latent_mean,
-                                           posterior_mean.latent_std)
-        return dataclasses.replace(self, model=MixedPrecisionVelocity(self.model), posterior_mean=posterior_mean)
+        estimate = self.estimate
+        if isinstance(estimate, PosteriorMean):
+            estimate = PosteriorMean(MixedPrecisionVelocity(estimate.model), estimate.latent_mean, estimate.latent_std)
+        return dataclasses.replace(self, model=MixedPrecisionVelocity(self.model), estimate=estimate)
 
     @property
     def image_multiple(self) -> int:
@@ -297,8 +315,8 @@ class Upsampler:
             tiles = tiling.count(*latent)
             view = dataclasses.replace(
                 self, model=TiledModule(self.model, tiling), first_stage=TiledFirstStage(self.first_stage, tiling),
-                posterior_mean=TiledModule(self.posterior_mean, tiling)
-                if isinstance(self.posterior_mean, PosteriorMean) else self.posterior_mean)
+                estimate=TiledModule(self.estimate, tiling) if isinstance(self.estimate, PosteriorMean)
+                else self.estimate)
         return Canvas(image, view, (top, left, h, w), tiles, tiling)
 
     # ------------------------------------------------------------------ the render path
@@ -311,11 +329,12 @@ class Upsampler:
             return None
         return self.detail_calibration or DetailCalibration.uniform()
 
-    def settings(self, sampler: SamplerConfig | None = None, **overrides) -> SamplerConfig:
-        """`sampler` (default: the saved one) with `overrides` (any SamplerConfig field; None means keep), checked
-        against this upsampler: detail < 1 needs a posterior-mean flow, and a dial used with another sampler or
-        back-projection than it was fitted with warns."""
-        sampler = (sampler or self.sampler).replace(**{k: v for k, v in overrides.items() if v is not None})
+    def settings(self, sampler: SamplerConfig | str | None = None, **overrides) -> SamplerConfig:
+        """The saved sampler overridden by `sampler` (a SamplerConfig, or a spec string for the ODE solve) and
+        `overrides` (any SamplerConfig field; None means keep: `SamplerConfig.override`), checked against this
+        upsampler: detail < 1 needs a posterior-mean flow, and a dial used with another sampler or back-projection
+        than it was fitted with warns."""
+        sampler = self.sampler.override(sampler, **overrides)
         if sampler.anchor == "estimate" and sampler.back_project and self.restorer is None:
             raise ValueError("back-projection onto the estimate (anchor 'estimate') needs an upsampler that starts "
                              "from a restorer's image")
@@ -332,7 +351,7 @@ class Upsampler:
         return sampler
 
     @torch.no_grad()
-    def upscale(self, lr_image: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | None = None,
+    def upscale(self, lr_image: torch.Tensor, generator: Generators = None, sampler: SamplerConfig | str | None = None,
                 tile_size: int | None = None, tile_overlap: int | None = None, stages: Stages = None,
                 decoder: FirstStage | None = None, **overrides) -> UpscaleResult:
         """(B, 3, h, w) image in [-1, 1], any size → (B, 3, s·h, s·w) in [-1, 1], the one render path: `canvas`
@@ -430,7 +449,7 @@ class Upsampler:
 
     def _estimate(self, cond: torch.Tensor) -> torch.Tensor:
         """R(cond) (B, C, H, W) in this upsampler's latent normalisation: one network evaluation."""
-        return self.posterior_mean(cond, self.first_stage.latent_mean, self.first_stage.latent_std)
+        return self.estimate(cond, self.first_stage.latent_mean, self.first_stage.latent_std)
 
     def _draw_source(self, cond: torch.Tensor, generator: Generators, estimate: torch.Tensor | None
                      ) -> torch.Tensor | None:
@@ -445,13 +464,25 @@ class Upsampler:
         return None if rows[0] is None else torch.cat(rows)
 
 
-def _found_restorer(record: dict, directory: Path, given: str | Path | Restorer | None) -> Restorer:
+# `posterior_mean=`, the old name of `estimate`, still builds one (and `dataclasses.replace` takes it) for a release.
+Upsampler.__init__ = renamed_keywords(posterior_mean="estimate")(Upsampler.__init__)
+
+
+def _check_estimate(flow: CouplingFlowMatcher, estimate: PosteriorMean | Restorer | None) -> None:
+    if flow.needs_posterior_mean and estimate is None:
+        raise ValueError("a flow with source 'posterior_mean' needs its posterior-mean model R "
+                         "(PosteriorMean.from_upsampler(<regression Upsampler>); a BoostPipeline needs its "
+                         "regression_unet) or a Restorer")
+
+
+def _found_restorer(record: dict, directory: str | Path | None, given: str | Path | Restorer | None) -> Restorer:
     """The folder's restorer: `given` when it is the recorded file (a loaded one is checked by its sha256), else
     the recorded file found again (`Restorer.find`)."""
     if isinstance(given, Restorer):
         if given.sha256 != record["sha256"]:
             raise ValueError(f"the restorer given ({given.name}, sha256 {given.sha256[:16]}…) is not the one "
-                             f"{directory} was trained with ({record['file']}, sha256 {record['sha256'][:16]}…)")
+                             f"{directory or 'this upsampler'} was trained with ({record['file']}, sha256 "
+                             f"{record['sha256'][:16]}…)")
         return given
     return Restorer.find(record, directory, given)
 

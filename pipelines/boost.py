@@ -14,10 +14,11 @@ A diffusers `DiffusionPipeline`, so `save_pretrained` / `from_pretrained`, `.to(
                                                stats, scale, CouplingFlowMatcher, SamplerConfig (and R's
                                                latent stats)
 
-The boost stage is one `fmboost.models.Upsampler` (`pipe.upsampler`: coupling + ODE), a view over
-these components built once; the VAE goes through `DiffusersAutoencoder`, where the scaling factor
-lives. A call reads as the recipe: 1. base latent (or the given image) → 2. condition → 3. source x0 →
-4. ODE → 5. decode → 6. dial → 7. back-projection, steps 2–7 being `Upsampler.upscale`, the render path every
+The boost stage is one `fmboost.models.Upsampler` (`pipe.upsampler`: coupling + ODE): the one `from_base` /
+`from_upsampler` were given, held as it is (a saved pipeline builds it once, `Upsampler.from_config`), following a
+component that is replaced; the VAE goes through `DiffusersAutoencoder`, where the scaling factor lives. A call
+reads as the recipe: 1. base latent (or the given image) → 2. condition → 3. source x0 → 4. ODE → 5. decode →
+6. dial → 7. back-projection, steps 2–7 being `Upsampler.upscale`, the render path every
 command and evaluation uses. With `image=` the base stage is skipped: the image (or its latents) is
 super-resolved directly.
 
@@ -44,23 +45,22 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import is_compiled_module
 from fmboost.models import (
-    CouplingFlowMatcher,
     DiffusersAutoencoder,
     FirstStage,
     SamplerConfig,
     Upsampler,
     first_stage_from_config,
 )
-from fmboost.models.detail_bands import DetailCalibration
 from fmboost.models.posterior_mean import PosteriorMean
-from fmboost.models.restorer import Restorer
 from fmboost.pipelines.fast_path import FAST_PATH_COMPONENTS, compile_module, compile_unavailable
 from fmboost.pipelines.lcm import base_defaults
 
 logger = logging.getLogger(__name__)
 
-DIFFUSERS_KINDS = ("autoencoder_kl", "autoencoder_tiny")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+#: The call's older ODE keywords → SamplerConfig fields (deprecated: `sampler=` says it all).
+RENAMED_SOLVE = {"upsample_steps": "num_steps", "solver": "solver", "schedule": "schedule",
+                 "schedule_params": "schedule_params"}
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -99,25 +99,23 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     _optional_components = ["text_encoder", "tokenizer", "unet", "scheduler", "vae", "regression_unet"]
 
     def __init__(self, cfm_unet, text_encoder=None, tokenizer=None, unet=None, scheduler=None, vae=None,
-                 regression_unet=None, boost_config: dict | None = None):
+                 regression_unet=None, boost_config: dict | None = None, upsampler: Upsampler | None = None):
+        """The components, and the upsampler they form: `upsampler` when given (`from_base` / `from_upsampler`
+        pass the one they hold), else built from boost_config with `Upsampler.from_config` (a saved pipeline)."""
         super().__init__()
         if boost_config is None:
             raise ValueError("BoostPipeline needs boost_config (an upsampler's boost_config.json); "
                              "build it with BoostPipeline.from_base(base_pipeline, Upsampler.from_pretrained(dir))")
-        flow = CouplingFlowMatcher.from_dict(boost_config["flow"])  # validate early, the sampler too
-        SamplerConfig.from_dict(boost_config.get("sampler", {}))
-        if flow.needs_posterior_mean and "restorer" not in boost_config and \
-                (regression_unet is None or "posterior_mean_stats" not in boost_config):
-            raise ValueError("this upsampler is a posterior-mean flow: the pipeline needs its regression_unet "
-                             "model (build it with BoostPipeline.from_upsampler / from_base)")
         self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                               vae=vae, cfm_unet=cfm_unet, regression_unet=regression_unet)
         self.register_to_config(boost_config=dict(boost_config))
-        self._own_first_stage: FirstStage | None = None  # TAEF2 / identity upsamplers: not the pipeline's VAE
-        self._restorer: Restorer | None = None  # the restorer a flow starts from, found on first use
-        self._upsampler: Upsampler | None = None
-        self._upsampler_parts: tuple = ()  # the components _upsampler wraps
         self._announce_compile = False  # enable_fast_path was called and no call has said it compiles yet
+        if upsampler is None:
+            estimate = None if regression_unet is None else \
+                PosteriorMean.from_stats(regression_unet, boost_config["posterior_mean_stats"])
+            upsampler = Upsampler.from_config(boost_config, cfm_unet, estimate=estimate, vae=vae)
+        self._hold(upsampler)
+        self._follow_components()  # a base VAE of another latent width fails here
 
     # ------------------------------------------------------------------ construction
 
@@ -128,73 +126,44 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         missing = [k for k in ("text_encoder", "tokenizer", "unet", "scheduler", "vae") if parts.get(k) is None]
         if missing:
             raise ValueError(f"base pipeline {type(base_pipeline).__name__} lacks {missing}: not an SD-family pipeline")
-        pipe = cls(upsampler.model, parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["scheduler"],
-                   parts["vae"], _regression_unet(upsampler), boost_config=_boost_config(upsampler))
-        pipe._adopt_first_stage(upsampler.first_stage)
-        pipe._restorer = upsampler.restorer
-        return pipe
+        return cls(upsampler.model, parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["scheduler"],
+                   parts["vae"], _regression_unet(upsampler), boost_config=_boost_config(upsampler),
+                   upsampler=upsampler)
 
     @classmethod
     def from_upsampler(cls, upsampler: Upsampler) -> BoostPipeline:
         """Image-only pipeline (super-resolution with `image=`): no base model."""
         vae = upsampler.first_stage.vae if isinstance(upsampler.first_stage, DiffusersAutoencoder) else None
-        pipe = cls(upsampler.model, vae=vae, regression_unet=_regression_unet(upsampler),
-                   boost_config=_boost_config(upsampler))
-        pipe._adopt_first_stage(upsampler.first_stage)
-        pipe._restorer = upsampler.restorer
-        return pipe
+        return cls(upsampler.model, vae=vae, regression_unet=_regression_unet(upsampler),
+                   boost_config=_boost_config(upsampler), upsampler=upsampler)
 
-    def _adopt_first_stage(self, first_stage: FirstStage) -> None:
-        if not isinstance(first_stage, DiffusersAutoencoder):
-            self._own_first_stage = first_stage
-        elif self.vae.config.latent_channels != first_stage.latent_channels:
-            raise ValueError(f"the upsampler works on {first_stage.latent_channels}-channel latents but the base "
-                             f"VAE has {self.vae.config.latent_channels}")
+    def _hold(self, upsampler: Upsampler) -> None:
+        """Keep `upsampler` (v_θ and R run in their own dtype on an fp32 ODE state: `mixed_precision`) with the
+        components it wraps, to follow them when one is replaced."""
+        self._upsampler, self._upsampler_parts = upsampler.mixed_precision(), _parts(upsampler)
 
     @property
     def upsampler(self) -> Upsampler:
-        """The `fmboost.models.Upsampler` these components form: v_θ (and R) run in their own dtype while the ODE
-        state stays fp32, the first stage, the flow and the saved SamplerConfig. Built on first use and kept;
-        built anew only when a component it wraps is replaced (e.g. `pipe.vae = ...`)."""
-        parts = (self.cfm_unet, self.regression_unet, self.vae)
-        if self._upsampler is None or any(a is not b for a, b in zip(parts, self._upsampler_parts)):
-            self._upsampler, self._upsampler_parts = self._build_upsampler(), parts
-        return self._upsampler
+        """The `fmboost.models.Upsampler` the pipeline holds: v_θ (and R) run in their own dtype while the ODE
+        state stays fp32, the first stage, the flow and the saved SamplerConfig. When a component it wraps is
+        replaced (`pipe.vae = ...`, the fast path's compiled networks) it is the same upsampler on the new one."""
+        return self._follow_components()
 
-    def _build_upsampler(self) -> Upsampler:
-        config = self.config.boost_config
-        flow = CouplingFlowMatcher.from_dict(config["flow"])
-        posterior_mean = None
-        if "restorer" in config:
-            if self._restorer is None:
-                self._restorer = Restorer.find(config["restorer"])
-            posterior_mean = self._restorer
-        elif flow.needs_posterior_mean:
-            stats = config["posterior_mean_stats"]
-            posterior_mean = PosteriorMean(self.regression_unet, torch.tensor(stats["latent_mean"]),
-                                           torch.tensor(stats["latent_std"]))
-        calibration = config.get("detail_calibration")
-        return Upsampler(self.cfm_unet, self._make_first_stage(), flow, config["scale"],
-                         SamplerConfig.from_dict(config.get("sampler", {})), posterior_mean,
-                         None if calibration is None else DetailCalibration.from_dict(calibration)).mixed_precision()
+    def _follow_components(self) -> Upsampler:
+        held = self._upsampler
+        first_stage, estimate = held.first_stage, held.estimate
+        diffusers = isinstance(first_stage, DiffusersAutoencoder)
+        if (self.cfm_unet, self.regression_unet, self.vae if diffusers else None) != self._upsampler_parts:
+            if diffusers:
+                first_stage = _on_vae(first_stage, self.vae)
+            if isinstance(estimate, PosteriorMean):
+                estimate = PosteriorMean(self.regression_unet, estimate.latent_mean, estimate.latent_std)
+            self._hold(dataclasses.replace(held, model=self.cfm_unet, first_stage=first_stage, estimate=estimate))
+        return self._upsampler
 
     def first_stage(self) -> FirstStage:
         """The upsampler's latent space: the pipeline's VAE (SD-VAE upsamplers) or its own (TAEF2, identity)."""
         return self.upsampler.first_stage
-
-    def _make_first_stage(self) -> FirstStage:
-        spec = dict(self.config.boost_config["first_stage"])
-        mean, std = torch.tensor(spec.pop("latent_mean")), torch.tensor(spec.pop("latent_std"))
-        if spec["kind"] in DIFFUSERS_KINDS:
-            if self.vae is None:
-                raise ValueError("this upsampler works in the SD-VAE latent space but the pipeline has no vae")
-            first_stage = DiffusersAutoencoder(self.vae, spec)
-        else:
-            if self._own_first_stage is None:
-                self._own_first_stage = first_stage_from_config(spec)
-            first_stage = self._own_first_stage
-        first_stage.set_latent_stats(mean, std)
-        return first_stage
 
     # ------------------------------------------------------------------ memory options
 
@@ -364,8 +333,7 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def __call__(self, prompt: str | list[str] | None = None, image=None, negative_prompt=None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  base_size: int | tuple = 256,
-                 sampler: SamplerConfig | None = None, upsample_steps: int | None = None, solver: str | None = None,
-                 schedule: str | None = None, schedule_params: dict | None = None, detail: float | None = None,
+                 sampler: SamplerConfig | str | None = None, detail: float | None = None,
                  back_project: int | None = None, noising_step: int | None = None, cascade: int = 1,
                  tile_size: int | None = None, tile_overlap: int | None = None,
                  preview_vae: torch.nn.Module | None = None, num_images_per_prompt: int = 1,
@@ -375,13 +343,15 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
 
         num_inference_steps, guidance_scale, base_size: the base model's (default 25 steps at guidance 7.5; an
         LCMScheduler base 4 steps without a guidance batch, `fmboost.pipelines.lcm.base_defaults`).
-        The upsampler renders with `sampler` (a SamplerConfig; default: the upsampler's saved one) changed by
-        upsample_steps (its ODE steps, `num_steps`) / solver / schedule / schedule_params / detail /
-        back_project: `detail` ∈ [0, 1] is the fidelity dial of posterior-mean upsamplers (0: the estimate, best
-        PSNR; 1: the flow's full detail), `back_project` the steps of back-projection onto the low-res image
-        (in text → image: the base model's decoded image). `noising_step` replaces the coupling's trained
-        noise level (an ablation knob); `preview_vae` (e.g. TAESD, an `AutoencoderTiny`) decodes instead of the
-        VAE for a fast preview; `base_kwargs` (prompt_embeds, eta, guidance_rescale, ...) go to the base SD loop.
+        The upsampler renders with its saved SamplerConfig overridden by `sampler` (a SamplerConfig, or a spec
+        string such as 'midpoint:logit_normal:3' for the ODE solve alone), `detail` and `back_project`
+        (`SamplerConfig.override`): `detail` ∈ [0, 1] is the fidelity dial of posterior-mean upsamplers (0: the
+        estimate, best PSNR; 1: the flow's full detail), `back_project` the steps of back-projection onto the
+        low-res image (in text → image: the base model's decoded image). The older keywords upsample_steps /
+        solver / schedule / schedule_params still change the ODE solve, with a DeprecationWarning.
+        `noising_step` replaces the coupling's trained noise level (an ablation knob); `preview_vae` (e.g. TAESD,
+        an `AutoencoderTiny`) decodes instead of the VAE for a fast preview; `base_kwargs` (prompt_embeds, eta,
+        guidance_rescale, ...) go to the base SD loop.
 
         Every pass is `Upsampler.upscale`, the one render path: the low-res image padded with context at the
         borders, tiled — PSU encode, every ODE step and decode — when the output is larger than `tile_size`
@@ -407,9 +377,9 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         if noising_step is not None:
             flow = dataclasses.replace(upsampler.flow, noising_step=noising_step, noise_sigma=None)
             upsampler = dataclasses.replace(upsampler, flow=flow)
-        changes = dict(num_steps=upsample_steps, solver=solver, schedule=schedule, schedule_params=schedule_params,
-                       detail=detail, back_project=back_project)  # checked by `Upsampler.settings` in each pass
-        sampler = (sampler or upsampler.sampler).replace(**{k: v for k, v in changes.items() if v is not None})
+        # checked by `Upsampler.settings` in each pass
+        sampler = upsampler.sampler.override(sampler, detail=detail, back_project=back_project,
+                                             **_renamed_solve(base_kwargs))
         first_stage = upsampler.first_stage
         if not isinstance(first_stage, DiffusersAutoencoder):  # the pipeline's VAE is placed by .to() / offload
             first_stage.to(device)
@@ -450,16 +420,43 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         return BoostPipelineOutput(images=images, nfe=nfe, timings=timer.timings, tiles=result.tiles)
 
 
+def _renamed_solve(base_kwargs: dict) -> dict:
+    """The call's older ODE keywords (`RENAMED_SOLVE`), taken out of `base_kwargs`, as SamplerConfig fields (with a
+    DeprecationWarning)."""
+    old = {k: base_kwargs.pop(k) for k in list(base_kwargs) if k in RENAMED_SOLVE}
+    if old:
+        warnings.warn(f"BoostPipeline: the keywords {sorted(old)} are deprecated: pass sampler=, a SamplerConfig or "
+                      "a spec such as 'euler:linear:4'", DeprecationWarning, stacklevel=3)
+    return {RENAMED_SOLVE[k]: v for k, v in old.items()}
+
+
 def _boost_config(upsampler: Upsampler) -> dict:
     """The upsampler's boost_config.json, with R's latent stats for posterior-mean flows (R's weights are the
     pipeline's `regression_unet` component; a restorer's file is recorded in it)."""
     config = upsampler.config()
-    if upsampler.posterior_mean is not None and upsampler.restorer is None:
-        config["posterior_mean_stats"] = {"latent_mean": upsampler.posterior_mean.latent_mean.tolist(),
-                                          "latent_std": upsampler.posterior_mean.latent_std.tolist()}
+    if isinstance(upsampler.estimate, PosteriorMean):
+        config["posterior_mean_stats"] = upsampler.estimate.stats()
     return config
 
 
 def _regression_unet(upsampler: Upsampler) -> torch.nn.Module | None:
     """R's CFMUNet, registered as the pipeline's `regression_unet` component (None for coupling flows and restorers)."""
-    return upsampler.posterior_mean.model if isinstance(upsampler.posterior_mean, PosteriorMean) else None
+    return upsampler.estimate.model if isinstance(upsampler.estimate, PosteriorMean) else None
+
+
+def _parts(upsampler: Upsampler) -> tuple:
+    """The pipeline components an upsampler wraps: (v_θ, R's network, the diffusers VAE of its first stage), None
+    where it has none."""
+    first_stage = upsampler.first_stage
+    return (upsampler.model, _regression_unet(upsampler),
+            first_stage.vae if isinstance(first_stage, DiffusersAutoencoder) else None)
+
+
+def _on_vae(first_stage: DiffusersAutoencoder, vae: torch.nn.Module | None) -> DiffusersAutoencoder:
+    """The same latent space (kind, latent stats) on the pipeline's `vae`."""
+    if vae is None:
+        raise ValueError("this upsampler works in the SD-VAE latent space but the pipeline has no vae")
+    if vae.config.latent_channels != first_stage.latent_channels:
+        raise ValueError(f"the upsampler works on {first_stage.latent_channels}-channel latents but the base "
+                         f"VAE has {vae.config.latent_channels}")
+    return first_stage_from_config(first_stage.config(), vae=vae)

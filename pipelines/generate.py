@@ -50,9 +50,7 @@ def add_fast_argument(parser: argparse.ArgumentParser) -> None:
 def render_settings(args: argparse.Namespace, saved: SamplerConfig) -> SamplerConfig:
     """The folder's saved setting with the command line's --sampler / --detail / --back-project (their ranges
     are checked by SamplerConfig: a bad value is a ValueError naming it)."""
-    sampler = saved if args.sampler is None else saved.with_solve(SamplerConfig.parse(args.sampler))
-    return sampler.replace(**{k: v for k, v in (("detail", args.detail), ("back_project", args.back_project))
-                              if v is not None})
+    return saved.override(args.sampler, detail=args.detail, back_project=args.back_project)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,16 +118,11 @@ def check_upsampler_folder(directory: str) -> Path:
 
 def load_upsampler(directory: str, vae=None):
     """An `Upsampler` folder; SD-VAE upsamplers reuse `vae` (the base's) instead of loading their own."""
-    from fmboost.models import BOOST_CONFIG_NAME, DiffusersAutoencoder, Upsampler
+    from fmboost.models import Upsampler
 
     path = check_upsampler_folder(directory)
-    first_stage = None
-    if vae is not None:
-        spec = json.loads((path / BOOST_CONFIG_NAME).read_text())["first_stage"]
-        if spec["kind"] in ("autoencoder_kl", "autoencoder_tiny"):
-            first_stage = DiffusersAutoencoder(vae, {k: v for k, v in spec.items() if not k.startswith("latent_")})
     try:
-        return Upsampler.from_pretrained(path, first_stage=first_stage)
+        return Upsampler.from_pretrained(path, vae=vae)
     except OSError as err:  # missing weights file, unreadable safetensors, the VAE it names not found
         raise UserError(f"could not load the upsampler from {directory!r}: {str(err).splitlines()[0]}") from None
 

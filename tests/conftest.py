@@ -54,7 +54,7 @@ def tiny_posterior_mean(r, mean=(0.1, 0.0, -0.1), std=(0.5, 0.6, 0.7), num_steps
     first_stage.set_latent_stats(torch.tensor(mean), torch.tensor(std))
     flow = CouplingFlowMatcher(**{"source": "posterior_mean", "posterior_mean_sigma": 0.2, **flow})
     return Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), first_stage, flow, scale=r.scale,
-                     sampler=SamplerConfig(num_steps=num_steps), posterior_mean=PosteriorMean.from_upsampler(r))
+                     sampler=SamplerConfig(num_steps=num_steps), estimate=PosteriorMean.from_upsampler(r))
 
 
 @pytest.fixture

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from fmboost.models import Upsampler
 from fmboost.pipelines.info import collect
 
 from .bench_cache import peak_rss_mb
-from .cfm_upsampler import build_first_stage, build_model, build_optimizer, train_step
+from .cfm_upsampler import Optimization, build_first_stage, build_model, build_optimizer, train_step
 from .config import add_config_arguments, load_config, overrides_from_args
 from .data import EpochSampler, PairDataset, image_records, split_records
 from .demo import DEMO_CONFIG
@@ -55,13 +56,15 @@ def time_steps(dataset, config, accelerator, first_stage, flow, steps: int, synt
                                          sampler=EpochSampler(dataset, config.seed), drop_last=True,
                                          num_workers=config.dataloader_num_workers)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    upsampler = Upsampler(model, first_stage, flow, config.scale, config.sampler_config())
+    optimization = Optimization(optimizer, lr_scheduler)
     if accelerator.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(accelerator.device)
     done, start = 0, None
     batches = itertools.repeat(next(iter(loader))) if synthetic else None
     while done <= steps:
         for batch in batches or loader:  # data loading is part of the timed work: that is what the cache removes
-            train_step(batch, model, None, first_stage, flow, optimizer, lr_scheduler, accelerator, config, done)
+            train_step(batch, upsampler, optimization, accelerator, config, done)
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize()
             done += 1

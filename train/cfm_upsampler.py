@@ -16,6 +16,7 @@ epoch, position in the epoch's sample order and LR schedule carry over (`checkpo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -30,7 +31,8 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, Upsampler, load_first_stage
-from fmboost.models.calibration import calibrate, describe
+from fmboost.models.autoencoders import DIFFUSERS_KINDS
+from fmboost.models.calibration import describe, fit_calibration
 from fmboost.models.metrics import LPIPS_MIN_SIZE, MetricUnavailable, load_lpips
 from fmboost.models.posterior_mean import PosteriorMean
 from fmboost.models.restorer import Restorer
@@ -40,6 +42,7 @@ from fmboost.train.data import EpochSampler, PairDataset, image_records, split_r
 from fmboost.train.latent_cache import (
     CachedLatentDataset,
     build_or_load,
+    cache_location,
     encode_batch,
     posterior_mean_file,
     restorer_estimate_file,
@@ -65,35 +68,44 @@ class StepOutput:
     grad_norm: float | None  # only on steps that update the weights
 
 
-def batch_latents(batch: dict, first_stage: FirstStage, flow: CouplingFlowMatcher,
-                  posterior_mean: PosteriorMean | Restorer | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+@dataclass
+class Optimization:
+    """What updates the weights: the optimizer, its LR schedule and the EMA of the weights (None: no EMA)."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: EMAModel | None = None
+
+
+def batch_latents(batch: dict, upsampler: Upsampler) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(x1, the conditioning, the estimate or None), each (B, C, H, W): read from the latent cache, or encoded
     from the image pair (and the estimate made: R on cond, or the restorer's image encoded) on the fly."""
+    first_stage, flow = upsampler.first_stage, upsampler.flow
     if "hr_latent" in batch:
         x1, cond = batch["hr_latent"], batch["cond"]
     else:
         x1, cond = encode_batch(batch, first_stage, flow)
     if not flow.needs_posterior_mean:
         return x1, cond, None
-    if "posterior_mean" in batch:
-        estimate = batch["posterior_mean"]
-    elif isinstance(posterior_mean, Restorer):
-        estimate = first_stage.encode(posterior_mean(batch["lr"]))
+    if "estimate" in batch:
+        estimate = batch["estimate"]
+    elif upsampler.restorer is not None:
+        estimate = first_stage.encode(upsampler.restorer(batch["lr"]))
     else:
-        estimate = posterior_mean(cond, first_stage.latent_mean, first_stage.latent_std)
+        estimate = upsampler.estimate(cond, first_stage.latent_mean, first_stage.latent_std)
     return x1, flow.conditioning(cond, estimate), estimate
 
 
-def train_step(batch: dict, model, ema: EMAModel | None, first_stage: FirstStage, flow: CouplingFlowMatcher,
-               optimizer, lr_scheduler, accelerator: Accelerator, config: TrainConfig, step: int,
-               posterior_mean: PosteriorMean | Restorer | None = None) -> StepOutput:
-    """One micro-batch: image → latents (+ R(cond)) → coupling → loss → backward; on accumulation boundaries
-    also clip, step the optimizer and LR schedule, and update the EMA."""
-    x1, cond, estimate = batch_latents(batch, first_stage, flow, posterior_mean)
+def train_step(batch: dict, upsampler: Upsampler, optimization: Optimization, accelerator: Accelerator,
+               config: TrainConfig, step: int) -> StepOutput:
+    """One micro-batch of the upsampler under training (its model the prepared network): image → latents
+    (+ the estimate) → coupling → loss → backward; on accumulation boundaries also clip, step the optimizer and
+    LR schedule, and update the EMA."""
+    model, optimizer, ema = upsampler.model, optimization.optimizer, optimization.ema
+    x1, cond, estimate = batch_latents(batch, upsampler)
     with accelerator.accumulate(model):
         with accelerator.autocast():
-            loss = flow.loss(model, x1, cond, posterior_mean=estimate)  # samples t and the source x0 inside
+            loss = upsampler.flow.loss(model, x1, cond, estimate=estimate)  # samples t and the source x0 inside
         losses = accelerator.gather(loss.detach()[None])
         if not bool(torch.isfinite(losses).all()):
             raise NonFiniteLossError(f"non-finite loss {losses.tolist()} at step {step + 1}; stopping. The last "
@@ -104,7 +116,7 @@ def train_step(batch: dict, model, ema: EMAModel | None, first_stage: FirstStage
         if accelerator.sync_gradients:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
-        lr_scheduler.step()
+        optimization.lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     if accelerator.sync_gradients and ema is not None:
         ema.step(model.parameters())
@@ -113,12 +125,12 @@ def train_step(batch: dict, model, ema: EMAModel | None, first_stage: FirstStage
 
 def build_first_stage(config: TrainConfig, device: torch.device) -> FirstStage:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision) \
-        if config.first_stage in ("autoencoder_kl", "autoencoder_tiny") and device.type == "cuda" else None
+        if config.first_stage in DIFFUSERS_KINDS and device.type == "cuda" else None
     first_stage = load_first_stage(config.first_stage, config.first_stage_path, config.first_stage_subfolder, dtype)
     return first_stage.to(device).eval().requires_grad_(False)
 
 
-def load_posterior_mean(config: TrainConfig, device: torch.device) -> PosteriorMean | Restorer:
+def load_estimate(config: TrainConfig, device: torch.device) -> PosteriorMean | Restorer:
     """The frozen estimate: the `restorer` weights file (of the same scale), or R from `posterior_mean_model`, a
     regression upsampler of the same scale and first stage."""
     if config.restorer:
@@ -161,19 +173,19 @@ def build_optimizer(config: TrainConfig, model: torch.nn.Module, num_processes: 
 
 
 def build_dataset(config: TrainConfig, records, first_stage: FirstStage, flow: CouplingFlowMatcher,
-                  accelerator: Accelerator, posterior_mean: PosteriorMean | Restorer | None = None):
+                  accelerator: Accelerator, estimate: PosteriorMean | Restorer | None = None):
     """Training dataset (cached latents, with the estimates for posterior-mean flows, or on-the-fly image pairs);
     sets the first stage's latent stats."""
     if config.use_latent_cache:
-        cache_dir = config.latent_cache_dir or str(Path(config.output_dir) / "latent_cache")
-        cache = build_or_load(records, config, first_stage, flow, cache_dir, accelerator)  # every process its share
+        cache_dir, elsewhere = cache_location(config)
+        cache = build_or_load(records, config, first_stage, flow, cache_dir, accelerator, elsewhere)  # all processes
         status = "hit" if cache.hit else f"built, encoding {cache.encode_samples_per_second:.2f} samples/s"
         accelerator.print(f"latent cache {status}: {cache.num_samples} samples in {cache.path}")
         estimates = None
-        if isinstance(posterior_mean, Restorer):
-            estimates = restorer_estimate_file(cache, posterior_mean, records, config, first_stage, state=accelerator)
-        elif posterior_mean is not None:
-            estimates = posterior_mean_file(cache, posterior_mean, first_stage, state=accelerator)
+        if isinstance(estimate, Restorer):
+            estimates = restorer_estimate_file(cache, estimate, records, config, first_stage, state=accelerator)
+        elif estimate is not None:
+            estimates = posterior_mean_file(cache, estimate, first_stage, state=accelerator)
         return CachedLatentDataset(cache, config, estimates), cache
     mean, std = training_latent_stats(records, config, first_stage)
     first_stage.set_latent_stats(mean, std)
@@ -237,8 +249,8 @@ def train(config: TrainConfig) -> Path:
         ckpt.remove_stale_temporaries(output_dir)
     train_records, val_records = split_records(image_records(config), config)
     first_stage, flow = build_first_stage(config, accelerator.device), config.flow()
-    posterior_mean = load_posterior_mean(config, accelerator.device) if flow.needs_posterior_mean else None
-    dataset, _ = build_dataset(config, train_records, first_stage, flow, accelerator, posterior_mean)
+    estimate = load_estimate(config, accelerator.device) if flow.needs_posterior_mean else None
+    dataset, _ = build_dataset(config, train_records, first_stage, flow, accelerator, estimate)
     if len(dataset) < config.train_batch_size:
         raise ValueError(f"{len(dataset)} training samples < train_batch_size {config.train_batch_size}; "
                          "raise crops_per_image or add images")
@@ -261,6 +273,9 @@ def train(config: TrainConfig) -> Path:
                        model_config=accelerator.unwrap_model(model).config)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    # the upsampler under training: the prepared network with what it will be saved with
+    upsampler = Upsampler(model, first_stage, flow, config.scale, config.sampler_config(), estimate)
+    optimization = Optimization(optimizer, lr_scheduler, ema)
 
     state = ckpt.TrainerState(0, 0, 0, accelerator.num_processes)
     resume = [ckpt.resolve_checkpoint(output_dir, config.resume_from_checkpoint) if accelerator.is_main_process
@@ -277,9 +292,8 @@ def train(config: TrainConfig) -> Path:
                              "do not)"
                              if saved_by not in (None, accelerator.num_processes) else ""))
     accelerator.init_trackers("fmboost", config=tracker_config(config))
-    final = run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
-                     state, val_pairs, posterior_mean)
-    return save_upsampler(config, accelerator, model, ema, first_stage, flow, final, posterior_mean, val_records)
+    final = run_loop(upsampler, optimization, accelerator, config, dataloader, state, val_pairs)
+    return save_upsampler(upsampler, optimization.ema, accelerator, config, final, val_records)
 
 
 def network_config(model: CFMUNet) -> dict:
@@ -296,15 +310,16 @@ def sync_lr_schedule(lr_scheduler, global_step: int, num_processes: int) -> None
     scheduler.step()  # recomputes every group's LR at last_epoch + 1
 
 
-def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_scheduler, dataloader,
-             state: ckpt.TrainerState, val_pairs, posterior_mean: PosteriorMean | Restorer | None = None
-             ) -> ckpt.TrainerState:
-    """Epochs of `train_step` until `max_train_steps`, with logging, validation and checkpoints."""
+def run_loop(upsampler: Upsampler, optimization: Optimization, accelerator: Accelerator, config: TrainConfig,
+             dataloader, state: ckpt.TrainerState, val_pairs) -> ckpt.TrainerState:
+    """Epochs of `train_step` of the upsampler under training until `max_train_steps`, with logging, validation
+    and checkpoints."""
     faults = ckpt.injected_faults()
     progress = tqdm(total=config.max_train_steps, initial=state.global_step, desc="train",
                     disable=not accelerator.is_main_process)
     samples = config.train_batch_size * accelerator.num_processes
     start, samples_done = time.perf_counter(), 0
+    model = upsampler.model
     model.train()
     while state.global_step < config.max_train_steps:
         if state.batches_in_epoch >= len(dataloader):  # a checkpoint at the very end of an epoch
@@ -314,15 +329,14 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
             if state.batches_in_epoch else dataloader
         epoch_loader.set_epoch(state.epoch)
         for batch in epoch_loader:
-            out = train_step(batch, model, ema, first_stage, flow, optimizer, lr_scheduler, accelerator, config,
-                             state.global_step, posterior_mean)
+            out = train_step(batch, upsampler, optimization, accelerator, config, state.global_step)
             state.batches_in_epoch += 1
             samples_done += samples
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
             rate = samples_done / (time.perf_counter() - start)
-            logs = {"loss": out.loss, "lr": lr_scheduler.get_last_lr()[0], "samples_per_second": rate}
+            logs = {"loss": out.loss, "lr": optimization.lr_scheduler.get_last_lr()[0], "samples_per_second": rate}
             if out.grad_norm is not None:
                 logs["grad_norm"] = out.grad_norm
             progress.update(1)
@@ -333,8 +347,7 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
                                      network_config(accelerator.unwrap_model(model)))
             if val_pairs is not None and (state.global_step % config.validation_steps == 0
                                           or state.global_step == config.max_train_steps):
-                run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, state.global_step,
-                               posterior_mean)
+                run_validation(upsampler, optimization.ema, accelerator, config, val_pairs, state.global_step)
             if f"{KILL_AFTER}{state.global_step}" in faults:
                 os.kill(os.getpid(), signal.SIGKILL)
             if state.global_step >= config.max_train_steps:
@@ -345,48 +358,46 @@ def run_loop(config, accelerator, model, ema, first_stage, flow, optimizer, lr_s
     return state
 
 
-def as_upsampler(config: TrainConfig, model: torch.nn.Module, first_stage: FirstStage, flow: CouplingFlowMatcher,
-                 posterior_mean: PosteriorMean | Restorer | None = None) -> Upsampler:
-    """The network being trained as the `Upsampler` it will be saved as: validation samples exactly so."""
-    return Upsampler(model, first_stage, flow, config.scale, config.sampler(), posterior_mean)
+def unwrapped(upsampler: Upsampler, accelerator: Accelerator) -> Upsampler:
+    """The upsampler under training on the bare network (no data-parallel wrapper): what validation samples and
+    what is saved."""
+    return dataclasses.replace(upsampler, model=accelerator.unwrap_model(upsampler.model))
 
 
-def run_validation(config, accelerator, model, ema, first_stage, flow, val_pairs, step: int,
-                   posterior_mean: PosteriorMean | Restorer | None = None) -> None:
+def run_validation(upsampler: Upsampler, ema: EMAModel | None, accelerator: Accelerator, config: TrainConfig,
+                   val_pairs, step: int) -> None:
     if not accelerator.is_main_process:
         return
-    unwrapped = accelerator.unwrap_model(model)
+    bare = unwrapped(upsampler, accelerator)
     if ema is not None:  # validate the EMA weights, then put the training weights back
-        ema.store(unwrapped.parameters())
-        ema.copy_to(unwrapped.parameters())
-    result = validate(as_upsampler(config, unwrapped, first_stage, flow, posterior_mean), val_pairs, step,
-                      config.output_dir, config.seed)
+        ema.store(bare.model.parameters())
+        ema.copy_to(bare.model.parameters())
+    result = validate(bare, val_pairs, step, config.output_dir, config.seed)
     if ema is not None:
-        ema.restore(unwrapped.parameters())
+        ema.restore(bare.model.parameters())
     accelerator.log({"val_psnr": result.psnr, "val_ssim": result.ssim}, step=step)
     tqdm.write(f"step {step}: validation PSNR {result.psnr:.2f} dB, SSIM {result.ssim:.4f} → {result.grid}")
 
 
-def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
-                   posterior_mean: PosteriorMean | Restorer | None = None, val_records=()) -> Path:
+def save_upsampler(upsampler: Upsampler, ema: EMAModel | None, accelerator: Accelerator, config: TrainConfig,
+                   state: ckpt.TrainerState, val_records=()) -> Path:
     """The (EMA) weights as an `Upsampler` folder: CFMUNet + boost_config.json (incl. latent stats), and R
     for posterior-mean flows, so the folder runs on its own — with its render settings fitted on the validation
     images (`fit_render_settings`): the back-projection steps that measure best, and for posterior-mean flows
     the per-band fidelity dial."""
     accelerator.wait_for_everyone()
     target = Path(config.output_dir) / "upsampler"
-    unwrapped = accelerator.unwrap_model(model)
+    bare = unwrapped(upsampler, accelerator)
     replicas = ""
     if accelerator.num_processes > 1:
-        digest = replicas_digest(accelerator, ema.shadow_params if ema is not None else unwrapped.parameters())
+        digest = replicas_digest(accelerator, ema.shadow_params if ema is not None else bare.model.parameters())
         replicas = f" (weights sha256 {digest}, identical on all {accelerator.num_processes} processes)"
     if accelerator.is_main_process:
         if ema is not None:
-            ema.copy_to(unwrapped.parameters())
-        upsampler = as_upsampler(config, unwrapped, first_stage, flow, posterior_mean)
+            ema.copy_to(bare.model.parameters())
         if val_records:
-            fit_render_settings(upsampler, val_records, config)
-        upsampler.save_pretrained(target)
+            bare = fit_render_settings(bare, val_records, config)
+        bare.save_pretrained(target)
         accelerator.print(f"saved the {'EMA ' if ema else ''}upsampler after {state.global_step} steps to {target}"
                           + replicas)
     accelerator.wait_for_everyone()  # no rank tears the process group down while another is still in it
@@ -394,11 +405,11 @@ def save_upsampler(config, accelerator, model, ema, first_stage, flow, state,
     return target
 
 
-def fit_render_settings(upsampler: Upsampler, val_records, config: TrainConfig) -> None:
+def fit_render_settings(upsampler: Upsampler, val_records, config: TrainConfig) -> Upsampler:
     """`fmboost.models.calibration` on CALIBRATION_CROPS patches of each validation image, images the flow
     and R never trained on: the folder's back-projection steps, and (posterior-mean flows, `calibrate_detail`)
     the per-band dial, its band order measured with LPIPS (`detail_path: lpips`) when the LPIPS weights load,
-    else all bands together (said why)."""
+    else all bands together (said why). Returns the upsampler with them."""
     lpips = None
     dial = config.calibrate_detail and upsampler.flow.needs_posterior_mean
     if dial and config.detail_path == "lpips" and config.crop_size < LPIPS_MIN_SIZE:
@@ -412,10 +423,11 @@ def fit_render_settings(upsampler: Upsampler, val_records, config: TrainConfig) 
     pairs = validation_pairs(val_records, config, config.crop_size, CALIBRATION_CROPS)
     was_training = upsampler.model.training
     upsampler.model.eval()
-    result = calibrate(upsampler, zip(pairs["lr"].split(1), pairs["hr"].split(1)), seed=config.seed,
-                       total=len(pairs["hr"]), lpips=lpips, fit_dial=dial)
+    result = fit_calibration(upsampler, zip(pairs["lr"].split(1), pairs["hr"].split(1)), seed=config.seed,
+                             total=len(pairs["hr"]), lpips=lpips, fit_dial=dial)
     upsampler.model.train(was_training)
     tqdm.write("render settings fitted on the validation images:\n" + describe(result, upsampler.scale))
+    return result.apply(upsampler)
 
 
 def replicas_digest(accelerator: Accelerator, params) -> str:

@@ -2,7 +2,8 @@
 
 Every YAML key is a `TrainConfig` field; an unknown key or a value of the wrong type is a
 `ValueError` that names the key, so a typo never silently falls back to a default. A renamed key
-(`RENAMED_KEYS`) is an error naming its new name.
+(`RENAMED_KEYS`) is an error naming its new name; the older sampler keys (`solver`, `upsample_steps`,
+`schedule`) still load into `sampler`, with a FutureWarning naming it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -25,6 +27,8 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: old key → new key: the old one is refused with a message naming the new one (never read silently).
 RENAMED_KEYS = {"num_inference_steps": "upsample_steps"}  # CFM ODE steps; the base model's steps are elsewhere
+#: older keys of the sampler → the SamplerConfig field each sets in `sampler` (they load, with a FutureWarning)
+SAMPLER_KEYS = {"solver": "solver", "upsample_steps": "num_steps", "schedule": "schedule"}
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,8 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     # ---- latent cache: first-stage latents computed once, read by later epochs and runs
     use_latent_cache: bool = False
-    latent_cache_dir: str | None = None  # default: <output_dir>/latent_cache
+    latent_cache_dir: str | None = None  # default: <output_dir>/latent_cache, or a finished entry of the same key
+                                         # in a run beside it (<output_dir>/../*/latent_cache)
     crops_per_image: int = 8  # how many patches of each image the cache holds
     latent_cache_dtype: str = "float16"  # storage dtype (float16 | bfloat16 | float32); training reads float32
     latent_cache_shard_images: int = 64  # images per cache shard: the unit of parallel work and of resuming
@@ -77,10 +82,8 @@ class TrainConfig:
     time_sampling: str = "uniform"
     logit_normal_mu: float = 0.0
     logit_normal_std: float = 1.0
-    # ---- the CFM sampler (`sampler()`): used by validation, saved as the Upsampler's default SamplerConfig
-    solver: str = "euler"
-    upsample_steps: int = 4  # CFM ODE steps (SamplerConfig.num_steps)
-    schedule: str = "linear"
+    # ---- the CFM sampler: used by validation, saved as the Upsampler's default SamplerConfig
+    sampler: str = "euler:linear:4"  # solver:schedule:steps, or an adaptive solver (dopri5), as --sampler reads it
     # ---- optimisation
     output_dir: str = "runs/cfm_upsampler"
     seed: int = 0
@@ -116,8 +119,7 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         for key in ("scale", "crop_size", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                    "checkpointing_steps", "validation_steps", "crops_per_image", "upsample_steps",
-                    "latent_cache_shard_images"):
+                    "checkpointing_steps", "validation_steps", "crops_per_image", "latent_cache_shard_images"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         try:
@@ -131,7 +133,7 @@ class TrainConfig:
         if (self.train_data_dir is None) == (self.dataset_name is None):
             raise ValueError("give exactly one of train_data_dir and dataset_name")
         self.flow()  # validates upsample, noising_step, objective, time_sampling, ...
-        self.sampler()  # validates solver and schedule
+        self.sampler_config()  # validates the sampler
         estimates = [key for key in ("posterior_mean_model", "restorer") if getattr(self, key)]
         if self.flow().needs_posterior_mean and len(estimates) != 1:
             raise ValueError("source 'posterior_mean' needs posterior_mean_model (the folder of a regression "
@@ -148,10 +150,20 @@ class TrainConfig:
                                    time_sampling=self.time_sampling, logit_normal_mu=self.logit_normal_mu,
                                    logit_normal_std=self.logit_normal_std)
 
-    def sampler(self) -> SamplerConfig:
+    def sampler_config(self) -> SamplerConfig:
         """How validation samples, saved with the Upsampler as its default (with the back-projection steps measured
         best on the validation images, `fmboost.models.calibration`)."""
-        return SamplerConfig(solver=self.solver, num_steps=self.upsample_steps, schedule=self.schedule)
+        try:
+            return SamplerConfig.parse(self.sampler)
+        except ValueError as err:
+            raise ValueError(f"sampler: {err}") from None
+
+    @property
+    def upsample_steps(self) -> int:
+        """Deprecated: the ODE steps of `sampler`."""
+        warnings.warn("TrainConfig.upsample_steps is now part of TrainConfig.sampler", DeprecationWarning,
+                      stacklevel=2)
+        return self.sampler_config().num_steps
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -183,15 +195,37 @@ def check_keys(keys, source: str) -> None:
     renamed = sorted(set(keys) & set(RENAMED_KEYS))
     if renamed:
         raise ValueError(f"config key(s) {renamed} in {source} renamed: "
-                         + ", ".join(f"{old!r} is now {RENAMED_KEYS[old]!r}" for old in renamed))
-    unknown = sorted(set(keys) - _FIELD_NAMES)
+                         + ", ".join(f"{old!r} is now {RENAMED_KEYS[old]!r}" for old in renamed)
+                         + " (itself now part of 'sampler', e.g. sampler: euler:linear:4)")
+    unknown = sorted(set(keys) - _FIELD_NAMES - set(SAMPLER_KEYS))
     if unknown:
         raise ValueError(f"unknown key(s) {unknown} in {source}; see fmboost.train.config.TrainConfig for the keys")
+
+
+def upgrade_sampler_keys(values: dict, sampler: str, source: str) -> dict:
+    """`values` with the older sampler keys (`SAMPLER_KEYS`) folded into 'sampler' (the one in `values`, else
+    `sampler`, the value so far), with a FutureWarning naming the new key."""
+    old = {key: values[key] for key in SAMPLER_KEYS if key in values}
+    if not old:
+        return dict(values)
+    values = {k: v for k, v in values.items() if k not in old}
+    if isinstance(old.get("upsample_steps"), int) and old["upsample_steps"] < 1:
+        raise ValueError(f"upsample_steps must be >= 1, got {old['upsample_steps']}")
+    base = SamplerConfig.parse(values.get("sampler", sampler))
+    try:
+        spec = base.replace(**{SAMPLER_KEYS[k]: v for k, v in old.items()}).format()
+    except ValueError as err:
+        raise ValueError(f"{', '.join(old)} in {source}: {err}") from None
+    warnings.warn(f"config key(s) {sorted(old)} in {source} are deprecated: write 'sampler: {spec}'", FutureWarning,
+                  stacklevel=3)
+    values["sampler"] = spec
+    return values
 
 
 def config_from_dict(values: dict, source: str = "config") -> TrainConfig:
     values = dict(values)
     check_keys(values, source)
+    values = upgrade_sampler_keys(values, TrainConfig.sampler, source)
     for key, value in values.items():  # YAML 1.1 reads "3e-4" (no dot) as a string: accept it as a float
         if isinstance(value, str) and float in _allowed_types(key):
             try:
@@ -227,7 +261,7 @@ def add_config_arguments(parser) -> None:
     group = parser.add_argument_group("config overrides (any TrainConfig key; YAML values)")
     for f in fields(TrainConfig):
         group.add_argument(f"--{f.name}", dest=f"override_{f.name}", metavar="VALUE", default=argparse.SUPPRESS)
-    for old in RENAMED_KEYS:  # accepted by the parser only so that `load_config` can name the new key
+    for old in (*RENAMED_KEYS, *SAMPLER_KEYS):  # accepted by the parser only so `load_config` can name the new key
         group.add_argument(f"--{old}", dest=f"override_{old}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
@@ -249,9 +283,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not isinstance(loaded, dict):
             raise ValueError(f"{path} must hold a flat mapping of keys to values")
         check_keys(loaded, str(path))
-        values.update(loaded)
+        values.update(upgrade_sampler_keys(loaded, values.get("sampler", TrainConfig.sampler), str(path)))
     if overrides:
-        values.update(parse_overrides(overrides) if isinstance(overrides, list) else overrides)
+        overrides = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        values.update(upgrade_sampler_keys(overrides, values.get("sampler", TrainConfig.sampler), "the overrides"))
     return config_from_dict(values, str(path or "config"))
 
 

@@ -43,9 +43,7 @@ DEMO_CONFIG: dict = {
     "noise_sigma": 0.0,  # noise-free source: a 1 M UNet trained for minutes leaves injected noise as grain
     "objective": "cfm",
     "time_sampling": "uniform",  # Euler starts at t = 0, which logit-normal almost never samples
-    "solver": "euler",
-    "schedule": "linear",
-    "upsample_steps": 2,
+    "sampler": "euler:linear:2",
     "output_dir": "runs/demo",
     "train_batch_size": 8,
     "max_train_steps": 600,

@@ -9,7 +9,10 @@ approximation for convolutional encoders, which are close to flip-equivariant.
 
 The folder name is a hash of everything the latents depend on (the images' bytes, the first stage, the
 resolution / crop / scale / up-sampling settings, the degradation, the seed of the crop positions, the storage
-dtype), so a changed setting is a cache miss and an unchanged one a hit. Inside it:
+dtype), so a changed setting is a cache miss and an unchanged one a hit, and an entry is found by what it holds:
+without `latent_cache_dir` a run also reuses a complete entry of the same key in the runs beside its output_dir
+(`cache_location`), so the second command of a two-command recipe (R, then the flow on it) encodes nothing. Inside
+it:
 
     latent_stats.json          per-channel latent mean/std, computed first (by the main process): every
                                shard is normalised with them, also when a killed build resumes
@@ -83,6 +86,18 @@ def cache_key(config: TrainConfig, records: ImageSource, first_stage: FirstStage
     key = json.dumps({"version": CACHE_VERSION, "data": records_fingerprint(records), "first_stage": spec,
                       **settings}, sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def cache_location(config: TrainConfig) -> tuple[Path, list[Path]]:
+    """(where this run builds its latent cache, the other folders searched first for a complete entry of the same
+    key): `latent_cache_dir` alone when set; else <output_dir>/latent_cache, and the default caches of the runs
+    beside it, <output_dir>/../*/latent_cache."""
+    if config.latent_cache_dir:
+        return Path(config.latent_cache_dir), []
+    own = Path(config.output_dir) / "latent_cache"
+    others = sorted(p for p in Path(config.output_dir).resolve().parent.glob("*/latent_cache")
+                    if p.resolve() != own.resolve())
+    return own, others
 
 
 def shard_name(index: int) -> str:
@@ -185,12 +200,17 @@ def _shard_ranges(num_images: int, shard_images: int) -> list[range]:
 
 
 def build_or_load(records: ImageSource, config: TrainConfig, first_stage: FirstStage, flow: CouplingFlowMatcher,
-                  cache_dir: str | Path, state: PartialState | None = None) -> LatentCache:
+                  cache_dir: str | Path, state: PartialState | None = None, elsewhere: Iterable[Path] = ()
+                  ) -> LatentCache:
     """Return the cache entry for these settings, encoding what is missing first (sets the first stage's latent
-    stats either way). Call it on every process (`state`: the Accelerator or PartialState; default the current
-    one): each encodes its share of the shards; it returns on all of them once the entry is complete."""
+    stats either way): the one in `cache_dir`, else a complete one of the same key in one of the `elsewhere`
+    folders, else built in `cache_dir`. Call it on every process (`state`: the Accelerator or PartialState; default
+    the current one): each encodes its share of the shards; it returns on all of them once the entry is complete."""
     state = state or PartialState()
-    path = Path(cache_dir) / cache_key(config, records, first_stage)
+    key = cache_key(config, records, first_stage)
+    path = Path(cache_dir) / key
+    if not (path / MANIFEST).exists():
+        path = next((folder / key for folder in elsewhere if (folder / key / MANIFEST).is_file()), path)
     hit = (path / MANIFEST).is_file()
     if not hit:
         _build(records, config, first_stage, flow, path, state)
@@ -419,7 +439,7 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         row = index - (int(self.ends[s - 1]) if s else 0)
         item = {name: self.shards[s].rows(name, row, row + 1)[0].float() for name in ("hr_latent", "cond")}
         if self.estimates is not None:
-            item["posterior_mean"] = self.estimates[s].rows("posterior_mean", row, row + 1)[0].float()
+            item["estimate"] = self.estimates[s].rows("posterior_mean", row, row + 1)[0].float()  # its name on disk
         if self.config.random_flip:
             generator = torch.Generator().manual_seed(hash((self.config.seed, self.epoch, index)) % 2 ** 62)
             if bool(torch.rand(1, generator=generator) < 0.5):

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from fmboost.models.calibration import BACK_PROJECT_TOLERANCE_DB, calibrate, describe
+from fmboost.models.calibration import BACK_PROJECT_TOLERANCE_DB, calibrate, describe, fit_calibration
 from fmboost.models.consistency import downsample
 
 
@@ -91,3 +91,28 @@ def test_calibrate_refuses_nothing_to_fit(make_regression):
         calibrate(make_regression(), [])
     with pytest.raises(ValueError, match="candidates"):
         calibrate(make_regression(), pairs(1), candidates=(0, -1))
+
+
+def test_fit_calibration_leaves_the_upsampler_alone_and_apply_gives_the_calibrated_one(make_regression,
+                                                                                     make_posterior_mean):
+    upsampler = make_posterior_mean(make_regression())
+    before = (upsampler.sampler, upsampler.detail_calibration)
+    data = pairs()
+    result = fit_calibration(upsampler, data, seed=3, candidates=(0, 1, 3), edges=(1.0,))
+    assert (upsampler.sampler, upsampler.detail_calibration) == before  # measured, not changed
+    assert result.sampler == before[0].replace(back_project=result.back_project, anchor=result.anchor)
+    calibrated = result.apply(upsampler)
+    assert calibrated is not upsampler and calibrated.model is upsampler.model
+    assert calibrated.sampler == result.sampler and calibrated.detail_calibration is result.calibration
+    assert result.calibration.fitted_for(result.sampler.format(), result.back_project)
+    with pytest.warns(DeprecationWarning, match="fit_calibration"):
+        old = calibrate(upsampler, data, seed=3, candidates=(0, 1, 3), edges=(1.0,))
+    assert old.sampler == result.sampler and upsampler.sampler == calibrated.sampler
+    assert upsampler.detail_calibration == calibrated.detail_calibration
+
+
+def test_a_regression_upsampler_keeps_its_setting_but_back_projection(make_regression):
+    r = make_regression()
+    result = fit_calibration(r, pairs(count=2), seed=7, candidates=(0, 2))
+    assert result.calibration is None and result.apply(r).detail_calibration is None
+    assert result.apply(r).sampler == r.sampler.replace(back_project=result.back_project)

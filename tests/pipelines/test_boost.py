@@ -100,14 +100,15 @@ def test_sampler_config_and_its_overrides(pipe):
 
 
 def test_upsampler_is_built_once(parts, monkeypatch):
-    pipe = boost(parts)
     builds = []
-    build = BoostPipeline._build_upsampler
-    monkeypatch.setattr(BoostPipeline, "_build_upsampler", lambda self: builds.append(self) or build(self))
+    build = Upsampler.from_config.__func__
+    monkeypatch.setattr(Upsampler, "from_config",
+                        classmethod(lambda cls, *args, **kwargs: builds.append(args) or build(cls, *args, **kwargs)))
+    pipe = boost(parts)  # built once, by the caller: the pipeline holds it
     held = pipe.upsampler
     pipe("a cat", generator=seeded(), output_type="latent", noising_step=100, **BASE)
     pipe(image=torch.rand(1, 3, 32, 32), output_type="latent")
-    assert pipe.upsampler is held and len(builds) == 1
+    assert pipe.upsampler is held and len(builds) == 0
     assert held.flow.noising_step == 400  # a per-call override does not stick
     assert pipe.first_stage() is held.first_stage and held.first_stage.vae is pipe.vae
     pipe.vae = random_sd_components("tiny", tokenizer=parts["tokenizer"])["vae"]  # a replaced component is picked up
@@ -326,3 +327,29 @@ def test_text_to_image_back_projects_onto_the_base_image(parts):
         out = pipe("a cat", back_project=steps, generator=seeded(), output_type="pt", **BASE).images
         errors.append((downsample(out * 2 - 1, (64, 64)) - (low_res * 2 - 1)).square().mean().item())
     assert errors[1] < 0.25 * errors[0], errors
+
+
+def test_the_pipeline_holds_the_upsampler_it_was_given(parts, monkeypatch):
+    """from_base / from_upsampler keep the given upsampler (no boost_config round trip, no from_dict); a replaced
+    component is followed; `sampler` takes a spec string, merged with detail / back_project the way commands do."""
+    first_stage = DiffusersAutoencoder(parts["vae"], {"kind": "autoencoder_kl", "path": None})
+    first_stage.set_latent_stats(torch.full((4,), 0.1), torch.full((4,), 0.9))
+    upsampler = make_upsampler(first_stage)
+    calls = []
+    for cls in (CouplingFlowMatcher, SamplerConfig):
+        original = cls.from_dict.__func__
+        monkeypatch.setattr(cls, "from_dict", classmethod(lambda c, d, f=original: calls.append(c) or f(c, d)))
+    pipe = BoostPipeline.from_upsampler(upsampler)
+    pipe.set_progress_bar_config(disable=True)
+    held = pipe.upsampler
+    assert held.model.model is upsampler.model and held.first_stage is first_stage and held.flow is upsampler.flow
+    image = torch.rand(1, 3, 48, 48, generator=seeded())
+    out = pipe(image=image, sampler="midpoint:linear:1", back_project=1, generator=seeded(2), output_type="pt")
+    expected = upsampler.upscale(image * 2 - 1, seeded(2), SamplerConfig("midpoint", 1, "linear", back_project=1))
+    torch.testing.assert_close(out.images, (expected.image / 2 + 0.5).clamp(0, 1), atol=1e-4, rtol=1e-4)
+    assert out.nfe == 2 and calls == [] and pipe.upsampler is held  # built once, by the caller
+    pipe.vae = parts["vae"].__class__(**parts["vae"].config)  # another VAE of the same latent space: followed
+    assert pipe.upsampler.first_stage.vae is pipe.vae
+    torch.testing.assert_close(pipe.upsampler.first_stage.latent_mean, first_stage.latent_mean)
+    with pytest.warns(DeprecationWarning, match="upsample_steps"):
+        pipe(image=image, upsample_steps=1, output_type="pt")

@@ -62,7 +62,7 @@ def test_exactly_one_data_source():
 def test_upsample_steps_are_the_cfm_sampler_steps():
     config = load_config(None, {"dataset_name": "sample_photos", "solver": "midpoint", "upsample_steps": 6,
                                 "schedule": "cosine"})
-    assert config.sampler() == SamplerConfig("midpoint", 6, "cosine")
+    assert config.sampler_config() == SamplerConfig("midpoint", 6, "cosine")
     with pytest.raises(ValueError, match="upsample_steps must be >= 1"):
         load_config(None, {"dataset_name": "sample_photos", "upsample_steps": 0})
     with pytest.raises(ValueError, match="SamplerConfig.schedule"):
@@ -76,3 +76,19 @@ def test_renamed_key_names_its_new_name(tmp_path):
                    (None, ["--dataset_name", "sample_photos", "--num_inference_steps", "4"])):
         with pytest.raises(ValueError, match="'num_inference_steps' is now 'upsample_steps'"):
             load_config(*source)
+
+
+def test_the_sampler_is_one_key_and_the_older_keys_still_load(tmp_path):
+    config = load_config(None, {"dataset_name": "sample_photos", "sampler": "heun:cosine:3"})
+    assert config.sampler_config() == SamplerConfig("heun", 3, "cosine")
+    path = tmp_path / "old.yaml"
+    path.write_text("dataset_name: sample_photos\nsolver: midpoint\nschedule: linear\nupsample_steps: 2\n")
+    with pytest.warns(FutureWarning, match="'sampler: midpoint:linear:2'"):
+        old = load_config(path)
+    assert old.sampler == "midpoint:linear:2"
+    with pytest.warns(FutureWarning, match="sampler: midpoint:linear:5"):  # an old override changes the new key
+        assert load_config(path, ["--upsample_steps", "5"]).sampler == "midpoint:linear:5"
+    with pytest.warns(FutureWarning):
+        assert load_config(path, ["--sampler", "euler:linear:4"]).sampler == "euler:linear:4"  # a later new key wins
+    with pytest.raises(ValueError, match="sampler"):
+        load_config(None, {"dataset_name": "sample_photos", "sampler": "euler:wiggly:2"})

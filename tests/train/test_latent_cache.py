@@ -34,6 +34,37 @@ def test_second_run_is_a_cache_hit(tmp_path, tiny_config, monkeypatch):
     assert len(dataset) == first.num_samples and dataset[0]["hr_latent"].shape == (3, 16, 16)
 
 
+def test_a_run_reuses_the_entry_of_a_run_beside_it(tmp_path, tiny_config, monkeypatch):
+    """A recipe's second command (another output_dir, the same data, crops, first stage and degradation) finds the
+    first one's cache by its key; a run with other settings, or with its own latent_cache_dir, builds its own."""
+    first_config = tiny_config(use_latent_cache=True, output_dir=str(tmp_path / "runs" / "reg"))
+    records, _ = split_records(image_records(first_config), first_config)
+    cache_dir, elsewhere = latent_cache.cache_location(first_config)
+    assert cache_dir == tmp_path / "runs" / "reg" / "latent_cache" and elsewhere == []
+    first = latent_cache.build_or_load(records, first_config, IdentityAutoencoder(), first_config.flow(), cache_dir,
+                                       elsewhere=elsewhere)
+    second_config = tiny_config(use_latent_cache=True, output_dir=str(tmp_path / "runs" / "pm"), objective="regression")
+    cache_dir, elsewhere = latent_cache.cache_location(second_config)
+    assert cache_dir == tmp_path / "runs" / "pm" / "latent_cache" and elsewhere == [first.path.parent.resolve()]
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a cache hit must not encode")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(latent_cache, "encode_batch", no_encoding)
+        second = latent_cache.build_or_load(records, second_config, IdentityAutoencoder(), second_config.flow(),
+                                            cache_dir, elsewhere=elsewhere)
+    assert second.hit and second.path.resolve() == first.path.resolve()
+    other = tiny_config(use_latent_cache=True, output_dir=str(tmp_path / "runs" / "jpeg"), degradation="jpeg:50")
+    cache_dir, elsewhere = latent_cache.cache_location(other)
+    built = latent_cache.build_or_load(records, other, IdentityAutoencoder(), other.flow(), cache_dir,
+                                       elsewhere=elsewhere)
+    assert not built.hit and built.path.parent == tmp_path / "runs" / "jpeg" / "latent_cache"
+    own = tiny_config(use_latent_cache=True, output_dir=str(tmp_path / "runs" / "own"),
+                      latent_cache_dir=str(tmp_path / "mine"))
+    assert latent_cache.cache_location(own) == (tmp_path / "mine", [])
+
+
 def test_changed_settings_miss(tmp_path, tiny_config):
     config = tiny_config(use_latent_cache=True)
     records, _ = split_records(image_records(config), config)

@@ -36,11 +36,11 @@ def test_posterior_mean_flow_trains_and_saves_r_inside(tiny_config, regression_f
     # the back-projection steps measured best on the validation images, with or without the dial
     _, kept = fitted_back_projection(printed)
     assert upsampler.sampler.back_project == kept
-    assert upsampler.sampler.replace(back_project=0) == config.sampler()  # otherwise the configured sampler
+    assert upsampler.sampler.replace(back_project=0) == config.sampler_config()  # otherwise the configured sampler
     if cached:  # the per-band dial, fitted on the validation images when saving, records what it was fitted with
         calibration = upsampler.detail_calibration
         assert len(calibration.weights) == len(calibration.edges) + 1
-        assert calibration.sampler == upsampler.sampler.format() == config.sampler().format()
+        assert calibration.sampler == upsampler.sampler.format() == config.sampler_config().format()
         assert calibration.back_project == upsampler.sampler.back_project
         assert calibration.spans is None  # 16² patches: too small for LPIPS, said so
         assert "detail path: uniform, LPIPS needs patches of at least 32², crop_size is 16" in printed
