@@ -108,7 +108,7 @@ def test_detail_zero_is_the_restorer_image_and_projection_can_pull_toward_it(tin
     distance = [(downsample(x, (10, 12)) - anchor).abs().mean() for x in (full.image, pulled.image)]
     assert distance[1] < 0.5 * distance[0]
     with pytest.raises(ValueError, match="anchor 'estimate'"):
-        dataclasses.replace(upsampler, posterior_mean=None, flow=CouplingFlowMatcher()).upscale(
+        dataclasses.replace(upsampler, estimate=None, flow=CouplingFlowMatcher()).upscale(
             lr, back_project=1, anchor="estimate")
 
 

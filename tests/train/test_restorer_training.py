@@ -46,7 +46,7 @@ def test_restorer_estimates_are_cached_once_per_restorer_and_degradation(tiny_co
     torch.testing.assert_close(cached, expected)
     # calibration measured projection onto the restorer's image beside projection onto the input
     assert "1 onto estimate:" in printed and upsampler.sampler.anchor in ("input", "estimate")
-    assert upsampler.restorer.sha256 == restorer.sha256 and upsampler.posterior_mean is upsampler.restorer
+    assert upsampler.restorer.sha256 == restorer.sha256 and upsampler.estimate is upsampler.restorer
 
     # another restorer: its own estimates, the first ones untouched; a tampered entry is refused
     other = write_rrdbnet(tmp_path / "weights" / "other_x4.safetensors", seed=3)
