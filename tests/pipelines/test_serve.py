@@ -5,6 +5,7 @@ second on one CPU core). The browser test needs Debian's `chromium` + `chromium-
 installs them) and skips with the reason where they are absent.
 """
 
+import contextlib
 import os
 import shutil
 import socket
@@ -222,17 +223,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(upsampler_dir, tmp_path_factory):
-    """`fmboost serve` on 127.0.0.1 in a subprocess; yields its URL, stops it (by its pid) afterwards."""
-    if no_gradio_reason():
-        pytest.skip(no_gradio_reason())
+@contextlib.contextmanager
+def running_server(upsampler_dir, log: Path, *options: str):
+    """`fmboost serve --upsampler DIR *options` on 127.0.0.1 in a subprocess, its output in `log`; yields its URL
+    once the page answers, stops it (by its pid) afterwards."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "fmboost.pipelines.cli", "serve", "--upsampler",
-                                    str(upsampler_dir), "--host", "127.0.0.1", "--port", str(port)],
+                                    str(upsampler_dir), "--host", "127.0.0.1", "--port", str(port), *options],
                                    stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + SERVER_START_S
@@ -256,6 +255,15 @@ def server(upsampler_dir, tmp_path_factory):
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(upsampler_dir, tmp_path_factory):
+    """`fmboost serve` on the tiny upsampler; yields its URL."""
+    if no_gradio_reason():
+        pytest.skip(no_gradio_reason())
+    with running_server(upsampler_dir, tmp_path_factory.mktemp("serve") / "server.log") as url:
+        yield url
 
 
 def test_server_upscale_endpoint_returns_a_4x_image_to_gradio_client(server, photo):

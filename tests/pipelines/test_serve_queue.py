@@ -1,33 +1,19 @@
 """`fmboost serve` under concurrent clients: bad uploads refused before the queue with a message naming the
 problem, every accepted request answered, and a bounded queue that tells the excess it is full."""
 
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import PIL.Image
 import pytest
-import torch
-from fmboost.models import CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, SamplerConfig, Upsampler
 from fmboost.pipelines.serve import BoostService
 
-from .test_serve import SERVER_START_S, free_port, no_gradio_reason
+from .test_serve import no_gradio_reason, running_server
 
 STEPS = 48  # ODE steps per request: long enough that requests wait in the queue
 
 
-@pytest.fixture(scope="module")
-def upsampler_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    net = CFMUNet.from_preset("tiny", latent_channels=3, block_out_channels=(8, 16, 16),
-                              attention_levels=(False, False, False)).eval()
-    path = tmp_path_factory.mktemp("queue") / "upsampler"
-    Upsampler(net, IdentityAutoencoder(), CouplingFlowMatcher(upsample="bicubic"), scale=2,
-              sampler=SamplerConfig(num_steps=2)).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -65,32 +51,9 @@ def server(upsampler_dir, tmp_path_factory):
     """`fmboost serve --concurrency 1 --max-queue 4` in a subprocess; yields its URL."""
     if no_gradio_reason():
         pytest.skip(no_gradio_reason())
-    port = free_port()
-    log = tmp_path_factory.mktemp("queue") / "server.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "fmboost.pipelines.cli", "serve", "--upsampler",
-                                    str(upsampler_dir), "--port", str(port), "--concurrency", "1",
-                                    "--max-queue", "4"], stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        from gradio_client import Client
-
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"fmboost serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                Client(url, verbose=False)
-                break
-            except Exception:  # not listening yet
-                if time.monotonic() > deadline:
-                    pytest.fail(f"fmboost serve did not answer within {SERVER_START_S} s:\n{log.read_text()}")
-                time.sleep(0.5)
+    with running_server(upsampler_dir, tmp_path_factory.mktemp("queue") / "server.log", "--concurrency", "1",
+                        "--max-queue", "4") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 def call(url, path, seed, results):

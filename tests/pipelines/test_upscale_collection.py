@@ -15,23 +15,10 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-import torch
-from fmboost.models import CFMUNet, CouplingFlowMatcher, IdentityAutoencoder, SamplerConfig, Upsampler
 from fmboost.pipelines import collection
 from fmboost.pipelines.cli import main
 
 SIZES = [(24, 16), (24, 16), (16, 16), (24, 16), (16, 16)]  # two sizes: batches form by size inside a chunk
-
-
-@pytest.fixture(scope="module")
-def upsampler_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    net = CFMUNet.from_preset("tiny", latent_channels=3, block_out_channels=(8, 16, 16),
-                              attention_levels=(False, False, False)).eval()
-    path = tmp_path_factory.mktemp("collection") / "upsampler"
-    Upsampler(net, IdentityAutoencoder(), CouplingFlowMatcher(upsample="bicubic"), scale=2,
-              sampler=SamplerConfig(num_steps=2)).save_pretrained(path)
-    return path
 
 
 def random_image(size, seed) -> PIL.Image.Image:
