@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+# Without this, MKL's results depend on the memory alignment of their operands (its "conditional numerical
+# reproducibility"), so an image rendered by another process, or after other work, can differ by one 8-bit level.
+# MKL reads it at its first call, which no command has made yet; a user's own MKL_CBWR wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 # name -> (module with `add_arguments(parser)` and `run(args)`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
