@@ -1,13 +1,14 @@
 """`fmboost bench collection`: a folder upscaled by one command against a shell loop of single-image commands,
 one process against two, and (`--faults N`) N kills at random moments followed by reruns.
 
-Every run is the `fmboost upscale` command as a user starts it (a subprocess, one thread each, model load
-included), so images/s are what a user measures with a stopwatch. The inputs are the first `--count` images of
-`--data` folders, resized to `--size`² under `--work`. The fault test mixes in 5 % bad inputs (truncated, empty,
-non-image), kills the run (SIGKILL; torchrun passes it to its processes) at a uniformly random moment of an
-uninterrupted run's duration, reruns, and finally checks that every good input has exactly one whole output equal
-to the uninterrupted run's, that nothing else is in the output folder, and that the report lists every bad input
-once.
+Every run is the `fmboost upscale` command as a user starts it (a subprocess, model load included), so images/s
+are what a user measures with a stopwatch: the shell loop and the one command with torch's default threads (what a
+user gets), one process against two with one thread each (what splitting a CPU between processes means). The
+inputs are the first `--count` images of `--data` folders, resized to `--size`² under `--work`. The fault test
+mixes in 5 % bad inputs (truncated, empty, non-image), kills the run (SIGKILL to the launcher and every process it
+started) at a uniformly random moment of what an uninterrupted run would still need (its duration × the fraction
+of outputs missing), reruns, and finally checks that every good input has exactly one whole output equal to the
+uninterrupted run's, that nothing else is in the output folder, and that the report lists every bad input once.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loop-count", type=int, default=20,
                         help="images the shell loop upscales (its images/s is per image, default 20)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the shell loop against one command, fast path off and on, and one process against "
+                             "two (--no-throughput: only the fault test)")
     parser.add_argument("--faults", type=int, default=0, help="kills per process count in the fault test (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="the kill moments' random seed")
     parser.add_argument("--work", default="runs/bench_collection", help="inputs and outputs go here")
@@ -71,14 +75,18 @@ def command(inputs, out, upsampler, processes: int = 1, *extra) -> list[str]:
             str(upsampler), *map(str, extra)]
 
 
-def environment() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+def environment(one_thread: bool = True) -> dict:
+    """The commands' environment: one thread per process, or torch's default (every core)."""
+    drop = {"OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+    base = {k: v for k, v in os.environ.items() if k not in drop}
+    return {**base, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if one_thread else base
 
 
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str], one_thread: bool = True) -> float:
     """Wall-clock seconds of a command that must succeed (exit 0, or 1: some inputs failed)."""
     start = time.perf_counter()
-    done = subprocess.run(argv, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(argv, env=environment(one_thread), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
     if done.returncode not in (0, 1):
         raise RuntimeError(f"{' '.join(argv)} exited with {done.returncode}:\n{done.stdout[-2000:]}")
     return time.perf_counter() - start
@@ -100,7 +108,7 @@ def compare(a: Path, b: Path) -> dict:
 
 
 def bench_throughput(args, inputs: Path, work: Path) -> dict:
-    """Images/s of the shell loop and of one command, fast path off and on; one process against two."""
+    """Images/s of the shell loop and of one command (default threads), fast path off and on."""
     files = sorted(inputs.glob("*.png"))
     result = {}
     for fast in ((), ("--fast",)):
@@ -108,22 +116,32 @@ def bench_throughput(args, inputs: Path, work: Path) -> dict:
         loop_out = work / f"loop_{key}"
         shutil.rmtree(loop_out, ignore_errors=True)
         loop_out.mkdir()
-        loop = sum(timed(command([f], loop_out / f.name, args.upsampler, 1, *fast)) for f in files[:args.loop_count])
+        loop = sum(timed(command([f], loop_out / f.name, args.upsampler, 1, *fast), one_thread=False)
+                   for f in files[:args.loop_count])
         out = work / f"one_command_{key}"
         shutil.rmtree(out, ignore_errors=True)
-        one = timed(command([inputs], out, args.upsampler, 1, "--batch-size", args.batch_size, *fast))
+        one = timed(command([inputs], out, args.upsampler, 1, "--batch-size", args.batch_size, *fast),
+                    one_thread=False)
         result[key] = {"loop_images_per_s": args.loop_count / loop, "loop_images": args.loop_count,
                        "command_images_per_s": len(files) / one, "command_images": len(files)}
         result[key]["speedup"] = result[key]["command_images_per_s"] / result[key]["loop_images_per_s"]
         print(f"{key}: shell loop {result[key]['loop_images_per_s']:.3f} images/s, one command "
               f"{result[key]['command_images_per_s']:.3f} images/s ({result[key]['speedup']:.1f}×)", flush=True)
-    two = work / "two_processes"
-    shutil.rmtree(two, ignore_errors=True)
-    seconds = timed(command([inputs], two, args.upsampler, 2, "--batch-size", args.batch_size))
-    result["two_processes"] = {"images_per_s": len(files) / seconds,
-                               "vs_one_process": compare(work / "one_command_eager", two)}
-    print(f"two processes: {result['two_processes']['images_per_s']:.3f} images/s; against one process: "
-          f"{result['two_processes']['vs_one_process']}", flush=True)
+    return result
+
+
+def bench_processes(args, inputs: Path, work: Path) -> dict:
+    """One process against two, one thread each: images/s of both, and their outputs compared."""
+    files = sorted(inputs.glob("*.png"))
+    result = {}
+    for processes in (1, 2):
+        out = work / f"processes_{processes}"
+        shutil.rmtree(out, ignore_errors=True)
+        seconds = timed(command([inputs], out, args.upsampler, processes, "--batch-size", args.batch_size))
+        result[f"{processes}_images_per_s"] = len(files) / seconds
+    result["two_vs_one"] = compare(work / "processes_1", work / "processes_2")
+    print(f"one process {result['1_images_per_s']:.3f} images/s, two {result['2_images_per_s']:.3f} images/s "
+          f"(one thread each); outputs: {result['two_vs_one']}", flush=True)
     return result
 
 
@@ -135,21 +153,25 @@ def bench_faults(args, inputs: Path, work: Path, processes: int, rng: random.Ran
         shutil.rmtree(folder, ignore_errors=True)
     argv = lambda target: command([inputs], target, args.upsampler, processes, "--batch-size", args.batch_size)
     duration = timed(argv(reference))
-    kills = []
+    good, kills = len(list(inputs.glob("*.png"))) - len(bad), []
     for _ in range(args.faults):
-        moment = rng.uniform(0, duration)
+        missing = 1 - (len(images(out)) if out.exists() else 0) / good
+        moment = rng.uniform(0, duration * max(missing, 0.05))
         process = subprocess.Popen(argv(out), env=environment(), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(moment)
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and every process it started
+        running = process.poll() is None
+        if running:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher and every process it started
         process.wait()
-        kills.append({"at_s": round(moment, 2), "outputs": len(images(out)) if out.exists() else 0})
+        kills.append({"at_s": round(moment, 2), "mid_run": running,
+                      "outputs": len(images(out)) if out.exists() else 0})
     timed(argv(out))
     report = json.loads((out / collection.REPORT_NAME).read_text())
     listed = [failure["input"] for failure in report["failures"]]
     stray = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and collection.STATE_DIR not in p.parts
              and p.suffix != ".png" and p.name != collection.REPORT_NAME]
-    result = {"processes": processes, "kills": kills, "good_inputs": len(list(inputs.glob("*.png"))) - len(bad),
+    result = {"processes": processes, "kills": kills, "good_inputs": good,
               "vs_uninterrupted": compare(reference, out), "bad_listed_once": sorted(listed) == sorted(bad),
               "stray_files": stray, "leftover_tmp": len(list((out / collection.STATE_DIR / "tmp").iterdir()))}
     for name in bad:
@@ -164,8 +186,10 @@ def run(args: argparse.Namespace) -> int:
     shutil.rmtree(inputs, ignore_errors=True)
     make_inputs(args.data, args.count, args.size, inputs)
     result = {"inputs": args.count, "size": args.size, "upsampler": args.upsampler, "batch_size": args.batch_size,
-              "cpu_count": os.cpu_count(), "threads_per_process": 1}
-    result["throughput"] = bench_throughput(args, inputs, work)
+              "cpu_count": os.cpu_count()}
+    if args.throughput:
+        result["throughput"] = bench_throughput(args, inputs, work)
+        result["processes"] = bench_processes(args, inputs, work)
     if args.faults:
         rng = random.Random(args.seed)
         result["faults"] = [bench_faults(args, inputs, work, processes, rng) for processes in (1, 2)]
