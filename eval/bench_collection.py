@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=64, help="input side in pixels (default 64)")
     parser.add_argument("--loop-count", type=int, default=20,
                         help="images the shell loop upscales (its images/s is per image, default 20)")
+    parser.add_argument("--fast-loop-count", type=int, default=3,
+                        help="images the shell loop upscales with --fast (each command compiles again; default 3)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True,
                         help="time the shell loop against one command, fast path off and on, and one process against "
@@ -116,13 +118,14 @@ def bench_throughput(args, inputs: Path, work: Path) -> dict:
         loop_out = work / f"loop_{key}"
         shutil.rmtree(loop_out, ignore_errors=True)
         loop_out.mkdir()
+        loop_count = args.fast_loop_count if fast else args.loop_count
         loop = sum(timed(command([f], loop_out / f.name, args.upsampler, 1, *fast), one_thread=False)
-                   for f in files[:args.loop_count])
+                   for f in files[:loop_count])
         out = work / f"one_command_{key}"
         shutil.rmtree(out, ignore_errors=True)
         one = timed(command([inputs], out, args.upsampler, 1, "--batch-size", args.batch_size, *fast),
                     one_thread=False)
-        result[key] = {"loop_images_per_s": args.loop_count / loop, "loop_images": args.loop_count,
+        result[key] = {"loop_images_per_s": loop_count / loop, "loop_images": loop_count,
                        "command_images_per_s": len(files) / one, "command_images": len(files)}
         result[key]["speedup"] = result[key]["command_images_per_s"] / result[key]["loop_images_per_s"]
         print(f"{key}: shell loop {result[key]['loop_images_per_s']:.3f} images/s, one command "
