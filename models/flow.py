@@ -25,10 +25,9 @@ from .upgrade import upgrade_boost_config
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SOURCES = ("coupling", "posterior_mean", "noise")
-#: What the network is conditioned on beside x_t: the up-sampled low-res input, the estimate a posterior-mean
-#: flow starts from (a restorer's output: a clean image where the input is noisy, blurred or blocky), or both
-#: stacked along channels (the network sees what the restorer made and what it was given).
-CONDITIONS = ("input", "estimate", "both")
+#: What the network is conditioned on beside x_t: the up-sampled low-res input, or the estimate a posterior-mean
+#: flow starts from (a restorer's output: a clean image where the input is noisy, blurred or blocky).
+CONDITIONS = ("input", "estimate")
 OBJECTIVES = ("cfm", "regression")
 
 
@@ -68,7 +67,7 @@ class CouplingFlowMatcher:
     source: str = "coupling"  # "posterior_mean": from R(cond) + σ_s ε; "noise": from N(0, I) (ablation)
     posterior_mean_sigma: float = 0.1  # σ_s of the posterior-mean source, in normalised latent units
     concat_cond: bool = True  # concatenate the clean up-sampled latent to x_t; False feeds zeros (PMRF's flow)
-    condition_on: str = "input"  # "estimate" / "both": the estimate is (part of) the conditioning (`conditioning`)
+    condition_on: str = "input"  # "estimate": the posterior-mean estimate is the conditioning (see `conditioning`)
     objective: str = "cfm"  # "regression": one-pass baseline, x̂1 = cond + net(cond, 0, cond)
     sigma_min: float = 0.0
     time_sampling: str = "uniform"
@@ -88,9 +87,9 @@ class CouplingFlowMatcher:
             raise ValueError(f"posterior_mean_sigma must be >= 0, got {self.posterior_mean_sigma}")
         if not 0.0 <= self.sigma_min < 1.0:
             raise ValueError(f"sigma_min must be in [0, 1), got {self.sigma_min}")
-        if self.condition_on != "input" and not self.needs_posterior_mean:
-            raise ValueError(f"condition_on {self.condition_on!r} needs a posterior-mean flow (source "
-                             "'posterior_mean', objective 'cfm'): other flows have no estimate")
+        if self.condition_on == "estimate" and not self.needs_posterior_mean:
+            raise ValueError("condition_on 'estimate' needs a posterior-mean flow (source 'posterior_mean', objective "
+                             "'cfm'): other flows have no estimate")
         cosine_alpha_bar(self.noising_step, self.num_train_timesteps)  # validates the step
 
     @property
@@ -124,27 +123,10 @@ class CouplingFlowMatcher:
     def needs_posterior_mean(self) -> bool:
         return self.source == "posterior_mean" and self.objective == "cfm"
 
-    @property
-    def cond_factor(self) -> int:
-        """Channels of the conditioning per latent channel: 2 for condition_on 'both', else 1."""
-        return 2 if self.condition_on == "both" else 1
-
-    def conditioning(self, cond: torch.Tensor | None, estimate: torch.Tensor | None) -> torch.Tensor:
-        """The conditioning of training and sampling from the up-sampled input `cond` and the estimate, each
-        (B, C, H, W): `cond` (condition_on 'input'), the estimate ('estimate': a restorer's clean output in place of
-        a degraded input), or both stacked, input first ('both': (B, 2C, H, W))."""
-        if self.condition_on == "input":
-            return cond
-        if self.condition_on == "estimate":
-            return estimate
-        return torch.cat([cond, estimate], dim=1)
-
-    def _latent_shape(self, cond: torch.Tensor) -> tuple[int, ...]:
-        """(B, C, H, W) of x0, x_t and x1 for a conditioning `cond` (B, C · cond_factor, H, W)."""
-        if cond.shape[1] % self.cond_factor:
-            raise ValueError(f"condition_on {self.condition_on!r} needs a conditioning of a multiple of "
-                             f"{self.cond_factor} channels, got {tuple(cond.shape)}")
-        return (cond.shape[0], cond.shape[1] // self.cond_factor, *cond.shape[2:])
+    def conditioning(self, cond: torch.Tensor, estimate: torch.Tensor | None) -> torch.Tensor:
+        """The conditioning (B, C, H, W) of training and sampling: the up-sampled input `cond`, or with
+        condition_on 'estimate' the estimate (a restorer's clean output in place of a degraded input)."""
+        return estimate if self.condition_on == "estimate" else cond
 
     def network_cond(self, cond: torch.Tensor) -> torch.Tensor:
         """What the network sees beside x_t: the clean up-sampled latent, or zeros when `concat_cond` is off."""
@@ -155,15 +137,14 @@ class CouplingFlowMatcher:
                estimate: torch.Tensor | None = None) -> CouplingBatch:
         """x0 (B, C, H, W) from the conditioning: noise-augmented cond, estimate + σ_s ε (the estimate R(cond), or a
         restorer's image's latent), or pure noise."""
-        shape = self._latent_shape(cond)
         if self.source == "noise":
-            x0 = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
+            x0 = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
         elif self.source == "posterior_mean":
-            if estimate is None or estimate.shape != shape:
+            if estimate is None or estimate.shape != cond.shape:
                 got = None if estimate is None else tuple(estimate.shape)
-                raise ValueError(f"source 'posterior_mean' needs an estimate of shape {shape}: R(cond), or a "
-                                 f"restorer's image's latent, got {got}")
-            noise = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
+                raise ValueError(f"source 'posterior_mean' needs posterior_mean of shape {tuple(cond.shape)}: the "
+                                 f"estimate (R(cond), or a restorer's image's latent), got {got}")
+            noise = torch.randn(cond.shape, generator=generator, device=cond.device, dtype=cond.dtype)
             x0 = estimate + self.posterior_mean_sigma * noise
         else:
             x0 = noise_augment(cond, self.alpha_bar, generator)
@@ -172,11 +153,10 @@ class CouplingFlowMatcher:
     @renamed_keywords(posterior_mean="estimate")
     def loss(self, model: torch.nn.Module, x1: torch.Tensor, cond: torch.Tensor,
              generator: torch.Generator | None = None, estimate: torch.Tensor | None = None) -> torch.Tensor:
-        """Scalar MSE loss for targets x1 (B, C, H, W) and conditionings cond (B, C · cond_factor, H, W); `estimate`
+        """Scalar MSE loss for targets x1 and conditionings cond, both (B, C, H, W); `estimate`
         (B, C, H, W), e.g. R(cond), for the posterior-mean source."""
-        if tuple(x1.shape) != self._latent_shape(cond):
-            raise ValueError(f"x1 {tuple(x1.shape)} and cond {tuple(cond.shape)} must have the same shape (cond "
-                             f"{self.cond_factor}× the channels for condition_on {self.condition_on!r})")
+        if x1.shape != cond.shape:
+            raise ValueError(f"x1 {tuple(x1.shape)} and cond {tuple(cond.shape)} must have the same shape")
         if self.objective == "regression":
             return F.mse_loss(self.regress(model, cond).float(), x1.float())
         batch = self.couple(cond, x1, generator, estimate)

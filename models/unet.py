@@ -39,9 +39,7 @@ PADDING_MODES = ("zeros", "replicate", "reflect")
 
 
 class CFMUNet(ModelMixin, ConfigMixin):
-    """v_θ(x_t, t, cond): x_t (B, C, H, W), cond (B, cond_channels, H, W), t (B,) or scalar in [0, 1] → (B, C, H, W).
-
-    `cond_channels` defaults to C (the up-sampled input, or the estimate); a flow conditioned on both stacks 2C.
+    """v_θ(x_t, t, cond): x_t, cond (B, C, H, W), t (B,) or scalar in [0, 1] → (B, C, H, W).
 
     H and W must be divisible by 2^(len(block_out_channels) − 1). Fully convolutional (attention
     is global over whatever size it sees), so it trains on crops and samples on whole images.
@@ -61,7 +59,6 @@ class CFMUNet(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         time_scale: float = 1000.0,
         padding_mode: str = "zeros",
-        cond_channels: int | None = None,
     ):
         super().__init__()
         if padding_mode not in PADDING_MODES:
@@ -76,7 +73,7 @@ class CFMUNet(ModelMixin, ConfigMixin):
         down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels)
         up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention_levels))
         self.unet = UNet2DModel(
-            in_channels=latent_channels + (cond_channels or latent_channels),
+            in_channels=2 * latent_channels,
             out_channels=latent_channels,
             block_out_channels=tuple(block_out_channels),
             layers_per_block=layers_per_block,
@@ -106,9 +103,8 @@ class CFMUNet(ModelMixin, ConfigMixin):
         C = self.config.latent_channels
         if x_t.ndim != 4 or x_t.shape[1] != C:
             raise ValueError(f"x_t must be (B, {C}, H, W), got {tuple(x_t.shape)}")
-        expected = (x_t.shape[0], self.config.cond_channels or C, *x_t.shape[2:])
-        if tuple(cond.shape) != expected:
-            raise ValueError(f"cond must have shape {expected}, got {tuple(cond.shape)}")
+        if cond.shape != x_t.shape:
+            raise ValueError(f"cond must have the shape of x_t {tuple(x_t.shape)}, got {tuple(cond.shape)}")
         H, W = x_t.shape[-2:]
         if H % self.size_multiple or W % self.size_multiple:
             raise ValueError(f"latent size {H}x{W} must be divisible by {self.size_multiple}")

@@ -154,8 +154,6 @@ def build_model(config: TrainConfig, latent_channels: int) -> CFMUNet:
                  "attention_levels") if (v := getattr(config, k)) is not None}
     if "block_out_channels" in overrides and "attention_levels" not in overrides:  # no attention unless asked
         overrides["attention_levels"] = tuple(False for _ in overrides["block_out_channels"])
-    if config.condition_on == "both":  # the up-sampled input and the estimate, stacked
-        overrides["cond_channels"] = 2 * latent_channels
     model = CFMUNet.from_preset(config.model_preset, latent_channels=latent_channels, padding_mode=config.padding_mode,
                                 **overrides)
     if config.gradient_checkpointing:

@@ -73,7 +73,7 @@ class TrainConfig:
     source: str = "coupling"  # "posterior_mean": from R(cond) + σ_s ε, R = posterior_mean_model
     posterior_mean_model: str | None = None  # a regression upsampler folder (objective: regression), frozen
     restorer: str | None = None  # or a pretrained restorer's weights file (Real-ESRGAN x4plus, any spandrel model)
-    condition_on: str = "input"  # the network's conditioning: the up-sampled input, the estimate, or both (restorers)
+    condition_on: str = "input"  # the network's conditioning: the up-sampled input, or the estimate (restorers)
     posterior_mean_sigma: float = 0.1  # σ_s, in normalised latent units
     concat_cond: bool = True  # feed the clean up-sampled latent beside x_t (False: PMRF's unconditional flow)
     calibrate_detail: bool = True  # posterior-mean flows: fit the per-band fidelity dial on the validation images

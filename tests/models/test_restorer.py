@@ -34,8 +34,7 @@ def restorer_flow(restorer: Restorer, num_steps: int = 2, **flow) -> Upsampler:
     torch.manual_seed(0)
     first_stage = IdentityAutoencoder()
     first_stage.set_latent_stats(torch.tensor([0.1, 0.0, -0.1]), torch.tensor([0.5, 0.6, 0.7]))
-    cond_channels = 6 if flow.get("condition_on") == "both" else None
-    return Upsampler(CFMUNet.from_preset("tiny", latent_channels=3, cond_channels=cond_channels).eval(), first_stage,
+    return Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), first_stage,
                      CouplingFlowMatcher(source="posterior_mean", **flow), restorer.scale,
                      SamplerConfig(num_steps=num_steps), restorer)
 
@@ -113,7 +112,7 @@ def test_detail_zero_is_the_restorer_image_and_projection_can_pull_toward_it(tin
             lr, back_project=1, anchor="estimate")
 
 
-@pytest.mark.parametrize("condition_on", ["input", "estimate", "both"])
+@pytest.mark.parametrize("condition_on", ["input", "estimate"])
 def test_the_flow_starts_from_the_restorer_latent_and_sees_what_it_is_conditioned_on(tiny_restorer, condition_on,
                                                                                     generator):
     upsampler = restorer_flow(tiny_restorer, condition_on=condition_on,
@@ -124,8 +123,7 @@ def test_the_flow_starts_from_the_restorer_latent_and_sees_what_it_is_conditione
     upsampler.upscale(lr, torch.Generator().manual_seed(0))
     canvas = upsampler.canvas(lr)
     restored_latent = upsampler.first_stage.encode(canvas.pad(tiny_restorer(lr)))
-    expected = {"input": upsampler._condition(canvas.image), "estimate": restored_latent,
-                "both": torch.cat([upsampler._condition(canvas.image), restored_latent], dim=1)}[condition_on]
+    expected = restored_latent if condition_on == "estimate" else upsampler._condition(canvas.image)
     torch.testing.assert_close(seen[0], expected)
     assert not torch.allclose(restored_latent, upsampler._condition(canvas.image))  # the two choices differ
 

@@ -66,16 +66,11 @@ def test_restorer_estimates_are_cached_once_per_restorer_and_degradation(tiny_co
     assert len({p.parent for p in estimate_folders(cache_dir)}) == 2
 
 
-@pytest.mark.parametrize("condition_on", ["estimate", "both"])
-def test_restorer_flows_train_on_the_fly_and_refuse_a_wrong_setup(tiny_config, restorer_file, tmp_path, condition_on):
+def test_restorer_flows_train_on_the_fly_and_refuse_a_wrong_setup(tiny_config, restorer_file, tmp_path):
     folder = train(tiny_config("on_the_fly", source="posterior_mean", restorer=str(restorer_file),
-                               condition_on=condition_on, max_train_steps=2, calibrate_detail=False))
+                               condition_on="estimate", max_train_steps=2, calibrate_detail=False))
     upsampler = Upsampler.from_pretrained(folder)
-    assert upsampler.flow.condition_on == condition_on and upsampler.restorer.name == "tiny_x4.safetensors"
-    channels = upsampler.first_stage.latent_channels
-    assert upsampler.model.config.cond_channels == (2 * channels if condition_on == "both" else None)
-    lr = torch.rand(1, 3, 8, 8) * 2 - 1
-    assert upsampler.upscale(lr, torch.Generator().manual_seed(0)).image.shape[-2:] == (32, 32)
+    assert upsampler.flow.condition_on == "estimate" and upsampler.restorer.name == "tiny_x4.safetensors"
     with pytest.raises(ValueError, match="exactly one"):
         tiny_config(source="posterior_mean", restorer=str(restorer_file), posterior_mean_model=str(tmp_path))
     with pytest.raises(ValueError, match="only used with source 'posterior_mean'"):
