@@ -2,7 +2,7 @@ import argparse
 import json
 
 import torch
-from fmboost.train import bench_train
+from fmboost.benchmarks import train as bench_train
 
 
 class CountingDataset(torch.utils.data.Dataset):

@@ -2,7 +2,7 @@ import argparse
 import json
 
 import pytest
-from fmboost.train import bench_cache
+from fmboost.benchmarks import cache as bench_cache
 
 
 @pytest.mark.slow  # two torch.distributed.run launches (≈ 20 s)
