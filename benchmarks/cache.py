@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--psnr-patches", type=int, default=16, help="patches for the dtype PSNR (0: skip)")
     parser.add_argument("--work-dir", help="where the caches are written (default: a temporary folder)")
     add_output_option(parser, "write the JSON here (default: print only)")
-    add_config_arguments(parser)
+    add_config_arguments(parser, output=False)
 
 
 # ------------------------------------------------------------------------------------------- build

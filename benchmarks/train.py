@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--cache-dir", old=("--cache_dir",),
                help="latent cache folder (default: a temporary one, built in this run)")
     add_output_option(parser, "write the JSON here (default: print only)")
-    add_config_arguments(parser)
+    add_config_arguments(parser, output=False)
 
 
 def peak_memory_mb(device: torch.device) -> float:
