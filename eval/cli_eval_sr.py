@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pair_arguments(parser)
     add_output_option(parser, "results folder (created)", old=("--out",), required=True, metavar="DIR")
     parser.add_argument("--upsampler", action="append", default=[], metavar="[NAME=]DIR",
-                        help="trained upsampler folder; repeat (NAME=DIR) to compare several models")
+                        help="trained upsampler folder; repeat (NAME=DIR) to compare several models; a NAME is "
+                             "kept in the rows' names")
     parser.add_argument("--regression", metavar="DIR", help="upsampler folder trained with objective regression")
     parser.add_argument("--first-stage", choices=FIRST_STAGES,
                         help="first stage for the latent baselines when no --upsampler is given (e.g. taef2)")
@@ -207,6 +208,8 @@ def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, a
     if details is not None and not any(u.dial is not None for u in upsamplers.values()):
         raise ValueError("--detail needs a posterior-mean upsampler (trained with source: posterior_mean)")
     rows = ModelRows()
+    # Rows carry the model's name when there are several, or when the user gave one (NAME=DIR).
+    labelled = len(upsamplers) > 1 or any("=" in value for value in args.upsampler)
 
     def add(label: str, prefix: str, upsampler: Upsampler, sampler: SamplerConfig) -> str:
         name = row_name(prefix, upsampler, sampler)
@@ -218,14 +221,14 @@ def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, a
 
     for label, upsampler in upsamplers.items():
         kind = "regression" if upsampler.flow.objective == "regression" else "CFM"
-        prefix = kind if len(upsamplers) == 1 else f"{kind}[{label}]"
+        prefix = f"{kind}[{label}]" if labelled else kind
         dial = details if upsampler.dial is not None and details is not None else [upsampler.sampler.detail]
         for solve in build_solves(args, upsampler):
             for steps in projections or [upsampler.sampler.back_project]:
                 for anchor in anchors_for(upsampler, steps, args.anchor):
                     names = [add(label, prefix, upsampler, upsampler.sampler.with_solve(solve).replace(
                         detail=detail, back_project=steps, anchor=anchor)) for detail in dial]
-                    curve = curve_label(solve) if len(upsamplers) == 1 else f"{label} {curve_label(solve)}"
+                    curve = f"{label} {curve_label(solve)}" if labelled else curve_label(solve)
                     rows.curves.setdefault(names[-1], curve + ("" if projections is None else f" · BP{steps}"))
                     if len(names) > 1:
                         rows.sweeps[f"{row_name(prefix, upsampler, rows.samplers[names[0]])} … {dial[-1]:g}"] = names

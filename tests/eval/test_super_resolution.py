@@ -15,12 +15,12 @@ from fmboost.eval.baselines import (
     psu_source,
     upsampler_method,
 )
-from fmboost.eval.cli_eval_sr import curve_label
+from fmboost.eval.cli_eval_sr import curve_label, model_rows
 from fmboost.eval.pairs import iter_pairs, load_image
 from fmboost.eval.super_resolution import MetricNetworks, evaluate, markdown_table, method_folder, study_samplers
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, IdentityAutoencoder, SamplerConfig, Upsampler
 from fmboost.models.assets import shared_path
-from fmboost.pipelines.cli import main
+from fmboost.pipelines.cli import build_parser, main
 from PIL import Image
 
 from .test_pairs import write_images
@@ -250,6 +250,16 @@ def test_several_upsamplers_in_one_run(folders, capsys):
                  "--upsampler", f"b={other}", "--study", "schedules", "-o", str(folders / "out2"),
                  "--hr-size", "64", "--lr-size", "16"]) == 2
     assert "give a single --upsampler" in capsys.readouterr().err
+
+
+def test_a_named_upsampler_keeps_its_name_when_it_is_the_only_one():
+    """`--upsampler pm=DIR` alone: its rows (and NFE curve) say 'pm'; an unnamed folder alone: no name."""
+    parser = build_parser(["eval-sr"])
+    for value, row, curve in (("pm=runs/pm/upsampler", "CFM[pm] euler:linear:4 · BP0", "pm euler:linear"),
+                              ("runs/pm/upsampler", "CFM euler:linear:4 · BP0", "euler:linear")):
+        args = parser.parse_args(["eval-sr", "--data", "images", "-o", "out", "--upsampler", value])
+        rows = model_rows({"pm": tiny_upsampler()}, None, args, InputMemo(), None)
+        assert list(rows.methods) == [row] and rows.defaults == {"pm": row} and rows.curves == {row: curve}
 
 
 def test_baseline_selection_and_back_projection_rows(folders, capsys):
