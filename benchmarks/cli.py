@@ -32,8 +32,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("benchmark", choices=list(BENCHMARKS), metavar="BENCH",
-                        help="; ".join(f"{name}: {text}" for name, (_, text) in BENCHMARKS.items()))
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the list below, one benchmark a line
+    parser.epilog = "benchmarks:\n" + "\n".join(f"  {name:<12}{text}" for name, (_, text) in BENCHMARKS.items())
+    parser.add_argument("benchmark", choices=list(BENCHMARKS), metavar="BENCH", help="the benchmark to run (below)")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's options (fmboost bench BENCH -h)")
 
 
