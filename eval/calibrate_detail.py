@@ -16,32 +16,22 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from fmboost.models import BOOST_CONFIG_NAME, Upsampler
 from fmboost.models import metrics as M
 from fmboost.models.calibration import BACK_PROJECT_CANDIDATES, describe, fit_calibration
 from fmboost.models.degradations import Degradation
 from fmboost.models.detail_bands import DEFAULT_EDGES, DETAIL_PATHS
+from fmboost.pipelines.cli_options import add_output_option, add_pair_arguments, default_device
 
 from .cli_eval_sr import parse_list
-from .pairs import CROPS, count_images, iter_pairs
+from .pairs import count_images, iter_pairs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("upsampler", help="an upsampler folder (the dial: posterior-mean flows only)")
-    parser.add_argument("--data", action="append", required=True, metavar="DIR",
-                        help="held-out high-res images (repeatable)")
-    parser.add_argument("--out", metavar="DIR", help="write the calibrated upsampler here (default: update "
-                                                     "the upsampler folder's boost_config.json in place)")
-    parser.add_argument("--max-images", type=int, default=None, metavar="N")
-    parser.add_argument("--hr-size", type=int, default=1024)
-    parser.add_argument("--lr-size", type=int, default=256)
-    parser.add_argument("--crop", choices=CROPS, default="center")
-    parser.add_argument("--degradation", default="bicubic", metavar="NAME",
-                        help="how the low-res inputs are made (as eval-sr's): calibrate a folder on the degradation "
-                             "it was trained for (default: %(default)s)")
-    parser.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
-                        help="scale the shorter side to --hr-size before cropping (whole images; default)")
+    add_pair_arguments(parser)
+    add_output_option(parser, "write the calibrated upsampler here (default: update the upsampler folder's "
+                              "boost_config.json in place)", old=("--out",), metavar="DIR")
     parser.add_argument("--edges", default=",".join(f"{e:g}" for e in DEFAULT_EDGES), metavar="LIST",
                         help="band edges in units of the low-res Nyquist frequency 0.5 / scale (default: %(default)s)")
     parser.add_argument("--path", choices=DETAIL_PATHS, default="lpips",
@@ -51,10 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--back-project", default=",".join(map(str, BACK_PROJECT_CANDIDATES)), metavar="LIST",
                         help="back-projection step counts to try, comma-separated ints ≥ 0; the best measured becomes "
                              "the folder's default (default: %(default)s)")
-    parser.add_argument("--lpips-weights", default=None, metavar="PATH",
-                        help="LPIPS AlexNet state dict (default: $FMBOOST_SHARED's)")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i for its source noise")
-    parser.add_argument("--device", default=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.hr_size // args.lr_size != upsampler.scale:
         raise ValueError(f"--hr-size / --lr-size is {args.hr_size // args.lr_size}, the upsampler's scale is "
                          f"{upsampler.scale}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(args.device)
     upsampler.to(device)
     total = count_images(args.data, args.max_images)
     pairs = ((p.lr[None], p.hr[None]) for p in iter_pairs(args.data, args.hr_size, args.lr_size, args.crop,
@@ -84,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
                              edges=edges)
     upsampler = result.apply(upsampler)
     print(describe(result, upsampler.scale))
-    if args.out:
-        upsampler.save_pretrained(args.out)
-        target = Path(args.out)
+    if args.output:
+        upsampler.save_pretrained(args.output)
+        target = Path(args.output)
     else:  # only the config changes: rewrite it, leave the weights alone
         target = Path(args.upsampler)
         (target / BOOST_CONFIG_NAME).write_text(json.dumps(upsampler.config(), indent=2))

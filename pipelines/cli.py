@@ -1,8 +1,10 @@
 """`fmboost` command line: one subcommand per job, each a thin wrapper around the library.
 
-Subcommands register themselves in COMMANDS as (module, help); the module is imported only when its
-command runs, so `fmboost info` stays fast and a missing optional dependency breaks only its command.
-A user error (bad argument, missing file or weights) prints one line, not a stack trace.
+Subcommands register themselves in COMMANDS as (module, help); `main` imports only the module of the command
+that runs (`fmboost --help` lists the help strings and imports none), so `fmboost info` stays fast and a missing
+optional dependency breaks only its command. The options several commands share are in
+`fmboost.pipelines.cli_options`. A user error (bad argument, missing file or weights) prints one line, not a stack
+trace.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Iterable
 
 # Without this, MKL's results depend on the memory alignment of their operands (its "conditional numerical
 # reproducibility"), so an image rendered by another process, or after other work, can differ by one 8-bit level.
@@ -25,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("fmboost.pipelines.generate", "text → 256² base image → CFM upsampler → high-resolution image"),
     "upscale": ("fmboost.pipelines.upscale", "super-resolve an image with a CFM upsampler (--compare: vs bicubic)"),
     "export": ("fmboost.train.export", "write a training checkpoint (EMA or training weights) as an upsampler folder"),
-    "bench": ("fmboost.eval.bench", "time boosted vs direct generation (pipeline), samplers, training, latent cache"),
+    "bench": ("fmboost.benchmarks.cli",
+              "time boosted vs direct generation (pipeline), samplers, upscaling, training, latent cache"),
     "eval-sr": ("fmboost.eval.cli_eval_sr", "evaluate super-resolution: baselines, regression and CFM samplers"),
     "calibrate-detail": ("fmboost.eval.calibrate_detail",
                          "fit a posterior-mean upsampler's per-band fidelity dial on held-out images"),
@@ -37,17 +41,22 @@ class UserError(Exception):
     """An error the user can fix (bad input, missing weights): printed as one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] = tuple(COMMANDS)) -> argparse.ArgumentParser:
+    """The `fmboost` parser; the subcommands in `commands` get their options (importing their modules), the others
+    only their name and help."""
     parser = argparse.ArgumentParser(prog="fmboost", description="Boost latent diffusion with coupling flow matching.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name in commands:
+            importlib.import_module(module_name).add_arguments(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first argument (the top-level parser has no options but --help): only its module loads.
+    args = build_parser(argv[:1]).parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return module.run(args) or 0

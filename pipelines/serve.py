@@ -7,7 +7,7 @@ seed, a progress bar and the full-resolution PNG to download. *Generate*: prompt
 high-resolution image, when the pipeline has a base text-to-image model (`--base-model`, or a saved BoostPipeline
 folder as `--upsampler`); without one the tab says so and its button is disabled.
 
-`BoostService` holds the pipeline and does the work on PIL images (tested without a browser); `build_app`
+`BoostService` holds the models and does the work on PIL images (tested without a browser); `build_app`
 lays out the Gradio page and names its events `/upscale` and `/generate` for `gradio_client`. Gradio is an
 optional dependency (`pip install "fmboost[serve]"`), imported only when the page is built.
 
@@ -33,23 +33,25 @@ import torch
 from fmboost.models.degradations import to_uint8
 from fmboost.models.realesrgan import REALESRGAN_SCALE, default_realesrgan_path, load_realesrgan, realesrgan_upscale
 from fmboost.pipelines.cli import UserError
-from fmboost.pipelines.collection import BadInput, read_image
-from fmboost.pipelines.generate import (
-    DTYPES,
+from fmboost.pipelines.cli_options import (
+    BASE_PARTS,
+    add_device_arguments,
     add_fast_argument,
     add_render_arguments,
     device_and_dtype,
+    is_boost_pipeline,
+    load_image_upsampler,
     load_pipeline,
     render_settings,
 )
+from fmboost.pipelines.collection import BadInput, read_image
 from fmboost.pipelines.lcm import base_defaults
-from fmboost.pipelines.upscale import load_image_pipeline
+from fmboost.pipelines.render import upscale_images
 from fmboost.train.image_sources import ImageRecord
 
 NO_BASE_MODEL = ("Generate needs a base text-to-image model: start the server with `--base-model ID_OR_DIR` "
                  "(a Stable Diffusion-family pipeline: hub id or folder saved with save_pretrained), or pass a "
                  "saved BoostPipeline folder as `--upsampler`.")
-BASE_PARTS = ("text_encoder", "tokenizer", "unet", "scheduler", "vae")
 MAX_STEPS = 64
 #: The back-projection slider's end: measured gains stop after a few steps (RESULTS.md).
 MAX_BACK_PROJECT = 8
@@ -84,8 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-megapixels", type=float, default=0.25,
                         help="largest input the Upscale tab accepts, in megapixels (memory grows with the output)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
+    add_device_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=1, metavar="N",
                         help="requests rendered at a time (default 1: one request uses the whole device, every CPU "
                              "core or the GPU; raise it on a GPU with memory to spare)")
@@ -107,43 +108,55 @@ class Upscaled:
 
 
 class BoostService:
-    """The pipeline behind the page. `pipe`: a BoostPipeline, already on `device`; inputs above
-    `max_megapixels` are refused with a message (the output, scale² times larger, is what costs memory).
-    `realesrgan_path`: the Real-ESRGAN x4plus weights for the reference (default: the shared-assets copy)."""
+    """The models behind the page, already on `device`: the Upscale tab renders with `upsampler` (`Upsampler.upscale`
+    through `fmboost.pipelines.render`), the Generate tab with `pipe`, a BoostPipeline with a base text-to-image
+    model (None: no Generate), whose upsampler is the one the Upscale tab uses. Inputs above `max_megapixels` are
+    refused with a message (the output, scale² times larger, is what costs memory). `realesrgan_path`: the
+    Real-ESRGAN x4plus weights for the reference (default: the shared-assets copy)."""
 
-    def __init__(self, pipe, device: torch.device, max_megapixels: float = 0.25,
-                 realesrgan_path: str | Path | None = None):
-        self.pipe, self.device, self.max_megapixels = pipe, torch.device(device), max_megapixels
+    def __init__(self, upsampler, device: torch.device, max_megapixels: float = 0.25,
+                 realesrgan_path: str | Path | None = None, pipe=None):
+        self._upsampler, self.pipe = upsampler, pipe
+        self.device, self.max_megapixels = torch.device(device), max_megapixels
         self.realesrgan_path = Path(realesrgan_path) if realesrgan_path else default_realesrgan_path()
         self._realesrgan = None  # loaded at the first Real-ESRGAN reference
         #: Where the controls start: the upsampler's saved SamplerConfig (`fmboost serve --sampler / --detail /
         #: --back-project` change it).
-        self.default_sampler = pipe.upsampler.sampler
+        self.default_sampler = self.upsampler.sampler
 
     @classmethod
     def load(cls, upsampler: str, base_model: str | None = None, device: str | None = None,
              dtype: str | None = None, max_megapixels: float = 0.25, fast: bool = False) -> BoostService:
-        """From folders / hub ids as the command line takes them; a missing model is a UserError. `fast`: the
-        pipeline's fast path (`BoostPipeline.enable_fast_path`)."""
+        """From folders / hub ids as the command line takes them; a missing model is a UserError. A base model, or a
+        saved BoostPipeline folder as `upsampler`, loads a BoostPipeline for the Generate tab; an upsampler folder
+        alone loads just the upsampler (`load_image_upsampler`). `fast`: the fast path
+        (`fmboost.pipelines.fast_path`)."""
         device, torch_dtype = device_and_dtype(argparse.Namespace(device=device, dtype=dtype))
+        if not base_model and not is_boost_pipeline(upsampler):
+            return cls(load_image_upsampler(upsampler, device, torch_dtype, fast), device, max_megapixels)
         pipe = load_pipeline(base_model, upsampler, torch_dtype) if base_model else \
-            load_image_pipeline(upsampler, torch_dtype)
+            load_pipeline(upsampler, None, torch_dtype)
         pipe.set_progress_bar_config(leave=False)
         pipe.to(device)
         if fast:
             pipe.enable_fast_path()
-        return cls(pipe, device, max_megapixels)
+        return cls(None, device, max_megapixels, pipe=pipe)
 
     # ------------------------------------------------------------------ what the controls offer
 
     @property
+    def upsampler(self):
+        """The `Upsampler` the Upscale tab renders with (with a pipeline: the pipeline's, on its components)."""
+        return self._upsampler if self.pipe is None else self.pipe.upsampler
+
+    @property
     def scale(self) -> int:
-        return self.pipe.upsampler.scale
+        return self.upsampler.scale
 
     @property
     def has_detail(self) -> bool:
         """Whether the `detail` dial does anything: only posterior-mean flows have it."""
-        return self.pipe.upsampler.flow.needs_posterior_mean
+        return self.upsampler.flow.needs_posterior_mean
 
     @property
     def realesrgan_unavailable(self) -> str | None:
@@ -159,7 +172,7 @@ class BoostService:
     def references(self) -> tuple[str, ...]:
         """The references the slider offers: bicubic, Real-ESRGAN where it is available, and the restorer the
         upsampler starts from (its detail 0), named by its weights file, where it has one."""
-        restorer = self.pipe.upsampler.restorer
+        restorer = self.upsampler.restorer
         own = () if restorer is None else (f"{RESTORER_REFERENCE} {restorer.name}",)
         return (REFERENCES if self.realesrgan_unavailable is None else REFERENCES[:1]) + own
 
@@ -170,7 +183,7 @@ class BoostService:
             return image.resize(size, PIL.Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
         if name.startswith(RESTORER_REFERENCE) and name in self.references:
-            restorer = self.pipe.upsampler.restorer
+            restorer = self.upsampler.restorer
             return PIL.Image.fromarray(to_uint8(restorer(pixels.to(self.device)).cpu())[0])
         if name not in REFERENCES:
             raise UserError(f"reference must be one of {list(self.references)}, got {name!r}")
@@ -183,14 +196,14 @@ class BoostService:
 
     @property
     def generate_unavailable(self) -> str | None:
-        """Why the Generate tab is disabled, or None when the pipeline has a base model."""
+        """Why the Generate tab is disabled, or None when there is a pipeline with a base model."""
         return NO_BASE_MODEL if any(getattr(self.pipe, k, None) is None for k in BASE_PARTS) else None
 
     def sampler(self, solver: str | None = None, steps: int | None = None, detail: float | None = None,
                 back_project: int | None = None):
         """The default sampler with the controls' solver, steps, detail and back-projection steps, checked by
         `Upsampler.settings` (a bad value is a ValueError)."""
-        return self.pipe.upsampler.settings(
+        return self.upsampler.settings(
             self.default_sampler, solver=solver, num_steps=None if steps is None else int(steps), detail=detail,
             back_project=None if back_project is None else int(back_project))
 
@@ -225,7 +238,7 @@ class BoostService:
         image = image.convert("RGB")
         sampler = self.sampler(solver, steps, detail, back_project)
         start = time.perf_counter()
-        out = self.pipe(image=image, sampler=sampler, generator=self._generator(seed))
+        out = upscale_images(self.upsampler, [image], self._generator(seed), sampler, progress={"leave": False})
         result = out.images[0]
         summary = self._summary(image, result, sampler, out.nfe, start)
         return Upscaled(image, self.reference(image, reference), result, f"{summary}; slider: {reference} ↔ fmboost")
@@ -379,7 +392,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--concurrency and --max-queue must be >= 1, got {args.concurrency} and {args.max_queue}")
     service = BoostService.load(args.upsampler, args.base_model, args.device, args.dtype, args.max_megapixels,
                                 args.fast)
-    service.default_sampler = service.pipe.upsampler.settings(render_settings(args, service.default_sampler))
+    service.default_sampler = service.upsampler.settings(render_settings(args, service.default_sampler))
     print(f"fmboost serve: ×{service.scale} upsampler from {args.upsampler}"
           + (f", base model {args.base_model}" if args.base_model else "") + f", on {service.device}")
     if args.fast and args.concurrency > 1 and service.device.type == "cuda":

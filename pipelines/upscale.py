@@ -17,20 +17,20 @@ import argparse
 from pathlib import Path
 
 import PIL.Image
+import torch
 from fmboost.pipelines import collection
 from fmboost.pipelines.cli import UserError
-from fmboost.pipelines.generate import (
+from fmboost.pipelines.cli_options import (
     add_fast_argument,
     add_output_arguments,
     add_render_arguments,
     device_and_dtype,
-    is_boost_pipeline,
-    load_diffusers,
-    load_upsampler,
-    pipeline_kwargs,
+    load_image_upsampler,
     render_settings,
     save_image,
 )
+from fmboost.pipelines.processes import has_device, launched_as
+from fmboost.pipelines.render import upscale_images
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", action="store_true", help="also write a side-by-side with bicubic up-sampling "
                                                                "(one image with -o FILE)")
     add_render_arguments(parser)
-    add_output_arguments(parser)
-    # The shared -o names one image; here it may also name the folder a collection is written to.
-    next(a for a in parser._actions if a.dest == "output").help = (
-        "output image (one input) or output folder (several inputs, a folder, glob or dataset, or a name ending "
-        "in / or without a suffix): the folder mirrors the input names")
+    add_output_arguments(parser, "output image (one input) or output folder (several inputs, a folder, glob or "
+                                 "dataset, or a name ending in / or without a suffix): the folder mirrors the input "
+                                 "names")
     parser.add_argument("--batch-size", type=int, default=8, metavar="N",
                         help="collections: render up to N same-size inputs at once (default 8)")
     parser.add_argument("--overwrite", action="store_true",
@@ -65,22 +63,9 @@ def side_by_side(left: PIL.Image.Image, right: PIL.Image.Image) -> PIL.Image.Ima
     return canvas
 
 
-def load_pipe(args: argparse.Namespace, device, dtype):
-    """The command line's image pipeline on `device`, with --fast / --tiled applied."""
-    pipe = load_image_pipeline(args.upsampler, dtype).to(device)
-    if args.fast:
-        pipe.enable_fast_path()
-    if args.tiled:
-        pipe.enable_vae_tiling()
-    return pipe
-
-
-def load_image_pipeline(directory: str, dtype):
-    from fmboost.pipelines.boost import BoostPipeline
-
-    if is_boost_pipeline(directory):
-        return load_diffusers(directory, "BoostPipeline", BoostPipeline.from_pretrained, torch_dtype=dtype)
-    return BoostPipeline.from_upsampler(load_upsampler(directory).cast(dtype))
+def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The command line's upsampler on `device`, with --fast / --tiled applied (`load_image_upsampler`)."""
+    return load_image_upsampler(args.upsampler, device, dtype, fast=args.fast, tiled=args.tiled)
 
 
 def is_single_image(args: argparse.Namespace) -> bool:
@@ -104,13 +89,13 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, PIL.UnidentifiedImageError) as err:
         raise UserError(f"cannot read {args.inputs[0]!r} as an image: {err}") from None
     device, dtype = device_and_dtype(args)
-    pipe = load_pipe(args, device, dtype)
-    out = pipe(image=image, **pipeline_kwargs(args, pipe, device))
+    upsampler = load(args, device, dtype)
+    out = upscale_images(upsampler, [image], torch.Generator(device).manual_seed(args.seed),
+                         render_settings(args, upsampler.sampler), args.cascade, args.tile_size, args.tile_overlap)
     result = out.images[0]
     save_image(result, args.output)
     tiles = f" in {out.tiles} tiles" if out.tiles > 1 else ""
-    print(f"wrote {args.output} ({result.width}x{result.height}{tiles}, NFE {out.nfe}, "
-          f"{sum(out.timings.values()):.2f} s)")
+    print(f"wrote {args.output} ({result.width}x{result.height}{tiles}, NFE {out.nfe}, {out.seconds:.2f} s)")
     if args.compare:
         bicubic = image.resize(result.size, PIL.Image.BICUBIC)
         compare = Path(args.output).with_name(f"{Path(args.output).stem}_compare{Path(args.output).suffix}")
@@ -124,7 +109,6 @@ def run_collection(args: argparse.Namespace) -> int:
     launched by accelerate / torchrun. Exit status 0 when every input was written or skipped, 1 when some
     failed (listed in the report)."""
     from accelerate import PartialState
-    from fmboost.train.cfm_upsampler import has_device, launched_as
 
     if args.compare:
         raise UserError("--compare writes one side-by-side: give one image and -o FILE")
@@ -140,9 +124,8 @@ def run_collection(args: argparse.Namespace) -> int:
                         f"({state.distributed_type}): check the launcher")
     args.device = args.device or str(state.device)  # accelerate's: each process its own GPU
     device, dtype = device_and_dtype(args)
-    pipe = load_pipe(args, device, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    sampler = pipe.upsampler.settings(render_settings(args, pipe.upsampler.sampler))  # a bad value fails now
+    upsampler = load(args, device, dtype)
+    sampler = upsampler.settings(render_settings(args, upsampler.sampler))  # a bad value fails now
     settings = {"upsampler": str(Path(args.upsampler).resolve()), "sampler": sampler.format(),
                 "detail": sampler.detail, "back_project": sampler.back_project, "seed": args.seed,
                 "cascade": args.cascade, "tile_size": args.tile_size, "tile_overlap": args.tile_overlap,
@@ -150,8 +133,8 @@ def run_collection(args: argparse.Namespace) -> int:
     tmp_dir = collection.prepare_output(out_dir, settings, args.overwrite, state)
 
     def render(images: list[PIL.Image.Image], names: list[str]) -> list[PIL.Image.Image]:
-        return pipe(image=images, sampler=sampler, cascade=args.cascade, tile_size=args.tile_size,
-                    tile_overlap=args.tile_overlap, generator=collection.generators(device, args.seed, names)).images
+        return upscale_images(upsampler, images, collection.generators(device, args.seed, names), sampler,
+                              args.cascade, args.tile_size, args.tile_overlap, progress={"disable": True}).images
 
     if state.is_main_process:
         print(f"upscale: {len(inputs)} inputs → {out_dir}/ on {state.num_processes} process(es), batches of "

@@ -16,15 +16,15 @@ mkdir -p "$OUT"
 if [ "${SMOKE:-0}" = 1 ]; then
   STEPS=${STEPS:-1}
   WORKERS=${WORKERS:-"0 2"}
-  T="--max_train_samples 4 --crops_per_image 1 --latent_stats_images 2 --train_batch_size 2 --num_validation_images 1"
+  T="--max-train-samples 4 --crops-per-image 1 --latent-stats-images 2 --train-batch-size 2 --num-validation-images 1"
 else
   STEPS=${STEPS:-50}
   WORKERS=${WORKERS:-"0 4 8"}
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-  T="--config configs/faces_taef2_32to128.yaml --train_data_dir $TRAIN --train_batch_size 32 --mixed_precision bf16
-     --model_preset reference --num_validation_images 2"
+  T="--config configs/faces_taef2_32to128.yaml --train-data-dir $TRAIN --train-batch-size 32 --mixed-precision bf16
+     --model-preset reference --num-validation-images 2"
 fi
 for workers in $WORKERS; do
-  fmboost bench train $T --cache_dir "$OUT/cache" --dataloader_num_workers "$workers" --steps "$STEPS" \
+  fmboost bench train $T --cache-dir "$OUT/cache" --dataloader-num-workers "$workers" --steps "$STEPS" \
     -o "$OUT/bench_train_w$workers.json"
 done

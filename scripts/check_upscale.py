@@ -1,7 +1,7 @@
 """Score what `fmboost upscale` writes, as a user runs it, against bicubic: the README's headline check.
 
     python scripts/check_upscale.py --data data/faces_test1024 --upsampler runs/faces_pm/upsampler \
-        --hr-size 256 --lr-size 64 --out runs/check_upscale
+        --hr-size 256 --lr-size 64 -o runs/check_upscale
 
 For every image: the eval-sr pair (`fmboost.eval.pairs`, 8-bit), its low-res PNG, then the `fmboost upscale`
 command on that PNG with the folder's saved settings and seed i (as eval-sr seeds image i), run as a separate
@@ -23,6 +23,7 @@ from fmboost.eval.baselines import pixel_upsample
 from fmboost.eval.pairs import count_images, iter_pairs, load_image
 from fmboost.eval.super_resolution import save_png, to_unit
 from fmboost.models import metrics as M
+from fmboost.pipelines.cli_options import add_output_option
 
 
 def main() -> None:
@@ -31,10 +32,11 @@ def main() -> None:
     parser.add_argument("--upsampler", required=True)
     parser.add_argument("--hr-size", type=int, default=256)
     parser.add_argument("--lr-size", type=int, default=64)
-    parser.add_argument("--out", required=True)
+    add_output_option(parser, "folder for the low-res PNGs, the upscaled PNGs and check.json", old=("--out",),
+                      required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     lpips = M.load_lpips()
     scores = {"upscale": {"psnr": [], "lpips": []}, "bicubic": {"psnr": [], "lpips": []}}

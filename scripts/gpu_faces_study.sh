@@ -19,19 +19,19 @@ CROPS=${CROPS:-32}
 PROBE=${PROBE:-200}
 MAX_IMAGES=${MAX_IMAGES:-1000}
 mkdir -p "$OUT" "$RUNS"
-F="--config configs/faces_taef2_32to128.yaml --train_data_dir $TRAIN --num_validation_images 2 --crops_per_image $CROPS
-   --train_batch_size $BATCH --learning_rate 1e-3 --upsample_steps 2 --block_out_channels [48,96,192]
-   --latent_cache_dir $RUNS/cache_1024 --validation_steps 100000 --checkpointing_steps 100000 --report_to none"
-S="--config configs/faces_taef2_8to32.yaml --train_data_dir $TRAIN --num_validation_images 2 --train_batch_size $BATCH
-   --learning_rate 1e-3 --latent_cache_dir $RUNS/cache_256 --validation_steps 100000 --checkpointing_steps 100000
-   --report_to none"
+F="--config configs/faces_taef2_32to128.yaml --train-data-dir $TRAIN --num-validation-images 2 --crops-per-image $CROPS
+   --train-batch-size $BATCH --learning-rate 1e-3 --upsample_steps 2 --block-out-channels [48,96,192]
+   --latent-cache-dir $RUNS/cache_1024 --validation-steps 100000 --checkpointing-steps 100000 --report-to none"
+S="--config configs/faces_taef2_8to32.yaml --train-data-dir $TRAIN --num-validation-images 2 --train-batch-size $BATCH
+   --learning-rate 1e-3 --latent-cache-dir $RUNS/cache_256 --validation-steps 100000 --checkpointing-steps 100000
+   --report-to none"
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/study.log"; }
 
 # 1. Probe: builds the 1024 cache and times PROBE steps after it.
 t0=$(date +%s)
-fmboost train $F --objective regression --max_train_steps 50 --output_dir $RUNS/probe50 >"$RUNS/probe50.log" 2>&1
+fmboost train $F --objective regression --max-train-steps 50 -o $RUNS/probe50 >"$RUNS/probe50.log" 2>&1
 t1=$(date +%s)
-fmboost train $F --objective regression --max_train_steps $PROBE --output_dir $RUNS/probe >"$RUNS/probe.log" 2>&1
+fmboost train $F --objective regression --max-train-steps $PROBE -o $RUNS/probe >"$RUNS/probe.log" 2>&1
 t2=$(date +%s)
 [ -f "$RUNS/probe/upsampler/boost_config.json" ] || { log "probe failed"; tail -c 3000 "$RUNS/probe.log"; exit 7; }
 # seconds per step from the progress bar's elapsed time (start-up excluded), else from the wall clock
@@ -47,17 +47,17 @@ STEPS=${STEPS:-$(python3 -c "print(int(min(8000, max(500, ($BUDGET_S / 2 - 25) /
 log "cache + 50 steps $((t1 - t0)) s; $PROBE more steps $((t2 - t1)) s incl. start-up; $sec_per_step s/step -> STEPS=$STEPS"
 
 # 2. R, the paper's CFM and the 64 → 256 CFM side by side.
-fmboost train $F --objective regression --max_train_steps $STEPS --output_dir $RUNS/reg >"$RUNS/reg.log" 2>&1 &
+fmboost train $F --objective regression --max-train-steps $STEPS -o $RUNS/reg >"$RUNS/reg.log" 2>&1 &
 p_reg=$!
-fmboost train $F --max_train_steps $STEPS --output_dir $RUNS/cfm >"$RUNS/cfm.log" 2>&1 &
-fmboost train $S --max_train_steps $STEPS --output_dir $RUNS/cfm256 >"$RUNS/cfm256.log" 2>&1 &
+fmboost train $F --max-train-steps $STEPS -o $RUNS/cfm >"$RUNS/cfm.log" 2>&1 &
+fmboost train $S --max-train-steps $STEPS -o $RUNS/cfm256 >"$RUNS/cfm256.log" 2>&1 &
 wait $p_reg || { log "regression failed"; tail -c 3000 "$RUNS/reg.log"; exit 8; }
 log "regression done"
 
 # 3. Posterior-mean flows from R at four σ_s.
 for s in 0.05 0.1 0.25 0.5; do
-  fmboost train $F --max_train_steps $STEPS --source posterior_mean --posterior_mean_model $RUNS/reg/upsampler \
-      --posterior_mean_sigma $s --output_dir $RUNS/pm_s$s >"$RUNS/pm_s$s.log" 2>&1 &
+  fmboost train $F --max-train-steps $STEPS --source posterior_mean --posterior-mean-model $RUNS/reg/upsampler \
+      --posterior-mean-sigma $s -o $RUNS/pm_s$s >"$RUNS/pm_s$s.log" 2>&1 &
 done
 wait
 log "training done"
@@ -74,11 +74,11 @@ fmboost eval-sr $E --regression $RUNS/reg/upsampler --upsampler paper=$RUNS/cfm/
     --upsampler pm0.25=$RUNS/pm_s0.25/upsampler --upsampler pm0.5=$RUNS/pm_s0.5/upsampler \
     --upsampler pm0.1_end=$RUNS/pm_s0.1_end --upsampler pm0.25_end=$RUNS/pm_s0.25_end \
     --hr-size 1024 --lr-size 256 --sampler euler:linear:2 --detail 0.5,0.75,1 --back-project 2 \
-    --out $OUT/eval_1024 >"$RUNS/eval_1024.log" 2>&1 &
+    -o $OUT/eval_1024 >"$RUNS/eval_1024.log" 2>&1 &
 fmboost eval-sr $E --upsampler $RUNS/cfm/upsampler --hr-size 256 --lr-size 64 --no-resize --study schedules \
-    --study-nfe 2,4,8,16 --out $OUT/study_1024 >"$RUNS/study_1024.log" 2>&1 &
+    --study-nfe 2,4,8,16 -o $OUT/study_1024 >"$RUNS/study_1024.log" 2>&1 &
 fmboost eval-sr $E --upsampler $RUNS/cfm256/upsampler --hr-size 256 --lr-size 64 --study schedules \
-    --study-nfe 2,4,8,16 --out $OUT/study_256 >"$RUNS/study_256.log" 2>&1 &
+    --study-nfe 2,4,8,16 -o $OUT/study_256 >"$RUNS/study_256.log" 2>&1 &
 wait
 log "evaluation done"
 for f in $RUNS/*.log; do tail -c 1500 "$f" | tr '\r' '\n' | tail -4 > "$OUT/$(basename "$f").tail"; done

@@ -1,13 +1,13 @@
 """Lay out the train / test splits that RESULTS.md evaluates, as folders of symlinks under data/.
 
-    python scripts/make_splits.py [--shared ../shared] [--out data]
+    python scripts/make_splits.py [--shared ../shared] [-o data]
 
 Faces (256 → 1024): every photo of shared/data/faces and shared/data/faces_more that is at least 1024 px
 on its short side is a training face, except the held-out test set — the ≥ 1024-px photos among the last 20
 of shared/data/faces sorted by name (18 faces; none of faces_more is a near-duplicate of them). Photos
 (256 → 1024): shared/data/photos, landscapes and nature sorted by path; every 10th is held out.
 faces2_val / photos_val: the last 2 training images by name, the ones training holds out for validation
-(`--num_validation_images 2`), on which `fmboost calibrate-detail` fits the per-band dial.
+(`--num-validation-images 2`), on which `fmboost calibrate-detail` fits the per-band dial.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import os
 from pathlib import Path
 
+from fmboost.pipelines.cli_options import add_output_option
 from PIL import Image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -43,9 +44,9 @@ def link(paths: list[Path], folder: Path, prefix_parent: bool = False) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", default=os.environ.get("FMBOOST_SHARED", "../shared"))
-    parser.add_argument("--out", default="data")
+    add_output_option(parser, "where the split folders are made (default: %(default)s)", old=("--out",), default="data")
     args = parser.parse_args()
-    data, out = Path(args.shared) / "data", Path(args.out)
+    data, out = Path(args.shared) / "data", Path(args.output)
     faces = images(data / "faces")
     test = [p for p in faces[-20:] if at_least(p, 1024)]
     train = [p for p in faces[:-20] + images(data / "faces_more") if at_least(p, 1024)]

@@ -36,8 +36,9 @@ from fmboost.models.calibration import describe, fit_calibration
 from fmboost.models.metrics import LPIPS_MIN_SIZE, MetricUnavailable, load_lpips
 from fmboost.models.posterior_mean import PosteriorMean
 from fmboost.models.restorer import Restorer
+from fmboost.pipelines.processes import has_device, launched_as
 from fmboost.train import checkpoint as ckpt
-from fmboost.train.config import TrainConfig, load_config
+from fmboost.train.config import TrainConfig, add_config_arguments, load_config, overrides_from_args
 from fmboost.train.data import EpochSampler, PairDataset, image_records, split_records, validation_pairs
 from fmboost.train.latent_cache import (
     CachedLatentDataset,
@@ -206,17 +207,6 @@ def run_summary(config: TrainConfig, model: CFMUNet, num_samples: int, num_image
 def tracker_config(config: TrainConfig) -> dict:
     """TensorBoard hparams accept only scalars and strings."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()}
-
-
-def launched_as() -> tuple[int, int]:
-    """(rank, world size) that the launcher (torchrun, `accelerate launch`) gave this process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def has_device() -> bool:
-    """A GPU (or other device) Accelerate distributes over; torch < 2.6 has no `torch.accelerator`."""
-    device_api = getattr(torch, "accelerator", None)
-    return device_api.is_available() if device_api is not None else torch.cuda.is_available()
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -441,10 +431,12 @@ def replicas_digest(accelerator: Accelerator, params) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The config a command line names: `--config` and the overrides, the options of `fmboost train`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="flat YAML config (keys = fmboost.train.config.TrainConfig fields)")
-    args, overrides = parser.parse_known_args(argv)
-    return load_config(args.config, overrides)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    return load_config(args.config, overrides_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

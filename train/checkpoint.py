@@ -181,12 +181,14 @@ def check_model_config(path: Path, model_config: dict) -> None:
     saved_file = Path(path) / MODEL_CONFIG
     if not saved_file.is_file():
         return
+    from fmboost.train.config import config_flag
+
     saved = json.loads(saved_file.read_text())
     differ = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
     if differ:
         details = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, this run {model_config.get(k)!r}" for k in differ)
         raise ValueError(f"{path} was saved from another network ({details}); resume with the options that built "
-                         f"it (e.g. --{differ[0]} {json.dumps(saved.get(differ[0]))})")
+                         f"it (e.g. {config_flag(differ[0])} {json.dumps(saved.get(differ[0]))})")
 
 
 def load_checkpoint(accelerator, path: Path, model_config: dict | None = None) -> TrainerState:

@@ -21,6 +21,7 @@ from fmboost.models import FIRST_STAGES, PRESETS, CouplingFlowMatcher, SamplerCo
 from fmboost.models.degradations import Degradation
 from fmboost.models.detail_bands import DETAIL_PATHS
 from fmboost.models.unet import PADDING_MODES
+from fmboost.pipelines.cli_options import add_option
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 #: storage dtypes of the latent cache (`latent_cache_dtype`)
@@ -256,11 +257,24 @@ def parse_overrides(overrides: list[str]) -> dict:
     return values
 
 
-def add_config_arguments(parser) -> None:
-    """One `--<key> VALUE` option per config field (values parsed like YAML), for command lines."""
-    group = parser.add_argument_group("config overrides (any TrainConfig key; YAML values)")
+def config_flag(key: str) -> str:
+    """The command-line flag of a TrainConfig key: the key hyphenated (`--max-train-steps`), and output_dir as on
+    every command, `--output` (also `-o`)."""
+    return "--output" if key == "output_dir" else "--" + key.replace("_", "-")
+
+
+def add_config_arguments(parser, output: bool = True) -> None:
+    """One `--key VALUE` option per config field (`config_flag`; values parsed like YAML), for command lines; the
+    key's own underscore spelling (`--max_train_steps`) is accepted for a release, with a warning naming the new
+    one. `output`: whether the options include output_dir (-o/--output); the benchmarks' -o is their JSON file,
+    and they write no run folder."""
+    group = parser.add_argument_group("config overrides (any TrainConfig key, hyphenated; YAML values)")
     for f in fields(TrainConfig):
-        group.add_argument(f"--{f.name}", dest=f"override_{f.name}", metavar="VALUE", default=argparse.SUPPRESS)
+        if f.name == "output_dir" and not output:
+            continue
+        flags = ("-o", config_flag(f.name)) if f.name == "output_dir" else (config_flag(f.name),)
+        old = () if f"--{f.name}" in flags else (f"--{f.name}",)
+        add_option(group, *flags, old=old, dest=f"override_{f.name}", metavar="VALUE", default=argparse.SUPPRESS)
     for old in (*RENAMED_KEYS, *SAMPLER_KEYS):  # accepted by the parser only so `load_config` can name the new key
         group.add_argument(f"--{old}", dest=f"override_{old}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 

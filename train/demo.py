@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from fmboost.models import Upsampler, metrics
+from fmboost.pipelines.cli_options import add_option, add_output_option
 
 from .cfm_upsampler import train
 from .config import load_config
@@ -61,10 +62,12 @@ METRICS = ("psnr", "ssim", "lpips", "sharpness")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML overriding the embedded demo config (e.g. configs/demo.yaml)")
-    parser.add_argument("--output_dir", default=None, help="default: runs/demo")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="fewer for a quick look")
-    parser.add_argument("--eval_crop_size", type=int, default=128, help="high-res side of the held-out crops")
-    parser.add_argument("--eval_crops_per_image", type=int, default=6)
+    add_output_option(parser, "the run folder (default: runs/demo)", old=("--output_dir",), dest="output_dir")
+    add_option(parser, "--max-train-steps", old=("--max_train_steps",), type=int, default=None,
+               help="fewer for a quick look")
+    add_option(parser, "--eval-crop-size", old=("--eval_crop_size",), type=int, default=128,
+               help="high-res side of the held-out crops")
+    add_option(parser, "--eval-crops-per-image", old=("--eval_crops_per_image",), type=int, default=6)
 
 
 def score(pred: torch.Tensor, target: torch.Tensor, lpips_model) -> dict[str, float | None]:

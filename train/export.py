@@ -1,4 +1,4 @@
-"""`fmboost export CHECKPOINT --out DIR`: turn a training checkpoint into an `Upsampler` folder.
+"""`fmboost export CHECKPOINT -o DIR`: turn a training checkpoint into an `Upsampler` folder.
 
 Training saves only the final EMA weights as `<output_dir>/upsampler`. To evaluate an earlier step, or
 the training weights instead of their EMA (is the EMA helping?), export the checkpoint: the weights come
@@ -19,6 +19,7 @@ from accelerate.utils.constants import SAFE_WEIGHTS_NAME
 from diffusers.training_utils import EMAModel
 from fmboost.models.unet import CFMUNet
 from fmboost.models.upsampler import BOOST_CONFIG_NAME, POSTERIOR_MEAN_FOLDER
+from fmboost.pipelines.cli_options import add_output_option
 from fmboost.train.checkpoint import read_trainer_state
 from safetensors.torch import load_file
 
@@ -39,7 +40,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "e
         raise FileNotFoundError(f"no {BOOST_CONFIG_NAME} in {like}: pass --like, a saved upsampler of the same run")
     step = read_trainer_state(checkpoint).global_step  # refuses a checkpoint whose save never completed
     if out.resolve() == like.resolve():
-        raise ValueError(f"--out {out} is the folder the rest is read from (--like): write somewhere else")
+        raise ValueError(f"-o {out} is the folder the rest is read from (--like): write somewhere else")
     ema_path = checkpoint / EMA_STATE_NAME
     if weights == "ema" and not ema_path.is_file():
         raise FileNotFoundError(f"no EMA state ({EMA_STATE_NAME}) in {checkpoint}: the run had use_ema false; "
@@ -66,7 +67,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, weights: str = "e
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a training checkpoint folder, e.g. runs/x/checkpoint-3000")
-    parser.add_argument("--out", required=True, help="the Upsampler folder to write")
+    add_output_option(parser, "the Upsampler folder to write", old=("--out",), required=True)
     parser.add_argument("--weights", choices=WEIGHTS, default="ema",
                         help="the EMA weights (what training saves at the end) or the raw training weights")
     parser.add_argument("--like", help="a saved upsampler of the same run, for everything but the weights "
@@ -74,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    step = export_checkpoint(args.checkpoint, args.out, args.weights, args.like)
+    step = export_checkpoint(args.checkpoint, args.output, args.weights, args.like)
     which = "EMA" if args.weights == "ema" else "training"
-    print(f"exported the {which} weights of step {step} from {args.checkpoint} to {args.out}")
+    print(f"exported the {which} weights of step {step} from {args.checkpoint} to {args.output}")
     return 0

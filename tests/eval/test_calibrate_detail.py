@@ -51,7 +51,7 @@ def save_sampler(folder, **changes) -> None:
 
 
 def test_calibrate_detail_writes_the_fit_into_the_folder_or_a_copy(pm_folder, capsys):
-    assert calibrate(pm_folder, "pm", "--out", str(pm_folder / "pm_cal"), "--edges", "1,2", "--path", "uniform",
+    assert calibrate(pm_folder, "pm", "-o", str(pm_folder / "pm_cal"), "--edges", "1,2", "--path", "uniform",
                      "--back-project", "0,3") == 0
     out = capsys.readouterr().out
     assert out.count("band [") == 3 and "fitted on 2 images" in out
@@ -106,7 +106,7 @@ def test_calibrate_detail_measures_the_samples_of_the_sampler_it_saves(pm_folder
     weights = {}
     for name, schedule in (("linear", "linear"), ("cosine", "cosine")):
         save_sampler(folder, schedule=schedule)
-        assert calibrate(pm_folder, "pm", "--out", str(pm_folder / name), "--path", "uniform") == 0
+        assert calibrate(pm_folder, "pm", "-o", str(pm_folder / name), "--path", "uniform") == 0
         upsampler = Upsampler.from_pretrained(pm_folder / name)
         weights[name] = upsampler.detail_calibration.weights
         assert upsampler.sampler.format() == upsampler.detail_calibration.sampler == f"euler:{schedule}:4"
@@ -116,7 +116,7 @@ def test_calibrate_detail_measures_the_samples_of_the_sampler_it_saves(pm_folder
 
 
 def test_calibrate_detail_orders_the_bands_by_measured_lpips(pm_folder, lpips_file, capsys):
-    assert calibrate(pm_folder, "pm", "--out", str(pm_folder / "pm_path"), "--edges", "1,2", "--lpips-weights",
+    assert calibrate(pm_folder, "pm", "-o", str(pm_folder / "pm_path"), "--edges", "1,2", "--lpips-weights",
                      str(lpips_file), "--back-project", "2") == 0
     out = capsys.readouterr().out
     assert out.count("ramps over detail [") == 3 and "2: " in out and "/ LPIPS " in out
@@ -153,7 +153,7 @@ def eval_calibrated(folder, name: str, calibration: DetailCalibration, detail: s
     upsampler.save_pretrained(folder / name)
     assert main(["eval-sr", "--data", str(folder / "images"), "--upsampler", f"{name}={folder / name}",
                  "--upsampler", f"plain={folder / 'pm'}", "--sampler", "euler:linear:2", "--detail", detail,
-                 "--baselines", "bicubic", "--out", str(folder / "out"), "--hr-size", "64", "--lr-size", "16",
+                 "--baselines", "bicubic", "-o", str(folder / "out"), "--hr-size", "64", "--lr-size", "16",
                  "--no-fid", "--lpips-weights", MISSING]) == 0
     return json.loads((folder / "out" / "results.json").read_text())
 

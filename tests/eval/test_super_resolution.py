@@ -15,12 +15,12 @@ from fmboost.eval.baselines import (
     psu_source,
     upsampler_method,
 )
-from fmboost.eval.cli_eval_sr import curve_label
+from fmboost.eval.cli_eval_sr import curve_label, model_rows
 from fmboost.eval.pairs import iter_pairs, load_image
 from fmboost.eval.super_resolution import MetricNetworks, evaluate, markdown_table, method_folder, study_samplers
 from fmboost.models import CFMUNet, CouplingFlowMatcher, FirstStage, IdentityAutoencoder, SamplerConfig, Upsampler
 from fmboost.models.assets import shared_path
-from fmboost.pipelines.cli import main
+from fmboost.pipelines.cli import build_parser, main
 from PIL import Image
 
 from .test_pairs import write_images
@@ -54,7 +54,7 @@ def lpips_args():
 
 def eval_sr(folders, *extra, size=("64", "16")):
     return main(["eval-sr", "--data", str(folders / "images"), "--upsampler", str(folders / "cfm"),
-                 "--out", str(folders / "out"), "--hr-size", size[0], "--lr-size", size[1], *extra])
+                 "-o", str(folders / "out"), "--hr-size", size[0], "--lr-size", size[1], *extra])
 
 
 def read_results(folders) -> tuple[dict, dict]:
@@ -162,7 +162,7 @@ def test_user_errors_exit_with_code_2(folders, capsys):
     assert eval_sr(folders, size=("64", "32")) == 2  # the upsampler is ×4
     assert "up-samples ×4" in capsys.readouterr().err
     code = main(["eval-sr", "--data", str(folders / "images"), "--regression", str(folders / "cfm"),
-                 "--out", str(folders / "out"), "--hr-size", "64", "--lr-size", "16"])
+                 "-o", str(folders / "out"), "--hr-size", "64", "--lr-size", "16"])
     assert code == 2 and "not 'regression'" in capsys.readouterr().err
     assert eval_sr(folders, "--back-project", "1.5") == 2
     assert "--back-project takes comma-separated integers, got '1.5'" in capsys.readouterr().err
@@ -186,7 +186,7 @@ def test_default_baselines_of_a_pixel_space_folder_are_pixel_interpolation(tmp_p
     torch.manual_seed(0)
     Upsampler(CFMUNet.from_preset("tiny", latent_channels=3).eval(), IdentityAutoencoder(), CouplingFlowMatcher(),
               scale=2, sampler=SamplerConfig(num_steps=1)).save_pretrained(tmp_path / "x2")
-    assert main(["eval-sr", "--data", str(tmp_path / "images"), "--upsampler", str(tmp_path / "x2"), "--out",
+    assert main(["eval-sr", "--data", str(tmp_path / "images"), "--upsampler", str(tmp_path / "x2"), "-o",
                  str(tmp_path / "out"), "--hr-size", "32", "--lr-size", "16", "--no-fid", "--lpips-weights",
                  MISSING]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -237,7 +237,7 @@ def test_several_upsamplers_in_one_run(folders, capsys):
     other = folders / "other" / "upsampler"
     tiny_upsampler("cfm", seed=2).save_pretrained(other)
     code = main(["eval-sr", "--data", str(folders / "images"), "--upsampler", f"first={folders / 'cfm'}",
-                 "--upsampler", str(other), "--sampler", "euler:linear:2", "--out", str(folders / "out"),
+                 "--upsampler", str(other), "--sampler", "euler:linear:2", "-o", str(folders / "out"),
                  "--hr-size", "64", "--lr-size", "16", "--max-images", "1", "--inception", MISSING,
                  "--lpips-weights", MISSING])
     assert code == 0
@@ -247,9 +247,19 @@ def test_several_upsamplers_in_one_run(folders, capsys):
     assert results[cfm[0]]["psnr"] != results[cfm[1]]["psnr"] and defaults == {}
     capsys.readouterr()
     assert main(["eval-sr", "--data", str(folders / "images"), "--upsampler", f"a={folders / 'cfm'}",
-                 "--upsampler", f"b={other}", "--study", "schedules", "--out", str(folders / "out2"),
+                 "--upsampler", f"b={other}", "--study", "schedules", "-o", str(folders / "out2"),
                  "--hr-size", "64", "--lr-size", "16"]) == 2
     assert "give a single --upsampler" in capsys.readouterr().err
+
+
+def test_a_named_upsampler_keeps_its_name_when_it_is_the_only_one():
+    """`--upsampler pm=DIR` alone: its rows (and NFE curve) say 'pm'; an unnamed folder alone: no name."""
+    parser = build_parser(["eval-sr"])
+    for value, row, curve in (("pm=runs/pm/upsampler", "CFM[pm] euler:linear:4 · BP0", "pm euler:linear"),
+                              ("runs/pm/upsampler", "CFM euler:linear:4 · BP0", "euler:linear")):
+        args = parser.parse_args(["eval-sr", "--data", "images", "-o", "out", "--upsampler", value])
+        rows = model_rows({"pm": tiny_upsampler()}, None, args, InputMemo(), None)
+        assert list(rows.methods) == [row] and rows.defaults == {"pm": row} and rows.curves == {row: curve}
 
 
 def test_baseline_selection_and_back_projection_rows(folders, capsys):
@@ -284,7 +294,7 @@ def pm_folder(folders, make_posterior_mean):
 
 def test_back_projection_and_detail_rows_are_named_by_their_settings(folders, pm_folder):
     assert main(["eval-sr", "--data", str(folders / "images"), "--upsampler", str(pm_folder), "--back-project", "0,2",
-                 "--detail", "0,1", "--baselines", "bicubic", "--out", str(folders / "out"), "--hr-size", "64",
+                 "--detail", "0,1", "--baselines", "bicubic", "-o", str(folders / "out"), "--hr-size", "64",
                  "--lr-size", "16", "--max-images", "2", "--no-fid", "--lpips-weights", MISSING]) == 0
     results, defaults = read_results(folders)
     row = "CFM euler:linear:3 · detail {} · BP{}".format
@@ -300,7 +310,7 @@ def test_detail_sweep_of_a_posterior_mean_upsampler_and_the_perception_distortio
     code = main(["eval-sr", "--data", str(folders / "images"), "--upsampler", f"pm={pm_folder}",
                  "--upsampler", f"paper={folders / 'cfm'}", "--regression", str(folders / "regression"),
                  "--sampler", "euler:linear:2", "--detail", "0,0.5,1", "--back-project", "1", "--baselines", "bicubic",
-                 "--out", str(folders / "out"), "--hr-size", "64", "--lr-size", "16", "--no-fid",
+                 "-o", str(folders / "out"), "--hr-size", "64", "--lr-size", "16", "--no-fid",
                  "--lpips-weights", MISSING])
     assert code == 0
     results, _ = read_results(folders)
@@ -314,7 +324,7 @@ def test_detail_sweep_of_a_posterior_mean_upsampler_and_the_perception_distortio
     assert eval_sr(folders, "--detail", "0.5") == 2
     assert "--detail needs a posterior-mean upsampler" in capsys.readouterr().err
     assert main(["eval-sr", "--data", str(folders / "images"), "--upsampler", str(pm_folder), "--detail", "2",
-                 "--out", str(folders / "out"), "--hr-size", "64", "--lr-size", "16"]) == 2
+                 "-o", str(folders / "out"), "--hr-size", "64", "--lr-size", "16"]) == 2
     assert "must be in [0, 1]" in capsys.readouterr().err
 
 

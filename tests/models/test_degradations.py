@@ -116,11 +116,11 @@ def test_eval_sr_degrades_every_input_and_names_the_degradation(tmp_path):
     for degradation in ("bicubic", "jpeg:20", "second-order"):
         out = tmp_path / degradation.replace(":", "_")
         assert main(["eval-sr", "--data", str(data), "--first-stage", "identity", "--hr-size", "64", "--lr-size", "16",
-                     "--baselines", "bicubic", "--no-fid", "--out", str(out), "--degradation", degradation]) == 0
+                     "--baselines", "bicubic", "--no-fid", "-o", str(out), "--degradation", degradation]) == 0
         results = json.loads((out / "results.json").read_text())
         assert f"degradation {degradation};" in (out / "results.md").read_text()
         scores[degradation] = results["bicubic"]["psnr"]
     assert scores["jpeg:20"] < scores["bicubic"] - 0.3, scores  # bicubic up-sampling of a JPEG input is worse
     assert scores["second-order"] < scores["bicubic"] - 0.3, scores
     assert main(["eval-sr", "--data", str(data), "--first-stage", "identity", "--hr-size", "64", "--lr-size", "16",
-                 "--out", str(tmp_path / "bad"), "--degradation", "jpeg:200"]) == 2  # a one-line user error
+                 "-o", str(tmp_path / "bad"), "--degradation", "jpeg:200"]) == 2  # a one-line user error

@@ -132,8 +132,8 @@ def test_the_fast_flag_on_upscale_and_serve(monkeypatch, tmp_path, make_regressi
     PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(source)
     monkeypatch.setattr(fast_path, "FAST_PATH_COMPILE", {**fast_path.FAST_PATH_COMPILE, **DYNAMO_ONLY})
     compiled = []
-    enable = BoostPipeline.enable_fast_path
-    monkeypatch.setattr(BoostPipeline, "enable_fast_path", lambda self, **kw: compiled.append(enable(self, **kw)))
+    compile_upsampler = fast_path.compile_upsampler  # upscale and serve render with the upsampler alone
+    monkeypatch.setattr(fast_path, "compile_upsampler", lambda *a, **kw: compiled.append(compile_upsampler(*a, **kw)))
     for flags in ([], ["--fast"]):
         out = tmp_path / f"out{len(flags)}.png"
         assert main(["upscale", str(source), "-o", str(out), "--upsampler", str(folder), *flags]) == 0
@@ -144,4 +144,4 @@ def test_the_fast_flag_on_upscale_and_serve(monkeypatch, tmp_path, make_regressi
     from fmboost.pipelines.serve import BoostService
 
     service = BoostService.load(str(folder), device="cpu", fast=True)
-    assert compiled == [True, True] and service.pipe.fast_path
+    assert compiled == [True, True] and is_compiled_module(service.upsampler.model.model)  # v_θ in its fp32 wrapper

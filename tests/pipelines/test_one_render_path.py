@@ -52,7 +52,7 @@ def evaluated(tmp_path_factory):
     upsampler.save_pretrained(root / "pm")
     out = root / "eval"
     assert main(["eval-sr", "--data", str(data), "--upsampler", str(root / "pm"), "--hr-size", str(HR),
-                 "--lr-size", str(LR), "--no-fid", "--save-images", "--out", str(out)]) == 0
+                 "--lr-size", str(LR), "--no-fid", "--save-images", "-o", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     return root / "pm", out, results["defaults"]["pm"], results
 

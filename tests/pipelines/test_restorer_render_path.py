@@ -40,7 +40,7 @@ def evaluated(tmp_path_factory):
     out = root / "eval"
     assert main(["eval-sr", "--data", str(data), "--upsampler", f"pm={folder}", "--hr-size", str(HR), "--lr-size",
                  str(LR), "--no-fid", "--save-images", "--baselines", "bicubic,realesrgan",
-                 "--baseline", f"x4plus={weights}", "--out", str(out)]) == 0
+                 "--baseline", f"x4plus={weights}", "-o", str(out)]) == 0
     return folder, out, json.loads((out / "results.json").read_text())
 
 
@@ -98,7 +98,7 @@ def test_eval_sr_scores_projection_onto_the_restorer_image(evaluated, tmp_path, 
     data = out.parent / "photos"
     assert main(["eval-sr", "--data", str(data), "--upsampler", f"pm={folder}", "--hr-size", str(HR), "--lr-size",
                  str(LR), "--no-fid", "--baselines", "realesrgan", "--detail", "0", "--back-project", "0,1",
-                 "--anchor", "input,estimate", "--out", str(tmp_path / "anchors")]) == 0
+                 "--anchor", "input,estimate", "-o", str(tmp_path / "anchors")]) == 0
     results = json.loads((tmp_path / "anchors" / "results.json").read_text())
     rows = {name for name in results if name.startswith("CFM")}
     assert {name.split(" · ")[-1] for name in rows} == {"BP0", "BP1", "BP1 onto estimate"}
@@ -107,7 +107,7 @@ def test_eval_sr_scores_projection_onto_the_restorer_image(evaluated, tmp_path, 
     assert onto_estimate["psnr"] == pytest.approx(results["Real-ESRGAN · BP0"]["psnr"], abs=0.05)
     onto_input = next(results[name] for name in rows if name.endswith("BP1"))
     assert onto_input["psnr"] == pytest.approx(results["Real-ESRGAN · BP1"]["psnr"], abs=0.05)
-    bad = ["--back-project", "1", "--anchor", "sideways", "--out", str(tmp_path / "bad")]
+    bad = ["--back-project", "1", "--anchor", "sideways", "-o", str(tmp_path / "bad")]
     assert main(["eval-sr", "--data", str(data), "--upsampler", str(folder), "--hr-size", str(HR), "--lr-size",
                  str(LR), "--no-fid", *bad]) == 2
     assert "--anchor ['sideways']: choose from ['input', 'estimate']" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 import torch
 from fmboost.train import checkpoint as ckpt
 from fmboost.train.cfm_upsampler import train
+from fmboost.train.config import config_flag
 
 from .conftest import weights
 
@@ -22,7 +23,7 @@ def run_entry(config, fault: str | None = None, **overrides) -> subprocess.Compl
     args = []
     for key, value in {**config.to_dict(), **overrides}.items():
         if value is not None:
-            args += [f"--{key}", json.dumps(value) if not isinstance(value, str) else value]
+            args += [config_flag(key), json.dumps(value) if not isinstance(value, str) else value]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if fault:
         env[ckpt.FAULT_ENV] = fault
@@ -114,7 +115,7 @@ def test_resume_refuses_a_network_built_differently(tiny_config):
     saved = json.loads((Path(config.output_dir) / "checkpoint-2" / ckpt.MODEL_CONFIG).read_text())
     assert saved["padding_mode"] == "zeros"
     resumed = {**config.to_dict(), "resume_from_checkpoint": "latest", "max_train_steps": 4}
-    with pytest.raises(ValueError, match="padding_mode: checkpoint 'zeros', this run 'replicate'.*--padding_mode"):
+    with pytest.raises(ValueError, match="padding_mode: checkpoint 'zeros', this run 'replicate'.*--padding-mode"):
         train(config.__class__(**{**resumed, "padding_mode": "replicate"}))
     train(config.__class__(**resumed))  # the same network resumes
     assert (Path(config.output_dir) / "checkpoint-4").is_dir()

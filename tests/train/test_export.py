@@ -56,16 +56,16 @@ def test_an_earlier_checkpoint_exports_its_own_weights(run_dir, tmp_path):
 
 
 def test_cli_export_and_its_errors(run_dir, tmp_path, capsys):
-    assert cli(["export", str(run_dir / "checkpoint-4"), "--out", str(tmp_path / "cli"), "--weights", "training"]) == 0
+    assert cli(["export", str(run_dir / "checkpoint-4"), "-o", str(tmp_path / "cli"), "--weights", "training"]) == 0
     assert "exported the training weights of step 4" in capsys.readouterr().out
     assert (tmp_path / "cli" / "boost_config.json").is_file()
 
-    assert cli(["export", str(run_dir), "--out", str(tmp_path / "x")]) == 2  # the run folder, not a checkpoint
+    assert cli(["export", str(run_dir), "-o", str(tmp_path / "x")]) == 2  # the run folder, not a checkpoint
     assert "not a training checkpoint folder" in capsys.readouterr().err
-    assert cli(["export", str(run_dir / "checkpoint-4"), "--out", str(tmp_path / "x"),
+    assert cli(["export", str(run_dir / "checkpoint-4"), "-o", str(tmp_path / "x"),
                 "--like", str(tmp_path)]) == 2
     assert "pass --like" in capsys.readouterr().err
-    assert cli(["export", str(run_dir / "checkpoint-2"), "--out", str(run_dir / "upsampler")]) == 2
+    assert cli(["export", str(run_dir / "checkpoint-2"), "-o", str(run_dir / "upsampler")]) == 2
     assert "write somewhere else" in capsys.readouterr().err
 
 
@@ -77,7 +77,7 @@ def test_weights_of_another_architecture_are_refused(run_dir, tmp_path, capsys):
     config = json.loads((other / "config.json").read_text())
     config["layers_per_block"] += 1
     (other / "config.json").write_text(json.dumps(config))
-    assert cli(["export", str(run_dir / "checkpoint-4"), "--out", str(tmp_path / "x"), "--like", str(other)]) == 2
+    assert cli(["export", str(run_dir / "checkpoint-4"), "-o", str(tmp_path / "x"), "--like", str(other)]) == 2
     assert "do not fit the CFMUNet" in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ import torch
 from fmboost.models import Upsampler
 from fmboost.train import checkpoint as ckpt
 from fmboost.train.cfm_upsampler import make_accelerator
-from fmboost.train.config import load_config
+from fmboost.train.config import config_flag, load_config
 from fmboost.train.latent_cache import weights_digest
 
 from .conftest import fitted_back_projection
@@ -35,7 +35,7 @@ def launch(processes: int, output_dir: Path, cache_dir: Path, faults: tuple[str,
         if processes > 1 else [sys.executable]
     args = {"output_dir": str(output_dir), "latent_cache_dir": str(cache_dir), "validation_steps": 1000,
             "checkpointing_steps": 2, "checkpoints_total_limit": 2, **overrides}
-    tokens = [token for key, value in args.items() for token in (f"--{key}", str(value))]
+    tokens = [token for key, value in args.items() for token in (config_flag(key), str(value))]
     env = {**os.environ, "OMP_NUM_THREADS": "1", ckpt.FAULT_ENV: ",".join(faults)}
     return subprocess.run([*launcher, str(ENTRY), "--config", str(DEMO), *tokens], env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)

@@ -12,7 +12,7 @@ from fmboost.models.calibration import BACK_PROJECT_CANDIDATES
 from fmboost.train import checkpoint as ckpt
 from fmboost.train import demo
 from fmboost.train.cfm_upsampler import NonFiniteLossError, main, train
-from fmboost.train.config import load_config
+from fmboost.train.config import config_flag, load_config
 
 from .conftest import fitted_back_projection
 
@@ -41,7 +41,7 @@ def test_main_reports_nan_as_an_error(tiny_config, monkeypatch, capsys):
     config = tiny_config()
     monkeypatch.setattr(CouplingFlowMatcher, "loss", lambda self, model, x1, cond, **kwargs:
                         model(x1, torch.zeros(x1.shape[0]), cond).mean() * float("inf"))
-    args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in config.to_dict().items()
+    args = [f"{config_flag(k)}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in config.to_dict().items()
             if v is not None]
     assert main(args) == 1
     assert "at step 1" in capsys.readouterr().err
@@ -109,7 +109,7 @@ def test_fmboost_train_command_runs_the_same_loop(tiny_config, capsys):
     from fmboost.pipelines.cli import main as cli_main
 
     config = tiny_config(max_train_steps=2, validation_steps=100)
-    args = [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in config.to_dict().items()
+    args = [f"{config_flag(k)}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in config.to_dict().items()
             if v is not None]
     assert cli_main(["train", *args]) == 0
     assert (Path(config.output_dir) / "upsampler" / "boost_config.json").is_file()

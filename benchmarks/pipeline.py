@@ -1,49 +1,25 @@
-"""`fmboost bench pipeline | sampler | train`: where the time of boosted generation goes.
+"""`fmboost bench pipeline`: where the time of boosted generation goes, stage by stage.
 
-pipeline  per-stage time of boosted 1024² generation (SD base at 256² = 32² latents, CFM per NFE at
-          128² latents, PSU, VAE decode at 1024²) vs direct SD generation at 1024² (128² latents), with
-          random weights at SD1.5 sizes (`--size real`; the compute is that of the real model) or a
-          scaled-down architecture (`--size small`) so a CPU run takes minutes. Each stage is timed once
-          per call (after `--warmup` calls) and multiplied by its step count: the totals are
-          extrapolations from measured per-call times, which the output says. `--end-to-end` measures
-          instead the whole calls, boosted and direct, eager and fast path (`fmboost.eval.bench_end_to_end`).
-sampler   NFE and time per solver/schedule for CFMUNet presets at 128² latents.
-upscale   peak memory and time of tiled vs untiled upscaling (`fmboost.eval.bench_upscale`).
-collection  a folder by one `fmboost upscale` against a shell loop, 1 vs 2 processes, kills and reruns
-          (`fmboost.eval.bench_collection`).
-train     delegates to `fmboost.train.bench_train` (imported only when asked for).
-cache     delegates to `fmboost.train.bench_cache`: parallel build, memory while reading, storage dtype.
+Per-stage time of boosted 1024² generation (SD base at 256² = 32² latents, CFM per NFE at 128² latents, PSU, VAE
+decode at 1024²) vs direct SD generation at 1024² (128² latents), with random weights at SD1.5 sizes (`--size real`;
+the compute is that of the real model) or a scaled-down architecture (`--size small`) so a CPU run takes minutes.
+Each stage is timed once per call (after `--warmup` calls) and multiplied by its step count: the totals are
+extrapolations from measured per-call times, which the output says. `--end-to-end` measures instead the whole
+calls, boosted and direct, eager and fast path (`fmboost.benchmarks.end_to_end`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
-from fmboost.eval import bench_collection, bench_end_to_end, bench_upscale
+from fmboost.pipelines.cli_options import DTYPES, add_output_option
 from fmboost.pipelines.random_sd import SD_SIZES, random_sd_components
 
-
-def seconds(fn, device: torch.device, warmup: int = 0, repeats: int = 1) -> float:
-    """Median wall-clock seconds of fn() over `repeats` calls after `warmup` calls (CUDA synchronised)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-# ---------------------------------------------------------------------------------------- pipeline
+from . import end_to_end
+from .measure import seconds
 
 
 class StageTimer:
@@ -236,153 +212,43 @@ def print_pipeline(result: dict) -> None:
                   f"(latent-space coupling: {variant['speedup_latent_mode']:.2f}×)")
 
 
-# ---------------------------------------------------------------------------------------- sampler
-
-SAMPLER_CONFIGS = ("euler:linear:4", "euler:logit_normal:4", "euler:linear:8", "midpoint:linear:4",
-                   "heun:linear:4", "rk4:linear:2", "dopri5")
-
-
-def bench_sampler(presets: list[str], configs: list[str], latent_size: int = 128, nfe_latent_size: int | None = None,
-                  device: str | None = None, warmup: int = 1, upsampler: str | None = None) -> dict:
-    """NFE per sampler (`SamplerConfig.parse` strings, solved at `nfe_latent_size`) × measured seconds per NFE at
-    `latent_size`: the ODE solve alone, on latents (images go through `Upsampler.upscale`: `bench upscale`,
-    `bench pipeline`)."""
-    from fmboost.models import CFMUNet, CouplingFlowMatcher, SamplerConfig, Upsampler
-
-    configs = [SamplerConfig.parse(text) for text in configs]  # a typo fails before any model runs
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    nfe_latent_size = nfe_latent_size or latent_size
-    models = ({"trained": Upsampler.from_pretrained(upsampler).model} if upsampler else
-              {p: CFMUNet.from_preset(p, latent_channels=4) for p in presets})
-    flow = CouplingFlowMatcher(upsample="bilinear")
-    generator = torch.Generator(device).manual_seed(0)
-    rows = {}
-    for name, model in models.items():
-        model = model.to(device).eval()
-        c = model.config.latent_channels
-        z = torch.randn(1, c, latent_size, latent_size, device=device, generator=generator)
-        per_nfe = seconds(lambda m=model, z=z: m(z, 0.5, z), device, warmup)
-        cond = torch.randn(1, c, nfe_latent_size, nfe_latent_size, device=device, generator=generator)
-        rows[name] = {"per_nfe_s": per_nfe, "params_M": model.num_parameters() / 1e6, "configs": {}}
-        for config in configs:
-            start = time.perf_counter()
-            nfe = flow.sample(model, cond, generator, **config.solve_kwargs()).nfe
-            measured = time.perf_counter() - start
-            rows[name]["configs"][config.format()] = {"nfe": nfe, "time_s": nfe * per_nfe,
-                                                      "solve_s_at_nfe_size": measured}
-    names = list(rows)
-    ratios = {f"{a}/{b}": rows[a]["per_nfe_s"] / rows[b]["per_nfe_s"] for a in names for b in names if a != b}
-    return {"setup": {"device": str(device), "latent_size": latent_size, "nfe_latent_size": nfe_latent_size,
-                      "warmup": warmup},
-            "method": "time_s = NFE (counted by solving at nfe_latent_size) × seconds per NFE measured at latent_size",
-            "models": rows, "per_nfe_ratios": ratios}
-
-
-def print_sampler(result: dict) -> None:
-    s = result["setup"]
-    print(f"bench sampler: device={s['device']} latents {s['latent_size']}² ({result['method']})")
-    for name, row in result["models"].items():
-        print(f"  {name} ({row['params_M']:.1f} M params): {row['per_nfe_s']:.3f} s per NFE")
-        for text, c in row["configs"].items():
-            print(f"    {text:<22} NFE {c['nfe']:>4}   {c['time_s']:8.2f} s")
-    for pair, ratio in result["per_nfe_ratios"].items():
-        print(f"  per-NFE time {pair}: {ratio:.2f}×")
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    p = sub.add_parser("pipeline", help="per-stage time of boosted vs direct 1024² generation")
-    p.add_argument("--size", choices=list(SD_SIZES), default="small",
-                   help="base/VAE architecture: real = SD1.5 sizes (slow on CPU), small = scaled down")
-    p.add_argument("--base-steps", type=int, default=25)
-    p.add_argument("--upsample-steps", type=int, default=4, help="CFM Euler steps, one NFE each")
-    p.add_argument("--upsampler-preset", default="reference", help="CFMUNet preset (reference, base, small, tiny)")
-    p.add_argument("--no-guidance", action="store_true", help="batch 1 UNet calls (LCM) instead of CFG's 2")
-    p.add_argument("--decode", default="classic_attention,sdpa,channels_last,tiled,tiny_decoder",
-                   help="comma-separated decode variants to time")
-    p.add_argument("--lr-latent", type=int, default=32)
-    p.add_argument("--hr-latent", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls per stage (default 1; 0 for real on CPU)")
-    p.add_argument("--end-to-end", action="store_true",
-                   help="time the whole calls instead: BoostPipeline vs the direct SD pipeline at each --pixels, "
-                        "eager and fast path, for each --recipes (fmboost.eval.bench_end_to_end; its options below "
-                        "say --end-to-end)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="also time UNet steps and the CFM NFE replayed from CUDA graphs (no launch overhead)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time UNet steps and the CFM NFE through the fast path's torch.compile (compiled in "
-                        "untimed calls)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                   help="weights and activations (default: float16 on CUDA, float32 on CPU)")
-    p.add_argument("--output", "-o", default="bench_pipeline.json")
-    bench_end_to_end.add_arguments(p)
-    s = sub.add_parser("sampler", help="NFE and time per solver/schedule for CFMUNet presets")
-    s.add_argument("--presets", default="reference,small")
-    s.add_argument("--configs", default=",".join(SAMPLER_CONFIGS),
-                   help="comma-separated SamplerConfig strings: solver:schedule:steps or an adaptive solver")
-    s.add_argument("--latent-size", type=int, default=128)
-    s.add_argument("--quick", action="store_true",
-                   help="count NFE at 32² latents (time per NFE still at --latent-size)")
-    s.add_argument("--upsampler", default=None, help="a trained upsampler folder instead of random presets")
-    s.add_argument("--warmup", type=int, default=1)
-    s.add_argument("--device", default=None)
-    s.add_argument("--output", "-o", default="bench_sampler.json")
-    bench_upscale.add_arguments(sub.add_parser("upscale", help="peak memory of tiled vs untiled upscaling"))
-    bench_collection.add_arguments(sub.add_parser(
-        "collection", help="a folder by one upscale command vs a shell loop; 1 vs 2 processes; kills and reruns"))
-    # `train` is owned by fmboost.train.bench_train; its arguments are parsed there, on demand.
-    t = sub.add_parser("train", help="training throughput (fmboost.train.bench_train)", add_help=False,
-                       prefix_chars="\x01")
-    t.add_argument("train_args", nargs=argparse.REMAINDER)
-    c = sub.add_parser("cache", help="latent cache: 1 vs 2 process build, RSS while reading (train.bench_cache)",
-                       add_help=False, prefix_chars="\x01")
-    c.add_argument("cache_args", nargs=argparse.REMAINDER)
-
-
-def run_train(argv: list[str]) -> int:
-    """`fmboost bench train` is the training benchmark of fmboost.train.bench_train, with its own options."""
-    from fmboost.train import bench_train
-
-    parser = argparse.ArgumentParser(prog="fmboost bench train")
-    bench_train.add_arguments(parser)
-    return bench_train.run(parser.parse_args(argv)) or 0
-
-
-def run_cache(argv: list[str]) -> int:
-    """`fmboost bench cache` is the latent cache benchmark of fmboost.train.bench_cache, with its own options."""
-    from fmboost.train import bench_cache
-
-    parser = argparse.ArgumentParser(prog="fmboost bench cache")
-    bench_cache.add_arguments(parser)
-    return bench_cache.run(parser.parse_args(argv)) or 0
+    parser.add_argument("--size", choices=list(SD_SIZES), default="small",
+                        help="base/VAE architecture: real = SD1.5 sizes (slow on CPU), small = scaled down")
+    parser.add_argument("--base-steps", type=int, default=25)
+    parser.add_argument("--upsample-steps", type=int, default=4, help="CFM Euler steps, one NFE each")
+    parser.add_argument("--upsampler-preset", default="reference",
+                        help="CFMUNet preset (reference, base, small, tiny)")
+    parser.add_argument("--no-guidance", action="store_true", help="batch 1 UNet calls (LCM) instead of CFG's 2")
+    parser.add_argument("--decode", default="classic_attention,sdpa,channels_last,tiled,tiny_decoder",
+                        help="comma-separated decode variants to time")
+    parser.add_argument("--lr-latent", type=int, default=32)
+    parser.add_argument("--hr-latent", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls per stage (default 1; 0 for real on CPU)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time the whole calls instead: BoostPipeline vs the direct SD pipeline at each --pixels, "
+                             "eager and fast path, for each --recipes (fmboost.benchmarks.end_to_end; its options "
+                             "below say --end-to-end)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time UNet steps and the CFM NFE replayed from CUDA graphs (no launch overhead)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time UNet steps and the CFM NFE through the fast path's torch.compile (compiled "
+                             "in untimed calls)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="weights and activations (default: float16 on CUDA, float32 on CPU)")
+    add_output_option(parser, "the JSON result (default: %(default)s)", default="bench_pipeline.json")
+    end_to_end.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.bench == "train":
-        return run_train(args.train_args)
-    if args.bench == "cache":
-        return run_cache(args.cache_args)
-    if args.bench == "upscale":
-        return bench_upscale.run(args)
-    if args.bench == "collection":
-        return bench_collection.run(args)
-    if args.bench == "pipeline" and args.end_to_end:
-        return bench_end_to_end.run(args)
-    if args.bench == "pipeline":
-        result = bench_pipeline(args.size, args.base_steps, args.upsample_steps, args.upsampler_preset,
-                                not args.no_guidance, [d for d in args.decode.split(",") if d], args.device,
-                                args.warmup, args.lr_latent, args.hr_latent, args.dtype, args.cuda_graphs,
-                                args.compile)
-        print_pipeline(result)
-    else:
-        result = bench_sampler([p for p in args.presets.split(",") if p], [c for c in args.configs.split(",") if c],
-                               args.latent_size, 32 if args.quick else None, args.device, args.warmup, args.upsampler)
-        print_sampler(result)
+    if args.end_to_end:
+        return end_to_end.run(args)
+    result = bench_pipeline(args.size, args.base_steps, args.upsample_steps, args.upsampler_preset,
+                            not args.no_guidance, [d for d in args.decode.split(",") if d], args.device,
+                            args.warmup, args.lr_latent, args.hr_latent, args.dtype, args.cuda_graphs, args.compile)
+    print_pipeline(result)
     Path(args.output).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.output}")
     return 0

@@ -3,7 +3,7 @@
 import numpy as np
 import PIL.Image
 import pytest
-from fmboost.eval import bench_collection
+from fmboost.benchmarks import collection as bench_collection
 from fmboost.pipelines.collection import BadInput, read_image
 from fmboost.train.image_sources import ImageRecord
 

@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 
 import torch
+from fmboost.pipelines.cli_options import add_output_option
+from fmboost.train.config import CACHE_DTYPES, TrainConfig, add_config_arguments, load_config, overrides_from_args
 from safetensors.torch import save_file
 
-from .config import CACHE_DTYPES, TrainConfig, add_config_arguments, load_config, overrides_from_args
+from .measure import peak_rss_mb
 
 # The workers import only what they use (not diffusers): the read worker's RSS is the figure measured.
 
@@ -38,13 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--read-workers", type=int, default=2, help="data loader workers while reading")
     parser.add_argument("--psnr-patches", type=int, default=16, help="patches for the dtype PSNR (0: skip)")
     parser.add_argument("--work-dir", help="where the caches are written (default: a temporary folder)")
-    parser.add_argument("-o", "--output", help="write the JSON here (default: print only)")
-    add_config_arguments(parser)
-
-
-def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
-    """Peak resident memory (MiB) of this process (or, RUSAGE_CHILDREN, of its largest waited-for child)."""
-    return resource.getrusage(who).ru_maxrss / 1024  # Linux: KiB
+    add_output_option(parser, "write the JSON here (default: print only)")
+    add_config_arguments(parser, output=False)
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -53,10 +50,9 @@ def peak_rss_mb(who: int = resource.RUSAGE_SELF) -> float:
 def build_worker(config_file: str, cache_dir: str) -> None:
     """One process of a parallel build (run under torch.distributed.run); rank 0 prints the result as JSON."""
     from accelerate import PartialState
-
-    from .cfm_upsampler import build_first_stage
-    from .data import image_records, split_records
-    from .latent_cache import MANIFEST, ShardReader, build_or_load
+    from fmboost.train.cfm_upsampler import build_first_stage
+    from fmboost.train.data import image_records, split_records
+    from fmboost.train.latent_cache import MANIFEST, ShardReader, build_or_load
 
     torch.set_num_threads(1)
     state = PartialState(cpu=not torch.cuda.is_available())  # on CPU, accelerate needs cpu=True to use gloo
@@ -78,7 +74,7 @@ def measure_build(config: TrainConfig, processes: list[int], work: Path) -> dict
     results = {}
     for n in processes:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
-                   "fmboost.train.bench_cache", "--build-worker", str(config_file), str(work / f"build_{n}")]
+                   "fmboost.benchmarks.cache", "--build-worker", str(config_file), str(work / f"build_{n}")]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(command, capture_output=True, text=True, env=env)
         if done.returncode:
@@ -93,7 +89,7 @@ def measure_build(config: TrainConfig, processes: list[int], work: Path) -> dict
 def write_synthetic_cache(folder: Path, gigabytes: float, shape: tuple[int, int, int], dtype: str,
                           shard_samples: int = 256) -> int:
     """A complete cache entry of random latents, `gigabytes` in all (hr_latent + cond); returns its sample count."""
-    from .latent_cache import CACHE_VERSION, MANIFEST, shard_name
+    from fmboost.train.latent_cache import CACHE_VERSION, MANIFEST, shard_name
 
     sample_bytes = 2 * math.prod(shape) * CACHE_DTYPES[dtype].itemsize
     total = max(1, int(gigabytes * 2 ** 30 / sample_bytes))
@@ -114,8 +110,8 @@ def write_synthetic_cache(folder: Path, gigabytes: float, shape: tuple[int, int,
 
 def read_worker(cache_path: str, config_file: str, workers: int) -> None:
     """Read one epoch of the cache as training does; print peak RSS (MB) before and after, as JSON."""
-    from .data import EpochSampler
-    from .latent_cache import MANIFEST, CachedLatentDataset, LatentCache
+    from fmboost.train.data import EpochSampler
+    from fmboost.train.latent_cache import MANIFEST, CachedLatentDataset, LatentCache
 
     config = load_config(None, json.loads(Path(config_file).read_text()))
     meta = json.loads((Path(cache_path) / MANIFEST).read_text())
@@ -137,7 +133,7 @@ def measure_read(config: TrainConfig, gigabytes: float, shape: tuple[int, int, i
     folder = work / "synthetic_cache"
     samples = write_synthetic_cache(folder, gigabytes, shape, config.latent_cache_dtype)
     cache_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2 ** 20
-    command = [sys.executable, "-m", "fmboost.train.bench_cache", "--read-worker", str(folder),
+    command = [sys.executable, "-m", "fmboost.benchmarks.cache", "--read-worker", str(folder),
                str(work / "config.json"), str(workers)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
@@ -154,10 +150,9 @@ def measure_read(config: TrainConfig, gigabytes: float, shape: tuple[int, int, i
 def measure_dtype_psnr(config: TrainConfig, patches: int) -> dict:
     """PSNR (dB, images in [-1, 1]) of decode(latent cast to each dtype) against decode(float32 latent)."""
     from fmboost.models.metrics import psnr
-
-    from .cfm_upsampler import build_first_stage
-    from .data import image_records, split_records
-    from .latent_cache import _batches, cache_patches, training_latent_stats
+    from fmboost.train.cfm_upsampler import build_first_stage
+    from fmboost.train.data import image_records, split_records
+    from fmboost.train.latent_cache import _batches, cache_patches, training_latent_stats
 
     first_stage = build_first_stage(config, torch.device("cpu"))
     records, _ = split_records(image_records(config), config)
@@ -182,8 +177,7 @@ def measure_dtype_psnr(config: TrainConfig, patches: int) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from fmboost.pipelines.info import collect
-
-    from .demo import DEMO_CONFIG
+    from fmboost.train.demo import DEMO_CONFIG
 
     config = load_config(args.config, overrides_from_args(args), base=None if args.config else DEMO_CONFIG)
     result = {"benchmark": "cache", "config": args.config or "embedded demo config", "environment": collect()}

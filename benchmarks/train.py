@@ -22,22 +22,24 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from fmboost.models import Upsampler
+from fmboost.pipelines.cli_options import add_option, add_output_option
 from fmboost.pipelines.info import collect
+from fmboost.train.cfm_upsampler import Optimization, build_first_stage, build_model, build_optimizer, train_step
+from fmboost.train.config import add_config_arguments, load_config, overrides_from_args
+from fmboost.train.data import EpochSampler, PairDataset, image_records, split_records
+from fmboost.train.demo import DEMO_CONFIG
+from fmboost.train.latent_cache import CachedLatentDataset, build_or_load
 
-from .bench_cache import peak_rss_mb
-from .cfm_upsampler import Optimization, build_first_stage, build_model, build_optimizer, train_step
-from .config import add_config_arguments, load_config, overrides_from_args
-from .data import EpochSampler, PairDataset, image_records, split_records
-from .demo import DEMO_CONFIG
-from .latent_cache import CachedLatentDataset, build_or_load
+from .measure import peak_rss_mb
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="training YAML (default: the embedded demo config)")
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps per mode (after 1 warm-up)")
-    parser.add_argument("--cache_dir", help="latent cache folder (default: a temporary one, built in this run)")
-    parser.add_argument("-o", "--output", help="write the JSON here (default: print only)")
-    add_config_arguments(parser)
+    add_option(parser, "--cache-dir", old=("--cache_dir",),
+               help="latent cache folder (default: a temporary one, built in this run)")
+    add_output_option(parser, "write the JSON here (default: print only)")
+    add_config_arguments(parser, output=False)
 
 
 def peak_memory_mb(device: torch.device) -> float:

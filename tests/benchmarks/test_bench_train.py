@@ -2,7 +2,7 @@ import argparse
 import json
 
 import torch
-from fmboost.train import bench_train
+from fmboost.benchmarks import train as bench_train
 
 
 class CountingDataset(torch.utils.data.Dataset):
@@ -35,11 +35,11 @@ def test_bench_train_reports_three_modes_side_by_side(tmp_path, image_dir, capsy
     parser = argparse.ArgumentParser()
     bench_train.add_arguments(parser)
     out = tmp_path / "bench.json"
-    args = parser.parse_args(["--steps", "2", "-o", str(out), "--train_data_dir", str(image_dir),
-                              "--dataset_name", "null", "--resolution", "16", "--crop_size", "16",
-                              "--train_batch_size", "2", "--crops_per_image", "2", "--num_validation_images", "1",
-                              "--block_out_channels", "[16, 32]", "--attention_levels", "[false, false]",
-                              "--latent_stats_images", "4"])
+    args = parser.parse_args(["--steps", "2", "-o", str(out), "--train-data-dir", str(image_dir),
+                              "--dataset-name", "null", "--resolution", "16", "--crop-size", "16",
+                              "--train-batch-size", "2", "--crops-per-image", "2", "--num-validation-images", "1",
+                              "--block-out-channels", "[16, 32]", "--attention-levels", "[false, false]",
+                              "--latent-stats-images", "4"])
     assert bench_train.run(args) == 0
     result = json.loads(out.read_text())
     for mode in ("without_cache", "with_cache", "synthetic_input"):

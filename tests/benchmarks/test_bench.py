@@ -4,8 +4,9 @@ import json
 
 import pytest
 import torch
-from fmboost.eval.bench import SAMPLER_CONFIGS, bench_pipeline
-from fmboost.eval.bench_end_to_end import bench_end_to_end
+from fmboost.benchmarks.end_to_end import bench_end_to_end
+from fmboost.benchmarks.pipeline import bench_pipeline
+from fmboost.benchmarks.sampler import SAMPLER_CONFIGS
 from fmboost.models import SamplerConfig
 from fmboost.pipelines.cli import main
 

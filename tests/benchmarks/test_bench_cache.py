@@ -2,7 +2,7 @@ import argparse
 import json
 
 import pytest
-from fmboost.train import bench_cache
+from fmboost.benchmarks import cache as bench_cache
 
 
 @pytest.mark.slow  # two torch.distributed.run launches (≈ 20 s)
@@ -11,10 +11,10 @@ def test_bench_cache_builds_with_two_processes_and_reads_in_little_memory(tmp_pa
     bench_cache.add_arguments(parser)
     out = tmp_path / "bench.json"
     args = parser.parse_args(["--read-gb", "0.125", "--read-shape", "4,64,64", "--read-workers", "0",
-                              "--psnr-patches", "4", "-o", str(out), "--train_data_dir", str(image_dir),
-                              "--dataset_name", "null", "--resolution", "16", "--crop_size", "16",
-                              "--train_batch_size", "2", "--crops_per_image", "2", "--num_validation_images", "1",
-                              "--latent_stats_images", "4", "--latent_cache_shard_images", "1"])
+                              "--psnr-patches", "4", "-o", str(out), "--train-data-dir", str(image_dir),
+                              "--dataset-name", "null", "--resolution", "16", "--crop-size", "16",
+                              "--train-batch-size", "2", "--crops-per-image", "2", "--num-validation-images", "1",
+                              "--latent-stats-images", "4", "--latent-cache-shard-images", "1"])
     assert bench_cache.run(args) == 0
     result = json.loads(out.read_text())
     one, two = result["build"]["1"], result["build"]["2"]

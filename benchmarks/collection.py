@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 from fmboost.pipelines import collection
+from fmboost.pipelines.cli_options import add_output_option
 from fmboost.train.image_sources import open_local
 
 
@@ -46,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--faults", type=int, default=0, help="kills per process count in the fault test (0: none)")
     parser.add_argument("--seed", type=int, default=0, help="the kill moments' random seed")
     parser.add_argument("--work", default="runs/bench_collection", help="inputs and outputs go here")
-    parser.add_argument("--output", "-o", default="bench_collection.json")
+    add_output_option(parser, "the JSON result (default: %(default)s)", default="bench_collection.json")
 
 
 def make_inputs(data: list[str], count: int, size: int, folder: Path) -> Path:

@@ -16,9 +16,11 @@ import sys
 import time
 
 import torch
-from fmboost.train.bench_cache import peak_rss_mb
+from fmboost.pipelines.cli_options import DTYPES, add_output_option
 
-WORKER = "fmboost.eval.bench_upscale"
+from .measure import peak_rss_mb
+
+WORKER = "fmboost.benchmarks.upscale"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-overlap", type=int, default=None, help="output pixels (default: upscale's, 128)")
     parser.add_argument("--upsample-steps", type=int, default=None)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="CFMUNet weights (default: float16 on CUDA, float32 on CPU)")
-    parser.add_argument("--output", "-o", default="bench_upscale.json")
+    add_output_option(parser, "the JSON result (default: %(default)s)", default="bench_upscale.json")
 
 
 def measure(upsampler_dir: str, output_size: int, tile_size: int, tile_overlap: int | None, steps: int | None,
