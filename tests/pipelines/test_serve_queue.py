@@ -56,11 +56,12 @@ def server(upsampler_dir, tmp_path_factory):
         yield url
 
 
-def call(url, path, seed, results):
-    """One /upscale request; results[seed] = (ok, seconds, summary or error message, finish time)."""
+def call(url, path, seed, results, client=None):
+    """One /upscale request (through `client`, else a new one); results[seed] = (ok, seconds, summary or error
+    message, finish time)."""
     from gradio_client import Client, handle_file
 
-    client = Client(url, verbose=False)
+    client = client or Client(url, verbose=False)
     start = time.monotonic()
     try:
         out = client.predict(handle_file(str(path)), "euler", STEPS, 1.0, 0, seed, "bicubic", api_name="/upscale")
@@ -72,8 +73,8 @@ def call(url, path, seed, results):
 def test_bad_uploads_are_refused_before_the_queue_and_the_queue_is_bounded(server, uploads):
     results, threads = {}, []
 
-    def start(path, seed):
-        threads.append(threading.Thread(target=call, args=(server, path, seed, results)))
+    def start(path, seed, client=None):
+        threads.append(threading.Thread(target=call, args=(server, path, seed, results, client)))
         threads[-1].start()
 
     for seed in range(3):  # one rendering, two waiting: the queue is busy but below its bound
@@ -86,8 +87,12 @@ def test_bad_uploads_are_refused_before_the_queue_and_the_queue_is_bounded(serve
         assert seconds < 5.0
         # refused while good requests queued before it were still waiting: it did not take its turn
         assert any(seed not in results or results[seed][3] > finished for seed in range(3))
-    for seed in range(3, 10):  # more than the queue holds
-        start(uploads["good"], seed)
+    from gradio_client import Client
+
+    # More than the queue holds, sent together: the clients connect first (slow under load), then all send.
+    clients = {seed: Client(server, verbose=False) for seed in range(3, 10)}
+    for seed, client in clients.items():
+        start(uploads["good"], seed, client)
     for thread in threads:
         thread.join(timeout=300)
     good = [results[seed] for seed in range(10)]
