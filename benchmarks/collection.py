@@ -100,6 +100,11 @@ def images(out: Path) -> dict[str, np.ndarray]:
             if collection.STATE_DIR not in p.parts}
 
 
+def output_count(out: Path) -> int:
+    """Outputs under their final names in `out` (counted, not decoded: `compare` checks them at the end)."""
+    return sum(collection.STATE_DIR not in p.parts for p in out.rglob("*.png")) if out.exists() else 0
+
+
 def compare(a: Path, b: Path) -> dict:
     """Files in both, byte-identical files, and the largest 8-bit difference."""
     first, second = images(a), images(b)
@@ -159,7 +164,7 @@ def bench_faults(args, inputs: Path, work: Path, processes: int, rng: random.Ran
     duration = timed(argv(reference))
     good, kills = len(list(inputs.glob("*.png"))) - len(bad), []
     for _ in range(args.faults):
-        missing = 1 - (len(images(out)) if out.exists() else 0) / good
+        missing = 1 - output_count(out) / good
         moment = rng.uniform(0, duration * max(missing, 0.05))
         process = subprocess.Popen(argv(out), env=environment(), stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
@@ -169,7 +174,7 @@ def bench_faults(args, inputs: Path, work: Path, processes: int, rng: random.Ran
             os.killpg(process.pid, signal.SIGKILL)  # the launcher and every process it started
         process.wait()
         kills.append({"at_s": round(moment, 2), "mid_run": running,
-                      "outputs": len(images(out)) if out.exists() else 0})
+                      "outputs": output_count(out)})
     timed(argv(out))
     report = json.loads((out / collection.REPORT_NAME).read_text())
     listed = [failure["input"] for failure in report["failures"]]
